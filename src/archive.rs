@@ -1,0 +1,391 @@
+//! The deterministic archive: a GNU-format tar stream written from a `Tree`
+//! in one pass (each source file read once, hashed as it is copied), wrapped
+//! in zstd (multithreaded API, checksum, pledged size) or gzip (fixed header).
+//! Never reads the clock: mtime comes in as a parameter.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::Path;
+
+use crate::digest::{HashingWriter, Sha256};
+use crate::error::{Error, Result};
+use crate::model::{Kind, RelPath, Source, Tree};
+
+const BLOCK: u64 = 512;
+const COPY_BUF: usize = 256 * 1024;
+
+/// The compressed container around the tar stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    TarZst,
+    TarGz,
+}
+
+impl Format {
+    /// The file extension, without the leading dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::TarZst => "tar.zst",
+            Format::TarGz => "tar.gz",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "tar.zst" | "zst" | "zstd" => Some(Format::TarZst),
+            "tar.gz" | "gz" | "gzip" => Some(Format::TarGz),
+            _ => None,
+        }
+    }
+
+    /// The default compression level.
+    pub fn default_level(self) -> i32 {
+        match self {
+            Format::TarZst => 9,
+            Format::TarGz => 6,
+        }
+    }
+
+    pub fn levels(self) -> std::ops::RangeInclusive<i32> {
+        match self {
+            Format::TarZst => 1..=22,
+            Format::TarGz => 0..=9,
+        }
+    }
+}
+
+/// How to write the archive.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub format: Format,
+    pub level: i32,
+    /// zstd worker threads (at least 1; the bytes do not depend on it).
+    pub workers: u32,
+    /// The mtime of every entry (`SOURCE_DATE_EPOCH`).
+    pub mtime: u64,
+}
+
+/// What writing the archive measured.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub tar_sha256: Sha256,
+    pub tar_size: u64,
+    pub sha256: Sha256,
+    pub size: u64,
+    /// The digest of every regular file, as streamed.
+    pub files: BTreeMap<RelPath, Sha256>,
+}
+
+fn padded(n: u64) -> u64 {
+    n.div_ceil(BLOCK) * BLOCK
+}
+
+/// The archive member name of `path`: directories end in `/`, like GNU tar's.
+fn member_name(path: &RelPath, kind: &Kind) -> String {
+    match kind {
+        Kind::Dir => format!("{path}/"),
+        _ => path.to_string(),
+    }
+}
+
+/// The exact size of the tar stream for `tree` (needed by zstd's pledged size).
+pub fn tar_size(tree: &Tree) -> u64 {
+    let long = |len: usize| {
+        if len > 100 {
+            BLOCK + padded(len as u64 + 1)
+        } else {
+            0
+        }
+    };
+    let mut total = 2 * BLOCK;
+    for (path, entry) in &tree.entries {
+        total += BLOCK + long(member_name(path, &entry.kind).len());
+        match &entry.kind {
+            Kind::File { size, .. } => total += padded(*size),
+            Kind::Symlink { target } => total += long(target.len()),
+            Kind::Dir => {}
+        }
+    }
+    total
+}
+
+/// The sum of all file sizes, for progress reporting.
+pub fn content_size(tree: &Tree) -> u64 {
+    tree.entries
+        .values()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Writes `tree` as a compressed tar to `out`, calling `progress` with the
+/// number of content bytes copied so far.
+pub fn write<W: Write>(
+    tree: &Tree,
+    out: W,
+    opts: &Options,
+    progress: &dyn Fn(u64),
+) -> Result<Summary> {
+    let out = HashingWriter::new(out);
+    let pledged = tar_size(tree);
+    let sink = std::path::Path::new("<artifact>");
+    let io_err = |e: io::Error| Error::Io {
+        path: sink.to_path_buf(),
+        action: "compressing",
+        source: e,
+    };
+    match opts.format {
+        Format::TarZst => {
+            let mut enc = zstd::stream::write::Encoder::new(out, opts.level).map_err(io_err)?;
+            enc.multithread(opts.workers.max(1)).map_err(io_err)?;
+            enc.include_checksum(true).map_err(io_err)?;
+            enc.include_contentsize(true).map_err(io_err)?;
+            enc.set_pledged_src_size(Some(pledged)).map_err(io_err)?;
+            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts.mtime, progress)?;
+            let out = enc.finish().map_err(io_err)?;
+            finish(out, files, tar_sha256, tar_size)
+        }
+        Format::TarGz => {
+            let level = u32::try_from(opts.level).unwrap_or(6);
+            let enc = flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(255)
+                .write(out, flate2::Compression::new(level));
+            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts.mtime, progress)?;
+            let out = enc.finish().map_err(io_err)?;
+            finish(out, files, tar_sha256, tar_size)
+        }
+    }
+}
+
+fn finish<W: Write>(
+    out: HashingWriter<W>,
+    files: BTreeMap<RelPath, Sha256>,
+    tar_sha256: Sha256,
+    tar_size: u64,
+) -> Result<Summary> {
+    let (mut inner, sha256, size) = out.finish();
+    inner
+        .flush()
+        .map_err(Error::io(Path::new("<artifact>"), "writing"))?;
+    Ok(Summary {
+        tar_sha256,
+        tar_size,
+        sha256,
+        size,
+        files,
+    })
+}
+
+type TarResult<W> = (W, BTreeMap<RelPath, Sha256>, Sha256, u64);
+
+fn write_tar<W: Write>(
+    tree: &Tree,
+    out: W,
+    mtime: u64,
+    progress: &dyn Fn(u64),
+) -> Result<TarResult<W>> {
+    let mut tar = TarWriter {
+        out: HashingWriter::new(out),
+        mtime,
+    };
+    let mut files = BTreeMap::new();
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut done = 0u64;
+    for (path, entry) in &tree.entries {
+        let name = member_name(path, &entry.kind);
+        let werr = |e: io::Error| Error::Io {
+            path: Path::new("<artifact>").to_path_buf(),
+            action: "writing archive",
+            source: e,
+        };
+        match &entry.kind {
+            Kind::Dir => tar
+                .header(
+                    &name,
+                    tar::EntryType::Directory,
+                    entry.mode,
+                    entry.uid,
+                    entry.gid,
+                    0,
+                    None,
+                )
+                .map_err(werr)?,
+            Kind::Symlink { target } => tar
+                .header(
+                    &name,
+                    tar::EntryType::Symlink,
+                    entry.mode,
+                    entry.uid,
+                    entry.gid,
+                    0,
+                    Some(target),
+                )
+                .map_err(werr)?,
+            Kind::File { source, size } => {
+                tar.header(
+                    &name,
+                    tar::EntryType::Regular,
+                    entry.mode,
+                    entry.uid,
+                    entry.gid,
+                    *size,
+                    None,
+                )
+                .map_err(werr)?;
+                let digest = match source {
+                    Source::Bytes(bytes) => {
+                        tar.out.write_all(bytes).map_err(werr)?;
+                        Sha256::of(bytes)
+                    }
+                    Source::Path(src) => copy_file(src, *size, &mut tar.out, &mut buf, werr)?,
+                };
+                tar.pad(*size).map_err(werr)?;
+                files.insert(path.clone(), digest);
+                done += size;
+                progress(done);
+            }
+        }
+    }
+    tar.out
+        .write_all(&[0u8; 2 * BLOCK as usize])
+        .map_err(Error::io(Path::new("<artifact>"), "writing archive"))?;
+    let (out, sha, size) = tar.out.finish();
+    Ok((out, files, sha, size))
+}
+
+/// Copies exactly `size` bytes of `src` into `out`, hashing them; a file that
+/// changed size since it was listed is an error.
+fn copy_file<W: Write>(
+    src: &Path,
+    size: u64,
+    out: &mut W,
+    buf: &mut [u8],
+    werr: impl Fn(io::Error) -> Error,
+) -> Result<Sha256> {
+    use sha2::Digest as _;
+    let mut file = File::open(src).map_err(Error::io(src, "opening for reading"))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
+        let n = file
+            .read(&mut buf[..want])
+            .map_err(Error::io(src, "reading"))?;
+        if n == 0 {
+            return Err(Error::input(
+                src,
+                "file shrank while the artifact was being built; build again",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(&werr)?;
+        left -= n as u64;
+    }
+    if file
+        .read(&mut buf[..1])
+        .map_err(Error::io(src, "reading"))?
+        != 0
+    {
+        return Err(Error::input(
+            src,
+            "file grew while the artifact was being built; build again",
+        ));
+    }
+    Ok(Sha256::from_digest(hasher.finalize().into()))
+}
+
+struct TarWriter<W: Write> {
+    out: HashingWriter<W>,
+    mtime: u64,
+}
+
+impl<W: Write> TarWriter<W> {
+    /// Writes a GNU long-name (`L`) or long-link (`K`) extension record.
+    fn long(&mut self, kind: u8, value: &str) -> io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().expect("new_gnu makes a GNU header").name[..13]
+            .copy_from_slice(b"././@LongLink");
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(value.len() as u64 + 1);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_cksum();
+        self.out.write_all(h.as_bytes())?;
+        self.out.write_all(value.as_bytes())?;
+        self.out.write_all(&[0])?;
+        self.pad(value.len() as u64 + 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn header(
+        &mut self,
+        name: &str,
+        kind: tar::EntryType,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        link: Option<&str>,
+    ) -> io::Result<()> {
+        if name.len() > 100 {
+            self.long(b'L', name)?;
+        }
+        if let Some(target) = link.filter(|t| t.len() > 100) {
+            self.long(b'K', target)?;
+        }
+        let mut h = tar::Header::new_gnu();
+        {
+            let gnu = h.as_gnu_mut().expect("new_gnu makes a GNU header");
+            let n = name.len().min(100);
+            gnu.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+            if let Some(target) = link {
+                let n = target.len().min(100);
+                gnu.linkname[..n].copy_from_slice(&target.as_bytes()[..n]);
+            }
+        }
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(u64::from(uid));
+        h.set_gid(u64::from(gid));
+        h.set_mtime(self.mtime);
+        h.set_size(size);
+        h.set_cksum();
+        self.out.write_all(h.as_bytes())
+    }
+
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        let pad = (padded(size) - size) as usize;
+        self.out.write_all(&[0u8; BLOCK as usize][..pad])
+    }
+}
+
+/// Opens a compressed tar for streaming, choosing the decoder by magic bytes.
+pub fn open(path: &Path) -> Result<Box<dyn Read>> {
+    let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
+    decoder(BufReader::with_capacity(COPY_BUF, file), path)
+}
+
+/// Wraps `reader` in the decoder its first bytes call for.
+pub fn decoder<R: std::io::BufRead + 'static>(mut reader: R, path: &Path) -> Result<Box<dyn Read>> {
+    let head = reader
+        .fill_buf()
+        .map_err(Error::io(path, "reading artifact"))?;
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let dec = zstd::stream::read::Decoder::with_buffer(reader)
+            .map_err(Error::io(path, "starting zstd decoder"))?;
+        Ok(Box::new(dec))
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::bufread::GzDecoder::new(reader)))
+    } else {
+        Err(Error::check(format!(
+            "{} is neither zstd nor gzip compressed",
+            path.display()
+        )))
+    }
+}

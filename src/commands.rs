@@ -1,0 +1,273 @@
+//! One function per subcommand: turn validated arguments into library calls
+//! and print what happened (human text by default, JSON where asked). This
+//! layer owns the terminal: progress bars on stderr, summaries on stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::archive::Format;
+use crate::emit::{self, BuildOptions};
+use crate::error::{Error, Result};
+use crate::manifest::{EntryType, Manifest};
+use crate::sign::{self, PublicKey, SecretKey};
+use crate::verify::{self, VerifyOptions};
+
+/// How to talk to the user.
+pub struct Ui {
+    pub quiet: bool,
+}
+
+impl Ui {
+    /// A byte progress bar on stderr; hidden when quiet or not a terminal.
+    fn bar(&self, what: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(0);
+        let style = ProgressStyle::with_template(
+            "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(what.to_owned());
+        bar
+    }
+
+    fn say(&self, line: impl std::fmt::Display) {
+        if !self.quiet {
+            println!("{line}");
+        }
+    }
+}
+
+pub fn keygen(ui: &Ui, prefix: &Path, password_file: Option<&Path>) -> Result<()> {
+    let pub_path = with_suffix(prefix, ".pub");
+    let key_path = with_suffix(prefix, ".key");
+    for p in [&pub_path, &key_path] {
+        if p.symlink_metadata().is_ok() {
+            return Err(Error::input(
+                p,
+                "already exists; keygen never overwrites a key",
+            ));
+        }
+    }
+    let password = password_file.map(sign::read_password).transpose()?;
+    let key = SecretKey::generate()?;
+    let dir = match prefix.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let secret = key.to_file(password.as_deref())?;
+    // Temp files are created 0600; persist_noclobber refuses to replace.
+    let mut key_tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating key file"))?;
+    key_tmp
+        .write_all(secret.as_bytes())
+        .map_err(Error::io(&key_path, "writing secret key"))?;
+    let mut pub_tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating key file"))?;
+    pub_tmp
+        .write_all(key.public().to_file().as_bytes())
+        .map_err(Error::io(&pub_path, "writing public key"))?;
+    use std::os::unix::fs::PermissionsExt;
+    pub_tmp
+        .as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(Error::io(&pub_path, "setting permissions"))?;
+    key_tmp
+        .persist_noclobber(&key_path)
+        .map_err(|e| Error::io(&key_path, "saving secret key")(e.error))?;
+    pub_tmp
+        .persist_noclobber(&pub_path)
+        .map_err(|e| Error::io(&pub_path, "saving public key")(e.error))?;
+    ui.say(format_args!(
+        "key {}: public {}, secret {} ({})",
+        key.public().key_id(),
+        pub_path.display(),
+        key_path.display(),
+        if password.is_some() {
+            "encrypted"
+        } else {
+            "unencrypted: keep it safe"
+        }
+    ));
+    Ok(())
+}
+
+fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// `build` arguments after the environment has been consulted.
+pub struct BuildArgs {
+    pub profile: PathBuf,
+    pub out: PathBuf,
+    pub sign_key: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub format: Format,
+    pub level: Option<i32>,
+    pub release_version: Option<String>,
+    pub source_date_epoch: Option<u64>,
+    pub workers: u32,
+}
+
+pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
+    let key = args
+        .sign_key
+        .as_deref()
+        .map(|k| SecretKey::load(k, args.password_file.as_deref()))
+        .transpose()?;
+    let opts = BuildOptions {
+        profile: &args.profile,
+        out_dir: &args.out,
+        format: args.format,
+        level: args.level,
+        version: args.release_version.as_deref(),
+        source_date_epoch: args.source_date_epoch,
+        sign_key: key.as_ref(),
+        workers: args.workers,
+    };
+    let bar = ui.bar("building");
+    let built = emit::build(&opts, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let built = built?;
+    let m = &built.manifest;
+    ui.say(format_args!(
+        "built {} {}: {} entries, {} bytes, sha256 {}",
+        m.name,
+        m.version,
+        m.entries.len(),
+        m.archive.size,
+        m.archive.sha256
+    ));
+    ui.say(format_args!("  {}", built.artifact.display()));
+    ui.say(format_args!("  {}", built.manifest_path.display()));
+    match (&built.signature, &built.key_id) {
+        (Some(sig), Some(id)) => ui.say(format_args!("  {} (key {id})", sig.display())),
+        _ => eprintln!(
+            "infrakit: WARNING: {} is UNSIGNED: hosts will refuse it; pass --sign-key or set INFRAKIT_SIGN_KEY",
+            built.artifact.display()
+        ),
+    }
+    Ok(())
+}
+
+pub fn verify(
+    ui: &Ui,
+    artifact: &Path,
+    key_paths: &[PathBuf],
+    manifest: Option<&Path>,
+    signature: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let keys = key_paths
+        .iter()
+        .map(|p| PublicKey::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    let bar = ui.bar("verifying");
+    let opts = VerifyOptions {
+        artifact,
+        manifest,
+        signature,
+        keys: &keys,
+    };
+    let result = verify::verify(&opts, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let verified = result?;
+    let m = verified.manifest();
+    if json {
+        let value = serde_json::json!({
+            "verified": true,
+            "artifact": verified.artifact().display().to_string(),
+            "name": m.name,
+            "version": m.version,
+            "key_id": verified.key_id(),
+            "entries": m.entries.len(),
+            "sha256": m.archive.sha256,
+        });
+        println!("{value}");
+    } else {
+        ui.say(format_args!(
+            "verified {} {}: signed by key {}, {} entries match the manifest",
+            m.name,
+            m.version,
+            verified.key_id(),
+            m.entries.len()
+        ));
+    }
+    Ok(())
+}
+
+pub fn inspect(path: &Path, json: bool) -> Result<()> {
+    let manifest_path = if path.to_string_lossy().ends_with(".json") {
+        path.to_path_buf()
+    } else {
+        verify::manifest_beside(path)
+    };
+    let bytes =
+        std::fs::read(&manifest_path).map_err(Error::io(&manifest_path, "reading manifest"))?;
+    let m = Manifest::parse(&bytes).map_err(|e| Error::input(&manifest_path, e))?;
+    let mut out = std::io::stdout().lock();
+    let res = if json {
+        out.write_all(&m.to_canonical_json())
+    } else {
+        write_human(&mut out, &m)
+    };
+    match res {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(Error::io(Path::new("<stdout>"), "writing")),
+    }
+}
+
+fn write_human(out: &mut impl Write, m: &Manifest) -> std::io::Result<()> {
+    writeln!(out, "name:        {}", m.name)?;
+    writeln!(out, "version:     {}", m.version)?;
+    writeln!(out, "source date: {}", m.source_date_epoch)?;
+    writeln!(out, "profile:     sha256 {}", m.profile_sha256)?;
+    writeln!(
+        out,
+        "artifact:    {} {} bytes sha256 {}",
+        m.archive.format, m.archive.size, m.archive.sha256
+    )?;
+    writeln!(
+        out,
+        "tar stream:  {} bytes sha256 {}",
+        m.archive.tar_size, m.archive.tar_sha256
+    )?;
+    let layers: Vec<String> = m
+        .layers
+        .iter()
+        .map(|l| format!("{} ({} entries)", l.name, l.entries))
+        .collect();
+    writeln!(out, "layers:      {}", layers.join(", "))?;
+    writeln!(out, "signature:   not checked here; run `infrakit verify`")?;
+    writeln!(out, "entries:     {}", m.entries.len())?;
+    for e in &m.entries {
+        let (kind, suffix) = match e.kind {
+            EntryType::Dir => ("d", "/".to_owned()),
+            EntryType::File => ("-", String::new()),
+            EntryType::Symlink => (
+                "l",
+                format!(" -> {}", e.target.as_deref().unwrap_or_default()),
+            ),
+        };
+        let size = e.size.map(|s| s.to_string()).unwrap_or_default();
+        writeln!(
+            out,
+            "  {kind} {:04o} {:>5}:{:<5} {size:>10}  {}{suffix}  [{}]",
+            e.mode, e.uid, e.gid, e.path, e.layer
+        )?;
+    }
+    Ok(())
+}

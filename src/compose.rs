@@ -1,0 +1,186 @@
+//! Composition: layers, lowest first, into one `Tree`. Strict: a path from
+//! two layers is an error unless the upper one says `replace`; a file/dir type
+//! clash, or an entry under a non-directory, is always an error. Every entry
+//! keeps the layer it came from.
+
+use crate::error::{Error, Result};
+use crate::model::{Kind, Tree};
+use crate::overlay::Layer;
+
+/// Where a composition error is reported: the profile that asked for it.
+pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
+    let fail = |msg: String| Error::input(profile, msg);
+    let mut tree = Tree::default();
+    for layer in layers {
+        for (path, upper) in &layer.entries {
+            let Some(lower) = tree.entries.get(path) else {
+                if let Some(at) = layer.replace.get(path) {
+                    return Err(Error::Input {
+                        location: at.clone(),
+                        message: format!(
+                            "replace names {path}, but no lower layer provides it; remove it from replace"
+                        ),
+                    });
+                }
+                tree.entries.insert(path.clone(), upper.clone());
+                continue;
+            };
+            let replaces = layer.replace.contains_key(path);
+            let both_dirs = lower.kind == Kind::Dir && upper.kind == Kind::Dir;
+            if (lower.kind == Kind::Dir) != (upper.kind == Kind::Dir) {
+                return Err(fail(format!(
+                    "type clash at {path}: layer {:?} has a {}, layer {:?} a {}",
+                    lower.layer,
+                    lower.kind.name(),
+                    layer.name,
+                    upper.kind.name()
+                )));
+            }
+            if both_dirs {
+                let same = (lower.mode, lower.uid, lower.gid) == (upper.mode, upper.uid, upper.gid);
+                if same || !layer.explicit.contains(path) {
+                    continue;
+                }
+                if !replaces {
+                    return Err(fail(format!(
+                        "conflict at directory {path}: layer {:?} gives {:04o} {}:{}, layer {:?} gives {:04o} {}:{}; \
+                         add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                        lower.layer,
+                        lower.mode,
+                        lower.uid,
+                        lower.gid,
+                        layer.name,
+                        upper.mode,
+                        upper.uid,
+                        upper.gid,
+                        layer.name
+                    )));
+                }
+            } else if !replaces {
+                return Err(fail(format!(
+                    "conflict at {path}: provided by layer {:?} and layer {:?}; \
+                     add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                    lower.layer, layer.name, layer.name
+                )));
+            }
+            tree.entries.insert(path.clone(), upper.clone());
+        }
+    }
+    for (path, entry) in &tree.entries {
+        if let Some(parent) = path.parent() {
+            match tree.entries.get(&parent) {
+                Some(p) if p.kind == Kind::Dir => {}
+                Some(p) => {
+                    return Err(fail(format!(
+                        "{path} (layer {:?}) lies under {parent}, which layer {:?} makes a {}",
+                        entry.layer,
+                        p.layer,
+                        p.kind.name()
+                    )));
+                }
+                None => {
+                    return Err(fail(format!(
+                        "{path} (layer {:?}) has no parent directory {parent}",
+                        entry.layer
+                    )));
+                }
+            }
+        }
+    }
+    Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Entry, RelPath, Source};
+    use std::path::Path;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn layer(name: &str, items: &[(&str, Kind, u32)]) -> Layer {
+        let mut l = Layer {
+            name: name.to_owned(),
+            ..Layer::default()
+        };
+        for (path, kind, mode) in items {
+            l.entries.insert(
+                p(path),
+                Entry {
+                    kind: kind.clone(),
+                    mode: *mode,
+                    uid: 0,
+                    gid: 0,
+                    layer: name.to_owned(),
+                },
+            );
+        }
+        l
+    }
+
+    fn file() -> Kind {
+        Kind::File {
+            source: Source::Bytes(b"x"[..].into()),
+            size: 1,
+        }
+    }
+
+    fn compose_err(layers: &[Layer]) -> String {
+        compose(Path::new("p.toml"), layers)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn dirs_merge_and_provenance_is_kept() {
+        let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/a", file(), 0o644)]);
+        let b = layer("b", &[("etc", Kind::Dir, 0o700), ("etc/b", file(), 0o644)]);
+        let t = compose(Path::new("p.toml"), &[a, b]).unwrap();
+        assert_eq!(t.entries[&p("etc")].layer, "a");
+        assert_eq!(
+            t.entries[&p("etc")].mode,
+            0o755,
+            "implicit dir attrs do not override"
+        );
+        assert_eq!(t.entries[&p("etc/b")].layer, "b");
+    }
+
+    #[test]
+    fn two_layer_conflict_needs_replace() {
+        let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o644)]);
+        let mut b = layer("b", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o600)]);
+        assert!(compose_err(&[a.clone(), b.clone()]).contains("conflict at etc/x"));
+        b.replace.insert(p("etc/x"), "b/overlay.toml:1:1".into());
+        let t = compose(Path::new("p.toml"), &[a, b]).unwrap();
+        assert_eq!(t.entries[&p("etc/x")].mode, 0o600);
+        assert_eq!(t.entries[&p("etc/x")].layer, "b");
+    }
+
+    #[test]
+    fn explicit_dir_conflict_and_type_clash() {
+        let a = layer("a", &[("etc", Kind::Dir, 0o755)]);
+        let mut b = layer("b", &[("etc", Kind::Dir, 0o700)]);
+        b.explicit.insert(p("etc"));
+        assert!(compose_err(&[a.clone(), b]).contains("conflict at directory etc"));
+        let c = layer("c", &[("etc", file(), 0o644)]);
+        assert!(compose_err(&[a, c]).contains("type clash at etc"));
+    }
+
+    #[test]
+    fn replace_of_nothing_and_entry_under_symlink() {
+        let a = layer("a", &[("x", file(), 0o644)]);
+        let mut b = layer("b", &[("y", file(), 0o644)]);
+        b.replace.insert(p("y"), "b/overlay.toml:1:12".into());
+        assert!(compose_err(&[a, b]).contains("no lower layer provides it"));
+        let c = layer(
+            "c",
+            &[
+                ("l", Kind::Symlink { target: "/".into() }, 0o777),
+                ("l/x", file(), 0o644),
+            ],
+        );
+        assert!(compose_err(&[c]).contains("lies under l"));
+    }
+}

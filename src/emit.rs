@@ -1,0 +1,213 @@
+//! `build`: profile → layers → composed tree → archive, manifest and
+//! signature in the output directory. Outputs are written to temporary files
+//! beside their final names and renamed into place only when all of them are
+//! complete, so a failed build leaves nothing half-written behind.
+
+use std::fs::{self, File, Permissions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+use crate::archive::{self, Format};
+use crate::compose;
+use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest};
+use crate::model::Tree;
+use crate::overlay::Layer;
+use crate::profile::Profile;
+use crate::sign::{Prehasher, SecretKey};
+
+/// Everything `build` needs, already validated by the command layer.
+pub struct BuildOptions<'a> {
+    pub profile: &'a Path,
+    pub out_dir: &'a Path,
+    pub format: Format,
+    pub level: Option<i32>,
+    /// Overrides the profile's version.
+    pub version: Option<&'a str>,
+    /// `SOURCE_DATE_EPOCH` from the environment, if set.
+    pub source_date_epoch: Option<u64>,
+    pub sign_key: Option<&'a SecretKey>,
+    pub workers: u32,
+}
+
+/// What `build` wrote.
+#[derive(Debug)]
+pub struct Built {
+    pub artifact: PathBuf,
+    pub manifest_path: PathBuf,
+    pub signature: Option<PathBuf>,
+    pub manifest: Manifest,
+    pub key_id: Option<String>,
+}
+
+/// The trusted comment that binds a signature to a manifest.
+pub fn trusted_comment(
+    name: &str,
+    version: &str,
+    manifest_sha256: &crate::digest::Sha256,
+) -> String {
+    format!("name:{name} version:{version} manifest-sha256:{manifest_sha256}")
+}
+
+/// Loads a profile and composes its layers into a tree.
+pub fn compose_profile(path: &Path) -> Result<(Profile, Tree)> {
+    let profile = Profile::load(path)?;
+    let layers = profile
+        .layers
+        .iter()
+        .map(|l| Layer::load(&l.name, &l.dir))
+        .collect::<Result<Vec<_>>>()?;
+    let tree = compose::compose(path, &layers)?;
+    Ok((profile, tree))
+}
+
+/// Builds the artifact; `progress(done, total)` is told of content bytes written.
+pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Built> {
+    let (profile, tree) = compose_profile(opts.profile)?;
+    let version = match opts.version {
+        Some(v) => semver::Version::parse(v)
+            .map_err(|e| Error::usage("--release-version", format!("{v:?} is not semver: {e}")))?
+            .to_string(),
+        None => profile.version.to_string(),
+    };
+    let level = opts.level.unwrap_or(opts.format.default_level());
+    if !opts.format.levels().contains(&level) {
+        let r = opts.format.levels();
+        return Err(Error::usage(
+            "--level",
+            format!(
+                "{level} is out of range for {}: use {} to {}",
+                opts.format.extension(),
+                r.start(),
+                r.end()
+            ),
+        ));
+    }
+    let source_date_epoch = opts
+        .source_date_epoch
+        .or(profile.source_date_epoch)
+        .unwrap_or(0);
+
+    fs::create_dir_all(opts.out_dir)
+        .map_err(Error::io(opts.out_dir, "creating output directory"))?;
+    let artifact_name = format!("{}.{}", profile.name, opts.format.extension());
+    let artifact_path = opts.out_dir.join(&artifact_name);
+    let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
+    let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
+
+    let mut artifact_tmp = temp_in(opts.out_dir)?;
+    let total = archive::content_size(&tree);
+    let archive_opts = archive::Options {
+        format: opts.format,
+        level,
+        workers: opts.workers,
+        mtime: source_date_epoch,
+    };
+    let (summary, prehash) = {
+        let mut sink = PrehashWriter {
+            inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
+            prehash: Prehasher::default(),
+        };
+        let summary = archive::write(&tree, &mut sink, &archive_opts, &|done| {
+            progress(done, total)
+        })?;
+        let PrehashWriter { inner, prehash } = sink;
+        inner
+            .into_inner()
+            .map_err(|e| Error::io(&artifact_path, "writing artifact")(e.into_error()))?;
+        (summary, prehash.finish())
+    };
+
+    let manifest = Manifest::new(
+        &profile,
+        &version,
+        source_date_epoch,
+        opts.format,
+        &tree,
+        &summary,
+    );
+    let manifest_bytes = manifest.to_canonical_json();
+    let mut manifest_tmp = temp_in(opts.out_dir)?;
+    manifest_tmp
+        .write_all(&manifest_bytes)
+        .map_err(Error::io(&manifest_path, "writing manifest"))?;
+
+    let signed = opts.sign_key.map(|key| {
+        let comment = trusted_comment(
+            &profile.name,
+            &version,
+            &crate::digest::Sha256::of(&manifest_bytes),
+        );
+        (key.sign(&prehash, &comment), key.public().key_id())
+    });
+    let sig_tmp = match &signed {
+        Some((text, _)) => {
+            let mut tmp = temp_in(opts.out_dir)?;
+            tmp.write_all(text.as_bytes())
+                .map_err(Error::io(&sig_path, "writing signature"))?;
+            Some(tmp)
+        }
+        None => None,
+    };
+
+    // Everything is complete: move it into place. A stale signature from an
+    // earlier build must not sit beside a new unsigned artifact.
+    if sig_tmp.is_none() && sig_path.exists() {
+        fs::remove_file(&sig_path).map_err(Error::io(&sig_path, "removing stale signature"))?;
+    }
+    persist(artifact_tmp, &artifact_path)?;
+    persist(manifest_tmp, &manifest_path)?;
+    if let Some(tmp) = sig_tmp {
+        persist(tmp, &sig_path)?;
+    }
+    if let Ok(dir) = File::open(opts.out_dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(Built {
+        artifact: artifact_path,
+        manifest_path,
+        signature: signed.as_ref().map(|_| sig_path),
+        manifest,
+        key_id: signed.map(|(_, id)| id),
+    })
+}
+
+fn temp_in(dir: &Path) -> Result<NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(".infrakit-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(Error::io(dir, "creating temporary file"))
+}
+
+/// Makes `tmp` durable with mode 0644 and renames it to `dest`.
+fn persist(tmp: NamedTempFile, dest: &Path) -> Result<()> {
+    let file = tmp.as_file();
+    file.set_permissions(Permissions::from_mode(0o644))
+        .map_err(Error::io(dest, "setting permissions"))?;
+    file.sync_all().map_err(Error::io(dest, "syncing"))?;
+    tmp.persist(dest)
+        .map_err(|e| Error::io(dest, "renaming into place")(e.error))?;
+    Ok(())
+}
+
+/// Passes bytes on while feeding the signature prehash.
+struct PrehashWriter<W> {
+    inner: W,
+    prehash: Prehasher,
+}
+
+impl<W: Write> Write for PrehashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.prehash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

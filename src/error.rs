@@ -1,0 +1,116 @@
+//! The one `Error` type: it owns the wording of every message and maps each
+//! kind to the exit-code contract (1 a check failed, 2 usage or I/O error).
+//! It must never format secrets: messages carry paths and reasons only.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong, sorted by what the caller does about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad input: a profile, overlay, key or flag the user must fix.
+    #[error("{location}: {message}")]
+    Input { location: String, message: String },
+    /// A check failed: the artifact, signature or manifest is not what it claims.
+    #[error("verification failed: {0}")]
+    Check(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The process exit code for this error: 1 for a failed check, 2 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Check(_) => 1,
+            Error::Io { .. } | Error::Input { .. } => 2,
+        }
+    }
+
+    /// Bad input in `path` as a whole.
+    pub fn input(path: &Path, message: impl fmt::Display) -> Error {
+        Error::Input {
+            location: path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Bad input at a line and column of `path` (both 1-based).
+    pub fn input_at(path: &Path, line: usize, column: usize, message: impl fmt::Display) -> Error {
+        Error::Input {
+            location: format!("{}:{line}:{column}", path.display()),
+            message: message.to_string(),
+        }
+    }
+
+    /// Bad input at a byte offset of `text`, the contents of `path`.
+    pub fn input_at_offset(
+        path: &Path,
+        text: &str,
+        offset: usize,
+        message: impl fmt::Display,
+    ) -> Error {
+        let (line, column) = line_column(text, offset);
+        Error::input_at(path, line, column, message)
+    }
+
+    /// Bad usage that belongs to no file: a flag or environment value.
+    pub fn usage(what: impl fmt::Display, message: impl fmt::Display) -> Error {
+        Error::Input {
+            location: what.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A closure that wraps an `io::Error` with the path and what was being done.
+    pub fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let path = path.to_path_buf();
+        move |source| Error::Io {
+            path,
+            action,
+            source,
+        }
+    }
+
+    pub fn check(message: impl fmt::Display) -> Error {
+        Error::Check(message.to_string())
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_column_counts_from_one() {
+        let text = "a = 1\nbb = 2\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 6), (2, 1));
+        assert_eq!(line_column(text, 8), (2, 3));
+        assert_eq!(line_column(text, 999), (3, 1));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        assert_eq!(Error::check("x").exit_code(), 1);
+        assert_eq!(Error::usage("--level", "x").exit_code(), 2);
+    }
+}

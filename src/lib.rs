@@ -1,0 +1,25 @@
+//! InfraKit: signed, byte-reproducible host artifacts for validator fleets.
+//!
+//! The modules read as the pipeline, top to bottom; imports run one way:
+//! `cli → commands → {emit, verify} → {archive, manifest, sign} → compose →
+//! {profile, overlay} → model → digest`. Only `cli` knows clap; nothing below
+//! `commands` reads the environment, the clock or the terminal.
+
+pub mod cli;
+pub mod commands;
+pub mod emit;
+pub mod verify;
+
+pub mod archive;
+pub mod manifest;
+pub mod sign;
+
+pub mod compose;
+pub mod overlay;
+pub mod profile;
+
+pub mod digest;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,253 @@
+//! The manifest (`<name>.manifest.json`): what the artifact must contain,
+//! entry by entry, with provenance and digests. Written as canonical JSON
+//! (sorted keys, compact, one trailing newline) so equal inputs give equal
+//! bytes; parsed strictly (unknown fields and bad paths are refused).
+
+use serde::{Deserialize, Serialize};
+
+use crate::archive::{Format, Summary};
+use crate::digest::Sha256;
+use crate::model::{Kind, RelPath, Tree};
+use crate::profile::Profile;
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: u32,
+    pub name: String,
+    pub version: String,
+    pub source_date_epoch: u64,
+    pub profile_sha256: Sha256,
+    pub layers: Vec<LayerInfo>,
+    pub archive: ArchiveInfo,
+    pub entries: Vec<ManifestEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInfo {
+    /// As the profile names it.
+    pub name: String,
+    /// How many entries of the composed tree come from this layer.
+    pub entries: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveInfo {
+    pub format: String,
+    /// The compressed artifact.
+    pub sha256: Sha256,
+    pub size: u64,
+    /// The uncompressed tar stream (stable across zstd versions).
+    pub tar_sha256: Sha256,
+    pub tar_size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryType {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub path: RelPath,
+    #[serde(rename = "type")]
+    pub kind: EntryType,
+    /// Octal permission bits, like "0644".
+    #[serde(with = "octal")]
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub layer: String,
+}
+
+mod octal {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{mode:04o}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let s = String::deserialize(d)?;
+        match u32::from_str_radix(&s, 8) {
+            Ok(m) if m <= 0o7777 && s.len() == 4 => Ok(m),
+            _ => Err(serde::de::Error::custom(format!(
+                "bad mode {s:?}: want four octal digits"
+            ))),
+        }
+    }
+}
+
+impl Manifest {
+    /// The manifest of `tree` as archived with `summary`.
+    pub fn new(
+        profile: &Profile,
+        version: &str,
+        source_date_epoch: u64,
+        format: Format,
+        tree: &Tree,
+        summary: &Summary,
+    ) -> Manifest {
+        let layers = profile
+            .layers
+            .iter()
+            .map(|l| LayerInfo {
+                name: l.name.clone(),
+                entries: tree.entries.values().filter(|e| e.layer == l.name).count() as u64,
+            })
+            .collect();
+        let entries = tree
+            .entries
+            .iter()
+            .map(|(path, e)| {
+                let (kind, size, sha256, target) = match &e.kind {
+                    Kind::Dir => (EntryType::Dir, None, None, None),
+                    Kind::File { size, .. } => (
+                        EntryType::File,
+                        Some(*size),
+                        summary.files.get(path).copied(),
+                        None,
+                    ),
+                    Kind::Symlink { target } => {
+                        (EntryType::Symlink, None, None, Some(target.clone()))
+                    }
+                };
+                ManifestEntry {
+                    path: path.clone(),
+                    kind,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size,
+                    sha256,
+                    target,
+                    layer: e.layer.clone(),
+                }
+            })
+            .collect();
+        Manifest {
+            schema: SCHEMA,
+            name: profile.name.clone(),
+            version: version.to_owned(),
+            source_date_epoch,
+            profile_sha256: profile.digest,
+            layers,
+            archive: ArchiveInfo {
+                format: format.extension().to_owned(),
+                sha256: summary.sha256,
+                size: summary.size,
+                tar_sha256: summary.tar_sha256,
+                tar_size: summary.tar_size,
+            },
+            entries,
+        }
+    }
+
+    /// Canonical JSON: keys sorted at every level, no insignificant
+    /// whitespace, one trailing newline.
+    pub fn to_canonical_json(&self) -> Vec<u8> {
+        let value = serde_json::to_value(self).expect("a manifest always serialises");
+        let mut out = serde_json::to_vec(&value).expect("a JSON value always serialises");
+        out.push(b'\n');
+        out
+    }
+
+    /// Parses manifest bytes; the error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if m.schema != SCHEMA {
+            return Err(format!(
+                "schema {} is not supported (want {SCHEMA})",
+                m.schema
+            ));
+        }
+        if Format::parse(&m.archive.format).is_none() {
+            return Err(format!("unknown archive format {:?}", m.archive.format));
+        }
+        Ok(m)
+    }
+
+    /// The artifact's file name: `<name>.<format>`.
+    pub fn artifact_file_name(&self) -> String {
+        format!("{}.{}", self.name, self.archive.format)
+    }
+}
+
+/// `<name>.manifest.json`.
+pub fn file_name(name: &str) -> String {
+    format!("{name}.manifest.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_round_trips() {
+        let entry = ManifestEntry {
+            path: RelPath::new("etc/motd").unwrap(),
+            kind: EntryType::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: Some(3),
+            sha256: Some(Sha256::of(b"hi\n")),
+            target: None,
+            layer: "base".into(),
+        };
+        let m = Manifest {
+            schema: SCHEMA,
+            name: "n".into(),
+            version: "1.0.0".into(),
+            source_date_epoch: 0,
+            profile_sha256: Sha256::of(b""),
+            layers: vec![LayerInfo {
+                name: "base".into(),
+                entries: 1,
+            }],
+            archive: ArchiveInfo {
+                format: "tar.zst".into(),
+                sha256: Sha256::of(b"a"),
+                size: 1,
+                tar_sha256: Sha256::of(b"t"),
+                tar_size: 2,
+            },
+            entries: vec![entry],
+        };
+        let json = m.to_canonical_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(
+            text.starts_with("{\"archive\":{\"format\":\"tar.zst\",\"sha256\""),
+            "{text}"
+        );
+        assert!(text.contains("\"mode\":\"0644\""));
+        assert!(text.ends_with("}\n") && !text.contains(": "));
+        assert_eq!(Manifest::parse(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn parse_refuses_escaping_paths_and_unknown_fields() {
+        let good = r#"{"gid":0,"layer":"b","mode":"0644","path":"PATH","type":"dir","uid":0}"#;
+        for bad in ["../etc", "/etc", "a//b", "a/"] {
+            let e = good.replace("PATH", bad);
+            assert!(serde_json::from_str::<ManifestEntry>(&e).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<ManifestEntry>(&good.replace("PATH", "etc")).is_ok());
+        let extra = good.replace("PATH", "etc").replace("{", "{\"x\":1,");
+        assert!(serde_json::from_str::<ManifestEntry>(&extra).is_err());
+    }
+}

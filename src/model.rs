@@ -1,0 +1,228 @@
+//! The composed rootfs as data: `RelPath` (a path that cannot escape the
+//! root), `Entry` (type, mode, owner, provenance) and `Tree` (a sorted map).
+//! Everything that reaches an output is ordered here; nothing here does I/O.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A normalised path relative to the rootfs: non-empty, `/`-separated, no
+/// leading or trailing `/`, no empty, `.` or `..` components, no NUL.
+/// Ordered component by component, so a directory's children come right after
+/// it (the order of `tar --sort=name`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RelPath(String);
+
+impl RelPath {
+    /// Checks and normalises `s`; a leading `/` or `./` is dropped, trailing `/` too.
+    pub fn new(s: &str) -> Result<RelPath, String> {
+        let trimmed = s.trim_start_matches('/').trim_end_matches('/');
+        let trimmed = trimmed.strip_prefix("./").unwrap_or(trimmed);
+        if trimmed.is_empty() {
+            return Err(format!("{s:?} names the root itself, not a path inside it"));
+        }
+        if trimmed.contains('\0') {
+            return Err(format!("{s:?} contains a NUL byte"));
+        }
+        for part in trimmed.split('/') {
+            match part {
+                "" => return Err(format!("{s:?} has an empty component (`//`)")),
+                "." | ".." => return Err(format!("{s:?} has a `{part}` component")),
+                _ => {}
+            }
+        }
+        Ok(RelPath(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The parent directory, or `None` at the top level.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+    }
+
+    /// Every ancestor, outermost first (`a`, `a/b` for `a/b/c`).
+    pub fn ancestors(&self) -> Vec<RelPath> {
+        self.0
+            .match_indices('/')
+            .map(|(i, _)| RelPath(self.0[..i].to_owned()))
+            .collect()
+    }
+
+    pub fn depth(&self) -> usize {
+        self.0.matches('/').count()
+    }
+}
+
+impl Ord for RelPath {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.split('/').cmp(other.0.split('/'))
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl serde::Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// Deserialising checks the path like `new` does, so a manifest cannot load
+/// a path that escapes the root.
+impl<'de> serde::Deserialize<'de> for RelPath {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        let p = RelPath::new(&s).map_err(serde::de::Error::custom)?;
+        if p.0 != s {
+            return Err(serde::de::Error::custom(format!(
+                "path {s:?} is not normalised"
+            )));
+        }
+        Ok(p)
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Where a regular file's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A file in an overlay's `root/`, read once while the archive is written.
+    Path(PathBuf),
+    /// Bytes made by the build itself (rendered templates, generated files).
+    Bytes(Arc<[u8]>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File { source: Source, size: u64 },
+    Symlink { target: String },
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Dir => "dir",
+            Kind::File { .. } => "file",
+            Kind::Symlink { .. } => "symlink",
+        }
+    }
+}
+
+/// One path of the composed tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// Permission bits only (at most 0o7777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The layer that provided this entry, as the profile names it.
+    pub layer: String,
+}
+
+pub const DIR_MODE: u32 = 0o755;
+pub const FILE_MODE: u32 = 0o644;
+pub const EXEC_MODE: u32 = 0o755;
+pub const SYMLINK_MODE: u32 = 0o777;
+
+/// The composed rootfs: every path, parents included, in archive order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tree {
+    pub entries: BTreeMap<RelPath, Entry>,
+}
+
+impl Tree {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Whether a symlink at `link` with `target` stays inside the root when
+/// resolved lexically. Absolute targets resolve against the root itself.
+pub fn symlink_stays_inside(link: &RelPath, target: &str) -> bool {
+    if target.starts_with('/') {
+        return true;
+    }
+    let mut depth: usize = link.depth();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn normalises_and_rejects() {
+        assert_eq!(p("/etc/ssh/").as_str(), "etc/ssh");
+        assert_eq!(p("./etc").as_str(), "etc");
+        for bad in ["", "/", "a/../b", "..", "a//b", "a/./b", "a\0b"] {
+            assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn orders_depth_first_like_gnu_tar_sort_name() {
+        let mut v = vec![p("a-b"), p("a/b"), p("a"), p("a/b/c"), p("a.b"), p("b")];
+        v.sort();
+        let got: Vec<_> = v.iter().map(RelPath::as_str).collect();
+        assert_eq!(got, ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]);
+    }
+
+    #[test]
+    fn parents_and_ancestors() {
+        assert_eq!(p("a/b/c").parent(), Some(p("a/b")));
+        assert_eq!(p("a").parent(), None);
+        assert_eq!(p("a/b/c").ancestors(), vec![p("a"), p("a/b")]);
+    }
+
+    #[test]
+    fn symlink_escape_is_lexical() {
+        assert!(symlink_stays_inside(
+            &p("etc/localtime"),
+            "/usr/share/zoneinfo/UTC"
+        ));
+        assert!(symlink_stays_inside(&p("a/b/link"), "../../x"));
+        assert!(!symlink_stays_inside(&p("a/link"), "../../x"));
+        assert!(!symlink_stays_inside(&p("link"), ".."));
+        assert!(symlink_stays_inside(&p("link"), "./x/../y"));
+    }
+}

@@ -1,0 +1,340 @@
+//! `verify`: the only way to obtain a `Verified` artifact. Order matters:
+//! the signature is checked first (by a trusted key), then the trusted
+//! comment against the manifest's digest, then the artifact's digest, and
+//! only then is the archive decompressed and every entry compared with the
+//! manifest. Nothing is trusted before the check that covers it.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::archive;
+use crate::digest::{HashingReader, Sha256};
+use crate::emit;
+use crate::error::{Error, Result};
+use crate::manifest::{EntryType, Manifest, ManifestEntry};
+use crate::sign::{Prehasher, PublicKey, Signature};
+
+/// Manifests larger than this are refused before parsing.
+const MANIFEST_MAX: u64 = 256 << 20;
+
+pub struct VerifyOptions<'a> {
+    pub artifact: &'a Path,
+    pub manifest: Option<&'a Path>,
+    pub signature: Option<&'a Path>,
+    pub keys: &'a [PublicKey],
+}
+
+/// An artifact whose signature, manifest and every entry were checked.
+/// Only `verify` constructs one.
+#[derive(Debug)]
+pub struct Verified {
+    manifest: Manifest,
+    key_id: String,
+    artifact: PathBuf,
+}
+
+impl Verified {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn artifact(&self) -> &Path {
+        &self.artifact
+    }
+}
+
+/// `<dir>/<stem>.manifest.json` beside `artifact` (`<stem>.tar.zst` or `.tar.gz`).
+pub fn manifest_beside(artifact: &Path) -> PathBuf {
+    let name = artifact
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".tar.zst")
+        .or_else(|| name.strip_suffix(".tar.gz"))
+        .unwrap_or(name);
+    artifact.with_file_name(crate::manifest::file_name(stem))
+}
+
+/// `<artifact>.minisig`.
+pub fn signature_beside(artifact: &Path) -> PathBuf {
+    let mut s = artifact.as_os_str().to_owned();
+    s.push(".minisig");
+    PathBuf::from(s)
+}
+
+/// Verifies an artifact; `progress(done, total)` is told of bytes hashed.
+pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
+    if opts.keys.is_empty() {
+        return Err(Error::usage(
+            "--key",
+            "give at least one trusted public key",
+        ));
+    }
+    let artifact = opts.artifact;
+    let manifest_path = opts
+        .manifest
+        .map_or_else(|| manifest_beside(artifact), Path::to_path_buf);
+    let sig_path = opts
+        .signature
+        .map_or_else(|| signature_beside(artifact), Path::to_path_buf);
+
+    let sig_bytes = match std::fs::read(&sig_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::check(format!(
+                "{}: no signature found; unsigned artifacts are refused",
+                sig_path.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(&sig_path, "reading signature")(e)),
+    };
+    let signature = Signature::parse(&sig_bytes)
+        .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
+    let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
+
+    let (prehash, sha256, size) = hash_file(artifact, progress)?;
+    let key = signature
+        .verify(opts.keys, &prehash)
+        .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
+
+    let claimed = parse_trusted_comment(signature.trusted_comment())
+        .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
+    let manifest_sha = Sha256::of(&manifest_bytes);
+    if claimed.manifest_sha256 != manifest_sha {
+        return Err(Error::check(format!(
+            "{}: manifest digest {manifest_sha} is not the signed one {}",
+            manifest_path.display(),
+            claimed.manifest_sha256
+        )));
+    }
+    let manifest = Manifest::parse(&manifest_bytes).map_err(|m| {
+        Error::check(format!(
+            "{}: signed manifest is malformed: {m}",
+            manifest_path.display()
+        ))
+    })?;
+    if emit::trusted_comment(&manifest.name, &manifest.version, &manifest_sha)
+        != signature.trusted_comment()
+    {
+        return Err(Error::check(format!(
+            "{}: signed name/version ({} {}) differ from the manifest's ({} {})",
+            sig_path.display(),
+            claimed.name,
+            claimed.version,
+            manifest.name,
+            manifest.version
+        )));
+    }
+    if (sha256, size) != (manifest.archive.sha256, manifest.archive.size) {
+        return Err(Error::check(format!(
+            "{}: artifact is {size} bytes with sha256 {sha256}, the manifest says {} bytes with {}",
+            artifact.display(),
+            manifest.archive.size,
+            manifest.archive.sha256
+        )));
+    }
+    check_entries(artifact, &manifest)?;
+    Ok(Verified {
+        manifest,
+        key_id: key.key_id(),
+        artifact: artifact.to_path_buf(),
+    })
+}
+
+struct Claimed {
+    name: String,
+    version: String,
+    manifest_sha256: Sha256,
+}
+
+fn parse_trusted_comment(comment: &str) -> Result<Claimed, String> {
+    let fields: Vec<&str> = comment.split(' ').collect();
+    let [name, version, digest] = fields[..] else {
+        return Err(format!("{comment:?} is not an infrakit trusted comment"));
+    };
+    let get = |field: &str, key: &str| {
+        field
+            .strip_prefix(key)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{comment:?} lacks {key}"))
+    };
+    Ok(Claimed {
+        name: get(name, "name:")?,
+        version: get(version, "version:")?,
+        manifest_sha256: get(digest, "manifest-sha256:")?.parse()?,
+    })
+}
+
+fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(Error::io(path, "opening manifest"))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Error::io(path, "reading manifest"))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::check(format!(
+            "{}: manifest is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// BLAKE2b-512 prehash, SHA-256 and size of a file, in one pass.
+fn hash_file(path: &Path, progress: &dyn Fn(u64, u64)) -> Result<([u8; 64], Sha256, u64)> {
+    let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = HashingReader::new(file);
+    let mut prehash = Prehasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(Error::io(path, "reading artifact"))?;
+        if n == 0 {
+            break;
+        }
+        prehash.update(&buf[..n]);
+        done += n as u64;
+        progress(done, total);
+    }
+    let (sha, size) = reader.finish();
+    Ok((prehash.finish(), sha, size))
+}
+
+/// Streams the archive and compares every member with the manifest, in order.
+fn check_entries(artifact: &Path, manifest: &Manifest) -> Result<()> {
+    let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
+    let decoder = archive::decoder(
+        BufReader::with_capacity(
+            1 << 20,
+            File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?,
+        ),
+        artifact,
+    )?;
+    let mut tar_stream = HashingReader::new(decoder);
+    let mut expected = manifest.entries.iter();
+    {
+        let mut tar = tar::Archive::new(&mut tar_stream);
+        let entries = tar
+            .entries()
+            .map_err(|e| fail(format!("archive unreadable: {e}")))?;
+        for item in entries {
+            let mut entry = item.map_err(|e| fail(format!("archive corrupt: {e}")))?;
+            let path_bytes = entry.path_bytes().into_owned();
+            let name = String::from_utf8_lossy(&path_bytes).into_owned();
+            let Some(want) = expected.next() else {
+                return Err(fail(format!("{name}: extra member not in the manifest")));
+            };
+            check_entry(&mut entry, &name, want, manifest.source_date_epoch)
+                .map_err(|m| fail(format!("{name}: {m}")))?;
+        }
+    }
+    if let Some(missing) = expected.next() {
+        return Err(fail(format!(
+            "{}: in the manifest but missing from the archive",
+            missing.path
+        )));
+    }
+    std::io::copy(&mut tar_stream, &mut std::io::sink())
+        .map_err(|e| fail(format!("archive corrupt after its end: {e}")))?;
+    let (tar_sha, tar_size) = tar_stream.finish();
+    if (tar_sha, tar_size) != (manifest.archive.tar_sha256, manifest.archive.tar_size) {
+        return Err(fail(format!(
+            "tar stream is {tar_size} bytes with sha256 {tar_sha}, the manifest says {} bytes with {}",
+            manifest.archive.tar_size, manifest.archive.tar_sha256
+        )));
+    }
+    Ok(())
+}
+
+fn check_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+    want: &ManifestEntry,
+    mtime: u64,
+) -> Result<(), String> {
+    let header = entry.header();
+    let (kind, want_name) = match header.entry_type() {
+        tar::EntryType::Directory => (EntryType::Dir, format!("{}/", want.path)),
+        tar::EntryType::Regular => (EntryType::File, want.path.to_string()),
+        tar::EntryType::Symlink => (EntryType::Symlink, want.path.to_string()),
+        other => {
+            return Err(format!(
+                "member type {other:?} is never produced by infrakit"
+            ));
+        }
+    };
+    if name != want_name {
+        return Err(format!(
+            "expected {want_name} here (archive order follows the manifest)"
+        ));
+    }
+    if kind != want.kind {
+        return Err(format!("is a {kind:?}, the manifest says {:?}", want.kind));
+    }
+    let num = |r: std::io::Result<u64>, what: &str| r.map_err(|e| format!("bad {what} field: {e}"));
+    let mode = num(header.mode().map(u64::from), "mode")?;
+    let uid = num(header.uid(), "uid")?;
+    let gid = num(header.gid(), "gid")?;
+    let got_mtime = num(header.mtime(), "mtime")?;
+    if (mode, uid, gid)
+        != (
+            u64::from(want.mode),
+            u64::from(want.uid),
+            u64::from(want.gid),
+        )
+    {
+        return Err(format!(
+            "mode/owner {mode:04o} {uid}:{gid}, the manifest says {:04o} {}:{}",
+            want.mode, want.uid, want.gid
+        ));
+    }
+    if got_mtime != mtime {
+        return Err(format!(
+            "mtime {got_mtime}, the manifest's source date is {mtime}"
+        ));
+    }
+    let size = num(header.size(), "size")?;
+    match want.kind {
+        EntryType::File => {
+            if Some(size) != want.size {
+                return Err(format!("size {size}, the manifest says {:?}", want.size));
+            }
+            let mut hashing = HashingReader::new(&mut *entry);
+            std::io::copy(&mut hashing, &mut std::io::sink())
+                .map_err(|e| format!("reading content: {e}"))?;
+            let (digest, n) = hashing.finish();
+            if n != size || Some(digest) != want.sha256 {
+                return Err(format!(
+                    "content sha256 {digest}, the manifest says {:?}",
+                    want.sha256.map(|d| d.to_string())
+                ));
+            }
+        }
+        EntryType::Symlink => {
+            let target = entry
+                .link_name_bytes()
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            if target.as_deref() != want.target.as_deref() {
+                return Err(format!(
+                    "links to {target:?}, the manifest says {:?}",
+                    want.target
+                ));
+            }
+        }
+        EntryType::Dir => {
+            if size != 0 {
+                return Err("directory with a size".to_owned());
+            }
+        }
+    }
+    Ok(())
+}
