@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn orders_depth_first_like_gnu_tar_sort_name() {
-        let mut v = vec![p("a-b"), p("a/b"), p("a"), p("a/b/c"), p("a.b"), p("b")];
+        let mut v = [p("a-b"), p("a/b"), p("a"), p("a/b/c"), p("a.b"), p("b")];
         v.sort();
         let got: Vec<_> = v.iter().map(RelPath::as_str).collect();
         assert_eq!(got, ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]);

@@ -175,10 +175,7 @@ mod tests {
             "name = \"p\"\nversion = \"1.0.0\"\noverlays = [\"base\", \"./extra\"]\n",
         )
         .unwrap();
-        assert_eq!(
-            p.layers[0].dir,
-            dir.path().join("profiles/../overlays/base")
-        );
+        assert_eq!(p.layers[0].dir, dir.path().join("overlays/base"));
         assert_eq!(p.layers[1].dir, dir.path().join("profiles/./extra"));
         assert_eq!(p.layers[1].name, "./extra");
     }
