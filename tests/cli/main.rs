@@ -1,0 +1,9 @@
+//! The one integration-test binary: it runs the real `infrakit` in temp
+//! directories and judges the output with stock tools (ORACLES.md).
+
+mod support;
+
+mod bad_input;
+mod oracles;
+mod repro;
+mod tamper;
