@@ -91,15 +91,42 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         .or(profile.source_date_epoch)
         .unwrap_or(0);
 
+    let created_out_dir = !opts.out_dir.exists();
     fs::create_dir_all(opts.out_dir)
         .map_err(Error::io(opts.out_dir, "creating output directory"))?;
+    let result = write_outputs(
+        opts,
+        &profile,
+        &tree,
+        &version,
+        source_date_epoch,
+        level,
+        progress,
+    );
+    if result.is_err() && created_out_dir {
+        // Leave no trace of a failed build: the directory is empty again
+        // (temporary files are removed when dropped), so this only removes it.
+        let _ = fs::remove_dir(opts.out_dir);
+    }
+    result
+}
+
+fn write_outputs(
+    opts: &BuildOptions<'_>,
+    profile: &Profile,
+    tree: &Tree,
+    version: &str,
+    source_date_epoch: u64,
+    level: i32,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Built> {
     let artifact_name = format!("{}.{}", profile.name, opts.format.extension());
     let artifact_path = opts.out_dir.join(&artifact_name);
     let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
     let mut artifact_tmp = temp_in(opts.out_dir)?;
-    let total = archive::content_size(&tree);
+    let total = archive::content_size(tree);
     let archive_opts = archive::Options {
         format: opts.format,
         level,
@@ -111,7 +138,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
             inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
             prehash: Prehasher::default(),
         };
-        let summary = archive::write(&tree, &mut sink, &archive_opts, &|done| {
+        let summary = archive::write(tree, &mut sink, &archive_opts, &|done| {
             progress(done, total)
         })?;
         let PrehashWriter { inner, prehash } = sink;
