@@ -94,6 +94,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a profile for secrets, world-writable or setuid files and units running as root; exit 1 on findings.
+    Lint {
+        /// The profile, e.g. profiles/base.toml.
+        profile: PathBuf,
+        /// Print findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an artifact's (or manifest's) name, version, digests, layers and entries. Does not verify.
     Inspect {
         /// An artifact or a .manifest.json.
@@ -169,6 +177,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         ),
         Command::Inspect { path, json } => commands::inspect(&path, json),
+        Command::Lint { profile, json } => commands::lint(&ui, &profile, json),
     }
 }
 

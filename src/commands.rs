@@ -271,3 +271,23 @@ fn write_human(out: &mut impl Write, m: &Manifest) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
+    let composed = emit::compose_profile(profile)?;
+    let findings = composed.lint()?;
+    if json {
+        println!("{}", serde_json::to_string(&findings).expect("findings serialise"));
+    } else {
+        for f in &findings {
+            println!("{f}");
+        }
+    }
+    if findings.is_empty() {
+        if !json {
+            ui.say(format_args!("lint: {} is clean ({} entries)", profile.display(), composed.tree.len()));
+        }
+        Ok(())
+    } else {
+        Err(Error::check(format!("lint: {} finding(s) in {}", findings.len(), profile.display())))
+    }
+}

@@ -4,7 +4,8 @@
 //! keeps the layer it came from.
 
 use crate::error::{Error, Result};
-use crate::model::{Kind, Tree};
+use crate::firewall;
+use crate::model::{Entry, Kind, RelPath, Source, Tree};
 use crate::overlay::Layer;
 
 /// Where a composition error is reported: the profile that asked for it.
@@ -12,6 +13,23 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
     let fail = |msg: String| Error::input(profile, msg);
     let mut tree = Tree::default();
     for layer in layers {
+        for (path, at) in &layer.remove {
+            if !tree.entries.contains_key(path) {
+                return Err(Error::Input {
+                    location: at.clone(),
+                    message: format!("remove names {path}, but no lower layer provides it; remove it from remove"),
+                });
+            }
+            let doomed: Vec<_> = tree
+                .entries
+                .range(path.clone()..)
+                .map(|(p, _)| p.clone())
+                .take_while(|p| p == path || p.as_str().starts_with(&format!("{path}/")))
+                .collect();
+            for p in doomed {
+                tree.entries.remove(&p);
+            }
+        }
         for (path, upper) in &layer.entries {
             let Some(lower) = tree.entries.get(path) else {
                 if let Some(at) = layer.replace.get(path) {
@@ -66,6 +84,7 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
             tree.entries.insert(path.clone(), upper.clone());
         }
     }
+    add_firewall(profile, layers, &mut tree)?;
     for (path, entry) in &tree.entries {
         if let Some(parent) = path.parent() {
             match tree.entries.get(&parent) {
@@ -90,10 +109,53 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
     Ok(tree)
 }
 
+/// Where the generated nftables ruleset goes.
+pub const FIREWALL_PATH: &str = "etc/infrakit/firewall.nft";
+
+/// Renders the ports of all layers into one ruleset, attributed to the
+/// topmost layer that declares ports.
+fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) -> Result<()> {
+    let ports: Vec<_> = layers.iter().flat_map(|l| l.ports.iter().cloned()).collect();
+    let Some(owner) = layers.iter().rev().find(|l| !l.ports.is_empty()) else {
+        return Ok(());
+    };
+    let merged = firewall::merge(&ports).map_err(|m| Error::input(profile, m))?;
+    let text = firewall::render(&merged);
+    let path = RelPath::new(FIREWALL_PATH).expect("a valid constant path");
+    if let Some(e) = tree.entries.get(&path) {
+        return Err(Error::input(
+            profile,
+            format!("{path} is generated from the declared ports, but layer {:?} provides it too; remove it", e.layer),
+        ));
+    }
+    for parent in path.ancestors() {
+        tree.entries.entry(parent).or_insert_with(|| Entry {
+            kind: Kind::Dir,
+            mode: crate::model::DIR_MODE,
+            uid: 0,
+            gid: 0,
+            layer: owner.name.clone(),
+        });
+    }
+    tree.entries.insert(
+        path,
+        Entry {
+            kind: Kind::File {
+                size: text.len() as u64,
+                source: Source::Bytes(text.into_bytes().into()),
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            layer: owner.name.clone(),
+        },
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Entry, RelPath, Source};
     use std::path::Path;
 
     fn p(s: &str) -> RelPath {

@@ -13,6 +13,7 @@ use tempfile::NamedTempFile;
 use crate::archive::{self, Format};
 use crate::compose;
 use crate::error::{Error, Result};
+use crate::lint;
 use crate::manifest::{self, Manifest};
 use crate::model::Tree;
 use crate::overlay::Layer;
@@ -52,21 +53,52 @@ pub fn trusted_comment(
     format!("name:{name} version:{version} manifest-sha256:{manifest_sha256}")
 }
 
+/// A profile composed into a tree, with what lint needs from the layers.
+pub struct Composed {
+    pub profile: Profile,
+    pub tree: Tree,
+    pub allow_setuid: std::collections::BTreeSet<crate::model::RelPath>,
+}
+
+impl Composed {
+    pub fn lint(&self) -> Result<Vec<lint::Finding>> {
+        lint::lint(&self.tree, &self.allow_setuid)
+    }
+}
+
 /// Loads a profile and composes its layers into a tree.
-pub fn compose_profile(path: &Path) -> Result<(Profile, Tree)> {
+pub fn compose_profile(path: &Path) -> Result<Composed> {
     let profile = Profile::load(path)?;
     let layers = profile
         .layers
         .iter()
-        .map(|l| Layer::load(&l.name, &l.dir))
+        .map(|l| Layer::load(&l.name, &l.dir, &profile.params))
         .collect::<Result<Vec<_>>>()?;
+    let declared = layers.iter().flat_map(|l| l.params.iter().cloned()).collect();
+    profile.params.check_all_declared(&declared)?;
     let tree = compose::compose(path, &layers)?;
-    Ok((profile, tree))
+    let allow_setuid = layers.iter().flat_map(|l| l.allow_setuid.iter().cloned()).collect();
+    Ok(Composed {
+        profile,
+        tree,
+        allow_setuid,
+    })
 }
 
 /// Builds the artifact; `progress(done, total)` is told of content bytes written.
 pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Built> {
-    let (profile, tree) = compose_profile(opts.profile)?;
+    let composed = compose_profile(opts.profile)?;
+    let findings = composed.lint()?;
+    if !findings.is_empty() {
+        let list: Vec<String> = findings.iter().map(|f| format!("  {f}")).collect();
+        return Err(Error::check(format!(
+            "lint found {} problem(s) in {}; nothing was built:\n{}",
+            findings.len(),
+            opts.profile.display(),
+            list.join("\n")
+        )));
+    }
+    let Composed { profile, tree, .. } = composed;
     let version = match opts.version {
         Some(v) => semver::Version::parse(v)
             .map_err(|e| Error::usage("--release-version", format!("{v:?} is not semver: {e}")))?

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod commands;
 pub mod emit;
+pub mod lint;
 pub mod verify;
 
 pub mod archive;
@@ -15,7 +16,10 @@ pub mod manifest;
 pub mod sign;
 
 pub mod compose;
+pub mod firewall;
+pub mod generate;
 pub mod overlay;
+pub mod params;
 pub mod profile;
 
 pub mod digest;

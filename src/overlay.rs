@@ -1,7 +1,9 @@
 //! Overlays (`overlays/<name>/`): a `root/` fragment plus `overlay.toml` for
 //! what git cannot carry (modes, owners, extra directories, symlinks,
-//! replacements). Loading one yields a `Layer`; file contents are not read
-//! here (the archive writer reads each file exactly once).
+//! replacements, removals, parameters, users, directories, enabled units,
+//! ports). Loading one yields a `Layer`. Plain file contents are not read here
+//! (the archive writer reads each exactly once); `*.tmpl` files are rendered
+//! here, strictly, with the layer's parameters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -11,13 +13,32 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::firewall::{self, Exposure, PortDecl, Proto};
+use crate::generate::{self, EnableDecl, GroupDecl, TmpfileDecl, UserDecl};
 use crate::model::{self, Entry, Kind, RelPath, Source};
+use crate::params::{self, ParamDecl, ProfileParams, Value};
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct OverlayFile {
     #[serde(default)]
     replace: Vec<Spanned<String>>,
+    #[serde(default)]
+    remove: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_setuid: Vec<Spanned<String>>,
+    #[serde(default)]
+    params: BTreeMap<Spanned<String>, ParamDecl>,
+    #[serde(default)]
+    user: Vec<UserDecl>,
+    #[serde(default)]
+    group: Vec<GroupDecl>,
+    #[serde(default)]
+    tmpfile: Vec<TmpfileDecl>,
+    #[serde(default)]
+    enable: Vec<EnableDecl>,
+    #[serde(default)]
+    port: Vec<PortDecl>,
     #[serde(default)]
     attr: Vec<Attrs>,
     #[serde(default)]
@@ -56,6 +77,14 @@ pub struct Layer {
     /// Directories whose mode or owner this layer sets on purpose; other
     /// directories merge with a lower layer's silently.
     pub explicit: BTreeSet<RelPath>,
+    /// Paths of lower layers this layer removes, with where it says so.
+    pub remove: BTreeMap<RelPath, String>,
+    /// Paths that may be setuid/setgid.
+    pub allow_setuid: BTreeSet<RelPath>,
+    /// Parameters this layer declares.
+    pub params: BTreeSet<String>,
+    /// Ports this layer declares, resolved.
+    pub ports: Vec<firewall::Port>,
 }
 
 /// Parsing context: the overlay.toml path and text, for located errors.
@@ -105,26 +134,47 @@ impl Ctx<'_> {
 }
 
 impl Layer {
-    /// Loads the overlay in `dir`; `name` is how the profile names it.
-    pub fn load(name: &str, dir: &Path) -> Result<Layer> {
+    /// Loads the overlay in `dir`; `name` is how the profile names it and
+    /// `params` what the profile sets.
+    pub fn load(name: &str, dir: &Path, params: &ProfileParams) -> Result<Layer> {
         let mut layer = Layer {
             name: name.to_owned(),
             ..Layer::default()
         };
-        let root = dir.join("root");
-        if root.is_dir() {
-            layer.walk_root(&root)?;
-        }
         let toml_path = dir.join("overlay.toml");
-        if toml_path.exists() {
+        let (file, text) = if toml_path.exists() {
             let text = std::fs::read_to_string(&toml_path)
                 .map_err(Error::io(&toml_path, "reading overlay.toml"))?;
-            layer.apply_toml(&toml_path, &text)?;
+            let file: OverlayFile = toml::from_str(&text).map_err(|e| {
+                let offset = e.span().map_or(0, |s| s.start);
+                Error::input_at_offset(&toml_path, &text, offset, e.message().trim_end())
+            })?;
+            (file, text)
+        } else {
+            (OverlayFile::default(), String::new())
+        };
+        let ctx = Ctx {
+            path: &toml_path,
+            text: &text,
+        };
+        let mut decls = BTreeMap::new();
+        for (name, decl) in &file.params {
+            if !params::valid_name(name.get_ref()) {
+                return Err(ctx.err(name.span(), format!("parameter name {:?} must match [a-z][a-z0-9_-]*", name.get_ref())));
+            }
+            decls.insert(name.get_ref().clone(), decl.clone());
         }
+        let values = params.resolve(&decls, &toml_path, &text)?;
+        layer.params = decls.keys().cloned().collect();
+        let root = dir.join("root");
+        if root.is_dir() {
+            layer.walk_root(&root, &values)?;
+        }
+        layer.apply_toml(&ctx, &file, &values)?;
         Ok(layer)
     }
 
-    fn walk_root(&mut self, root: &Path) -> Result<()> {
+    fn walk_root(&mut self, root: &Path, values: &BTreeMap<String, Value>) -> Result<()> {
         let walk = walkdir::WalkDir::new(root)
             .min_depth(1)
             .follow_links(false)
@@ -149,7 +199,8 @@ impl Layer {
                     "file name is not valid UTF-8; rename it (artifact paths must be UTF-8)",
                 ));
             };
-            let path = RelPath::new(rel_str).map_err(|m| Error::input(full, m))?;
+            let template = rel_str.strip_suffix(".tmpl").filter(|_| item.file_type().is_file());
+            let path = RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
             let meta = item.metadata().map_err(|e| Error::Io {
                 path: full.to_path_buf(),
                 action: "reading metadata",
@@ -162,9 +213,17 @@ impl Layer {
                 (Kind::Dir, model::DIR_MODE)
             } else if ft.is_file() {
                 let exec = meta.permissions().mode() & 0o111 != 0;
-                let kind = Kind::File {
-                    source: Source::Path(full.to_path_buf()),
-                    size: meta.len(),
+                let kind = if template.is_some() {
+                    let bytes = render_template(full, values)?;
+                    Kind::File {
+                        size: bytes.len() as u64,
+                        source: Source::Bytes(bytes.into()),
+                    }
+                } else {
+                    Kind::File {
+                        source: Source::Path(full.to_path_buf()),
+                        size: meta.len(),
+                    }
                 };
                 (
                     kind,
@@ -202,6 +261,9 @@ impl Layer {
             if let Kind::Symlink { target } = &kind {
                 check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
+            if self.entries.contains_key(&path) {
+                return Err(Error::input(full, format!("{path} is provided twice (a file and its .tmpl); keep one")));
+            }
             self.entries.insert(path, self.entry(kind, mode));
         }
         Ok(())
@@ -227,12 +289,7 @@ impl Layer {
         }
     }
 
-    fn apply_toml(&mut self, path: &Path, text: &str) -> Result<()> {
-        let ctx = Ctx { path, text };
-        let file: OverlayFile = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            Error::input_at_offset(path, text, offset, e.message().trim_end())
-        })?;
+    fn apply_toml(&mut self, ctx: &Ctx<'_>, file: &OverlayFile, values: &BTreeMap<String, Value>) -> Result<()> {
 
         for decl in &file.dir {
             let p = ctx.rel_path(&decl.path)?;
@@ -253,7 +310,7 @@ impl Layer {
                     self.entries.insert(p.clone(), e);
                 }
             }
-            self.set_attrs(&ctx, &p, decl)?;
+            self.set_attrs(ctx, &p, decl)?;
         }
 
         for decl in &file.symlink {
@@ -305,7 +362,7 @@ impl Layer {
                 ));
             }
             for p in &matched {
-                self.set_attrs(&ctx, p, rule)?;
+                self.set_attrs(ctx, p, rule)?;
             }
         }
 
@@ -319,7 +376,142 @@ impl Layer {
             }
             self.replace.insert(p, ctx.location(item.span()));
         }
+        for item in &file.remove {
+            let p = ctx.rel_path(item)?;
+            if self.entries.contains_key(&p) {
+                return Err(ctx.err(item.span(), format!("{p} is both provided and removed by this overlay")));
+            }
+            self.remove.insert(p, ctx.location(item.span()));
+        }
+        for item in &file.allow_setuid {
+            self.allow_setuid.insert(ctx.rel_path(item)?);
+        }
+        self.generate(ctx, file)?;
+        for decl in &file.port {
+            let port = self.port(ctx, decl, values)?;
+            self.ports.push(port);
+        }
         Ok(())
+    }
+
+    /// Adds a generated file (content made by the build) at `path`.
+    fn add_generated(&mut self, ctx: &Ctx<'_>, path: &str, kind: Kind) -> Result<()> {
+        let p = RelPath::new(path).map_err(|m| Error::input(ctx.path, m))?;
+        if self.entries.contains_key(&p) {
+            return Err(Error::input(ctx.path, format!("{p} is generated from overlay.toml but root/ provides it too; remove one")));
+        }
+        self.add_parents(&p);
+        let mode = match kind {
+            Kind::Symlink { .. } => model::SYMLINK_MODE,
+            _ => model::FILE_MODE,
+        };
+        let e = self.entry(kind, mode);
+        self.entries.insert(p, e);
+        Ok(())
+    }
+
+    fn generate(&mut self, ctx: &Ctx<'_>, file: &OverlayFile) -> Result<()> {
+        let stem = generate::file_stem(&self.name);
+        for name in file.user.iter().map(|u| &u.name).chain(file.group.iter().map(|g| &g.name)) {
+            if !generate::valid_account(name.get_ref()) {
+                return Err(ctx.err(name.span(), format!("{:?} is not a valid user or group name", name.get_ref())));
+            }
+        }
+        if !file.user.is_empty() || !file.group.is_empty() {
+            let text = generate::sysusers(&self.name, &file.group, &file.user).map_err(|m| Error::input(ctx.path, m))?;
+            self.add_generated(ctx, &format!("usr/lib/sysusers.d/infrakit-{stem}.conf"), bytes(text))?;
+        }
+        for t in &file.tmpfile {
+            if !generate::valid_tmpfile_type(t.kind.get_ref()) {
+                return Err(ctx.err(t.kind.span(), format!("tmpfile type {:?} is not supported", t.kind.get_ref())));
+            }
+            if !t.path.get_ref().starts_with('/') || RelPath::new(t.path.get_ref()).is_err() {
+                return Err(ctx.err(t.path.span(), "tmpfile path must be absolute and normalised"));
+            }
+        }
+        if !file.tmpfile.is_empty() {
+            let text = generate::tmpfiles(&self.name, &file.tmpfile).map_err(|m| Error::input(ctx.path, m))?;
+            self.add_generated(ctx, &format!("usr/lib/tmpfiles.d/infrakit-{stem}.conf"), bytes(text))?;
+        }
+        for e in &file.enable {
+            let unit = e.unit.get_ref();
+            if !generate::valid_unit(unit) {
+                return Err(ctx.err(e.unit.span(), format!("{unit:?} is not a systemd unit name")));
+            }
+            if !generate::valid_unit(e.target.get_ref()) {
+                return Err(ctx.err(e.target.span(), format!("{:?} is not a systemd unit name", e.target.get_ref())));
+            }
+            let target = match &e.path {
+                Some(p) if p.get_ref().starts_with('/') && RelPath::new(p.get_ref()).is_ok() => p.get_ref().clone(),
+                Some(p) => return Err(ctx.err(p.span(), "path must be absolute and normalised")),
+                None => {
+                    let own = format!("etc/systemd/system/{unit}");
+                    let provided = RelPath::new(&own).is_ok_and(|p| self.entries.contains_key(&p));
+                    if provided { format!("/{own}") } else { format!("/usr/lib/systemd/system/{unit}") }
+                }
+            };
+            let link = format!("etc/systemd/system/{}.wants/{unit}", e.target.get_ref());
+            self.add_generated(ctx, &link, Kind::Symlink { target })?;
+        }
+        Ok(())
+    }
+
+    fn port(&self, ctx: &Ctx<'_>, decl: &PortDecl, values: &BTreeMap<String, Value>) -> Result<firewall::Port> {
+        let port = u16::try_from(*decl.port.get_ref())
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ctx.err(decl.port.span(), format!("port {} is out of range (1 to 65535)", decl.port.get_ref())))?;
+        let proto = match &decl.proto {
+            None => Proto::Tcp,
+            Some(p) => Proto::parse(p.get_ref()).ok_or_else(|| ctx.err(p.span(), "proto must be \"tcp\" or \"udp\""))?,
+        };
+        let exposure = match (&decl.exposure, &decl.allow) {
+            (Some(e), None) => match e.get_ref().as_str() {
+                "public" => Exposure::Public,
+                "loopback" => Exposure::Loopback,
+                other => return Err(ctx.err(e.span(), format!("exposure {other:?} must be \"public\" or \"loopback\" (or give allow = [...])"))),
+            },
+            (None, Some(allow)) => {
+                let mut cidrs = Vec::new();
+                for item in allow.get_ref() {
+                    if let Some(param) = item.strip_prefix('$') {
+                        match values.get(param) {
+                            Some(Value::CidrList(list)) => cidrs.extend(list.iter().cloned()),
+                            Some(_) => return Err(ctx.err(allow.span(), format!("${param} is not a cidr-list parameter"))),
+                            None => return Err(ctx.err(allow.span(), format!("${param} is not a parameter this overlay declares under [params]"))),
+                        }
+                    } else {
+                        cidrs.push(params::Cidr::parse(item).map_err(|m| ctx.err(allow.span(), m))?);
+                    }
+                }
+                cidrs.sort();
+                cidrs.dedup();
+                if cidrs.is_empty() {
+                    match decl.when_empty.as_ref().map(|w| (w.get_ref().as_str(), w.span())) {
+                        Some(("public", _)) => Exposure::Public,
+                        Some((other, span)) => return Err(ctx.err(span, format!("when-empty {other:?} must be \"public\""))),
+                        None => return Err(ctx.err(allow.span(), "allow resolves to no address; set the parameter, or add when-empty = \"public\"")),
+                    }
+                } else {
+                    Exposure::Allow(cidrs)
+                }
+            }
+            _ => return Err(ctx.err(decl.port.span(), "give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]")),
+        };
+        let limit = match &decl.limit {
+            Some(l) if firewall::valid_rate(l.get_ref()) => Some(l.get_ref().clone()),
+            Some(l) => return Err(ctx.err(l.span(), format!("limit {:?} must look like 10/minute", l.get_ref()))),
+            None => None,
+        };
+        Ok(firewall::Port {
+            port,
+            proto,
+            exposure,
+            limit,
+            description: decl.description.clone(),
+            layer: self.name.clone(),
+            location: ctx.location(decl.port.span()),
+        })
     }
 
     fn set_attrs(&mut self, ctx: &Ctx<'_>, p: &RelPath, attrs: &Attrs) -> Result<()> {
@@ -343,6 +535,38 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+fn bytes(text: String) -> Kind {
+    Kind::File {
+        size: text.len() as u64,
+        source: Source::Bytes(text.into_bytes().into()),
+    }
+}
+
+/// Renders a `*.tmpl` file strictly: an undefined variable is an error that
+/// names the file and line. Parameters are visible as `params["a-b"]` and,
+/// with `-` turned into `_`, as plain variables (`a_b`).
+fn render_template(path: &Path, values: &BTreeMap<String, Value>) -> Result<Vec<u8>> {
+    let source = std::fs::read_to_string(path).map_err(Error::io(path, "reading template"))?;
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    let name = path.display().to_string();
+    let mut ctx: BTreeMap<String, minijinja::Value> = values
+        .iter()
+        .map(|(k, v)| (k.replace('-', "_"), minijinja::Value::from_serialize(v)))
+        .collect();
+    ctx.insert("params".to_owned(), minijinja::Value::from_serialize(values));
+    let rendered = env
+        .template_from_named_str(&name, &source)
+        .and_then(|t| t.render(&ctx))
+        .map_err(|e| {
+            let line = e.line().unwrap_or(1);
+            let what = e.detail().map_or_else(|| e.kind().to_string(), str::to_owned);
+            Error::input_at(path, line, 1, format!("template: {what}"))
+        })?;
+    Ok(rendered.into_bytes())
 }
 
 fn check_symlink(path: &RelPath, target: &str) -> Result<(), String> {
@@ -369,7 +593,7 @@ mod tests {
         fs::write(root.join("run.sh"), "#!/bin/sh\n").unwrap();
         fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
         fs::write(dir.path().join("overlay.toml"), toml).unwrap();
-        let layer = Layer::load("t", dir.path());
+        let layer = Layer::load("t", dir.path(), &ProfileParams::default());
         (dir, layer)
     }
 
@@ -432,7 +656,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("root/etc")).unwrap();
         std::os::unix::fs::symlink("../../../etc/shadow", dir.path().join("root/etc/x")).unwrap();
-        let err = Layer::load("t", dir.path()).unwrap_err().to_string();
+        let err = Layer::load("t", dir.path(), &ProfileParams::default()).unwrap_err().to_string();
         assert!(err.contains("escapes the root"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //! Parsing is strict (unknown keys are errors with file, line and column) and
 //! yields a validated `Profile`; nothing here reads overlays or the clock.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -9,6 +10,7 @@ use toml::Spanned;
 
 use crate::digest::Sha256;
 use crate::error::{Error, Result};
+use crate::params::ProfileParams;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -20,6 +22,8 @@ struct ProfileFile {
     #[serde(default)]
     source_date_epoch: Option<Spanned<i64>>,
     overlays: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    params: BTreeMap<String, Spanned<toml::Value>>,
 }
 
 /// A layer named by a profile, resolved to a directory.
@@ -41,6 +45,8 @@ pub struct Profile {
     pub layers: Vec<LayerRef>,
     /// SHA-256 of the profile file's bytes.
     pub digest: Sha256,
+    /// `[params]`, checked against the overlays' declarations when they load.
+    pub params: ProfileParams,
 }
 
 /// Whether `name` is a valid profile name: `[a-z0-9-]+`, not starting with `-`.
@@ -148,6 +154,11 @@ impl Profile {
             source_date_epoch,
             layers,
             digest: Sha256::of(text.as_bytes()),
+            params: ProfileParams {
+                values: file.params,
+                path: path.to_path_buf(),
+                text: text.to_owned(),
+            },
         })
     }
 }
