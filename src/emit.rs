@@ -149,11 +149,11 @@ fn write_outputs(
     };
 
     let manifest = Manifest::new(
-        &profile,
-        &version,
+        profile,
+        version,
         source_date_epoch,
         opts.format,
-        &tree,
+        tree,
         &summary,
     );
     let manifest_bytes = manifest.to_canonical_json();
@@ -165,7 +165,7 @@ fn write_outputs(
     let signed = opts.sign_key.map(|key| {
         let comment = trusted_comment(
             &profile.name,
-            &version,
+            version,
             &crate::digest::Sha256::of(&manifest_bytes),
         );
         (key.sign(&prehash, &comment), key.public().key_id())
@@ -180,10 +180,27 @@ fn write_outputs(
         None => None,
     };
 
-    // Everything is complete: move it into place. A stale signature from an
-    // earlier build must not sit beside a new unsigned artifact.
-    if sig_tmp.is_none() && sig_path.exists() {
-        fs::remove_file(&sig_path).map_err(Error::io(&sig_path, "removing stale signature"))?;
+    // Everything is complete: move it into place. Outputs the new manifest no
+    // longer describes must go: a stale signature beside an unsigned build,
+    // and the other format's artifact and signature (they share the manifest).
+    let mut stale = Vec::new();
+    if sig_tmp.is_none() {
+        stale.push(sig_path.clone());
+    }
+    for other in [Format::TarZst, Format::TarGz] {
+        if other != opts.format {
+            let name = format!("{}.{}", profile.name, other.extension());
+            stale.push(opts.out_dir.join(format!("{name}.minisig")));
+            stale.push(opts.out_dir.join(name));
+        }
+    }
+    for path in &stale {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(path, "removing a stale output")(e));
+            }
+            _ => {}
+        }
     }
     persist(artifact_tmp, &artifact_path)?;
     persist(manifest_tmp, &manifest_path)?;

@@ -346,16 +346,21 @@ impl Signature {
     /// Parses a minisign signature file strictly: four lines, each newline
     /// terminated (the last one may lack it), canonical base64, prehashed `ED`.
     pub fn parse(bytes: &[u8]) -> Result<Signature, String> {
-        let text =
-            std::str::from_utf8(bytes).map_err(|_| "signature file is not UTF-8".to_owned())?;
-        let body = text.strip_suffix('\n').unwrap_or(text);
-        let lines: Vec<&str> = body.split('\n').collect();
+        let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
         let [untrusted, sig_line, trusted, global_line] = lines[..] else {
             return Err(format!("signature file has {} lines, want 4", lines.len()));
         };
-        if !untrusted.starts_with(UNTRUSTED) {
+        // Line 1 is unsigned: like minisign, only its prefix matters.
+        if !untrusted.starts_with(UNTRUSTED.as_bytes()) {
             return Err("line 1 does not start with \"untrusted comment: \"".to_owned());
         }
+        fn utf8(line: &[u8], n: usize) -> Result<&str, String> {
+            std::str::from_utf8(line)
+                .map_err(|_| format!("line {n} of the signature file is not UTF-8"))
+        }
+        let (sig_line, trusted, global_line) =
+            (utf8(sig_line, 2)?, utf8(trusted, 3)?, utf8(global_line, 4)?);
         let Some(trusted_comment) = trusted.strip_prefix(TRUSTED) else {
             return Err("line 3 does not start with \"trusted comment: \"".to_owned());
         };
