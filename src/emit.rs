@@ -91,7 +91,12 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         .or(profile.source_date_epoch)
         .unwrap_or(0);
 
-    let created_out_dir = !opts.out_dir.exists();
+    // Remember which directories this build creates, so a failure removes them.
+    let created: Vec<&Path> = opts
+        .out_dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     fs::create_dir_all(opts.out_dir)
         .map_err(Error::io(opts.out_dir, "creating output directory"))?;
     let result = write_outputs(
@@ -103,10 +108,12 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         level,
         progress,
     );
-    if result.is_err() && created_out_dir {
-        // Leave no trace of a failed build: the directory is empty again
-        // (temporary files are removed when dropped), so this only removes it.
-        let _ = fs::remove_dir(opts.out_dir);
+    if result.is_err() {
+        // Leave no trace of a failed build: the directories are empty again
+        // (temporary files are removed when dropped), deepest first.
+        for dir in &created {
+            let _ = fs::remove_dir(dir);
+        }
     }
     result
 }

@@ -44,9 +44,10 @@ impl Prehasher {
     }
 }
 
-/// Formats a key id the way minisign prints it (little-endian, upper hex).
+/// Formats a key id the way minisign prints it (little-endian, upper hex,
+/// no zero padding).
 fn key_id_text(id: &[u8; 8]) -> String {
-    format!("{:016X}", u64::from_le_bytes(*id))
+    format!("{:X}", u64::from_le_bytes(*id))
 }
 
 fn decode_line(line: &str, what: &str) -> Result<Vec<u8>, String> {
@@ -442,6 +443,14 @@ mod tests {
         let mut h = Prehasher::default();
         h.update(data);
         h.finish()
+    }
+
+    #[test]
+    fn key_id_is_printed_like_minisign_without_zero_padding() {
+        // Regression: a key id whose top nibble is zero printed as 0ABC…
+        // where minisign prints ABC…, so ids did not match between tools.
+        let id = 0x0123_4567_89ab_cdefu64.to_le_bytes();
+        assert_eq!(key_id_text(&id), "123456789ABCDEF");
     }
 
     #[test]
