@@ -123,7 +123,12 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         .or(profile.source_date_epoch)
         .unwrap_or(0);
 
-    let created_out_dir = !opts.out_dir.exists();
+    // Remember which directories this build creates, so a failure removes them.
+    let created: Vec<&Path> = opts
+        .out_dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     fs::create_dir_all(opts.out_dir)
         .map_err(Error::io(opts.out_dir, "creating output directory"))?;
     let result = write_outputs(
@@ -135,10 +140,12 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         level,
         progress,
     );
-    if result.is_err() && created_out_dir {
-        // Leave no trace of a failed build: the directory is empty again
-        // (temporary files are removed when dropped), so this only removes it.
-        let _ = fs::remove_dir(opts.out_dir);
+    if result.is_err() {
+        // Leave no trace of a failed build: the directories are empty again
+        // (temporary files are removed when dropped), deepest first.
+        for dir in &created {
+            let _ = fs::remove_dir(dir);
+        }
     }
     result
 }
@@ -181,11 +188,11 @@ fn write_outputs(
     };
 
     let manifest = Manifest::new(
-        &profile,
-        &version,
+        profile,
+        version,
         source_date_epoch,
         opts.format,
-        &tree,
+        tree,
         &summary,
     );
     let manifest_bytes = manifest.to_canonical_json();
@@ -197,7 +204,7 @@ fn write_outputs(
     let signed = opts.sign_key.map(|key| {
         let comment = trusted_comment(
             &profile.name,
-            &version,
+            version,
             &crate::digest::Sha256::of(&manifest_bytes),
         );
         (key.sign(&prehash, &comment), key.public().key_id())
@@ -212,10 +219,27 @@ fn write_outputs(
         None => None,
     };
 
-    // Everything is complete: move it into place. A stale signature from an
-    // earlier build must not sit beside a new unsigned artifact.
-    if sig_tmp.is_none() && sig_path.exists() {
-        fs::remove_file(&sig_path).map_err(Error::io(&sig_path, "removing stale signature"))?;
+    // Everything is complete: move it into place. Outputs the new manifest no
+    // longer describes must go: a stale signature beside an unsigned build,
+    // and the other format's artifact and signature (they share the manifest).
+    let mut stale = Vec::new();
+    if sig_tmp.is_none() {
+        stale.push(sig_path.clone());
+    }
+    for other in [Format::TarZst, Format::TarGz] {
+        if other != opts.format {
+            let name = format!("{}.{}", profile.name, other.extension());
+            stale.push(opts.out_dir.join(format!("{name}.minisig")));
+            stale.push(opts.out_dir.join(name));
+        }
+    }
+    for path in &stale {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(path, "removing a stale output")(e));
+            }
+            _ => {}
+        }
     }
     persist(artifact_tmp, &artifact_path)?;
     persist(manifest_tmp, &manifest_path)?;

@@ -44,9 +44,10 @@ impl Prehasher {
     }
 }
 
-/// Formats a key id the way minisign prints it (little-endian, upper hex).
+/// Formats a key id the way minisign prints it (little-endian, upper hex,
+/// no zero padding).
 fn key_id_text(id: &[u8; 8]) -> String {
-    format!("{:016X}", u64::from_le_bytes(*id))
+    format!("{:X}", u64::from_le_bytes(*id))
 }
 
 fn decode_line(line: &str, what: &str) -> Result<Vec<u8>, String> {
@@ -346,16 +347,21 @@ impl Signature {
     /// Parses a minisign signature file strictly: four lines, each newline
     /// terminated (the last one may lack it), canonical base64, prehashed `ED`.
     pub fn parse(bytes: &[u8]) -> Result<Signature, String> {
-        let text =
-            std::str::from_utf8(bytes).map_err(|_| "signature file is not UTF-8".to_owned())?;
-        let body = text.strip_suffix('\n').unwrap_or(text);
-        let lines: Vec<&str> = body.split('\n').collect();
+        let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
         let [untrusted, sig_line, trusted, global_line] = lines[..] else {
             return Err(format!("signature file has {} lines, want 4", lines.len()));
         };
-        if !untrusted.starts_with(UNTRUSTED) {
+        // Line 1 is unsigned: like minisign, only its prefix matters.
+        if !untrusted.starts_with(UNTRUSTED.as_bytes()) {
             return Err("line 1 does not start with \"untrusted comment: \"".to_owned());
         }
+        fn utf8(line: &[u8], n: usize) -> Result<&str, String> {
+            std::str::from_utf8(line)
+                .map_err(|_| format!("line {n} of the signature file is not UTF-8"))
+        }
+        let (sig_line, trusted, global_line) =
+            (utf8(sig_line, 2)?, utf8(trusted, 3)?, utf8(global_line, 4)?);
         let Some(trusted_comment) = trusted.strip_prefix(TRUSTED) else {
             return Err("line 3 does not start with \"trusted comment: \"".to_owned());
         };
@@ -437,6 +443,14 @@ mod tests {
         let mut h = Prehasher::default();
         h.update(data);
         h.finish()
+    }
+
+    #[test]
+    fn key_id_is_printed_like_minisign_without_zero_padding() {
+        // Regression: a key id whose top nibble is zero printed as 0ABC…
+        // where minisign prints ABC…, so ids did not match between tools.
+        let id = 0x0123_4567_89ab_cdefu64.to_le_bytes();
+        assert_eq!(key_id_text(&id), "123456789ABCDEF");
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
         .signature
         .map_or_else(|| signature_beside(artifact), Path::to_path_buf);
 
+    if let Err(e) = std::fs::metadata(artifact) {
+        return Err(Error::io(artifact, "opening artifact")(e));
+    }
     let sig_bytes = match std::fs::read(&sig_path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
