@@ -276,7 +276,10 @@ pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
     let composed = emit::compose_profile(profile)?;
     let findings = composed.lint()?;
     if json {
-        println!("{}", serde_json::to_string(&findings).expect("findings serialise"));
+        println!(
+            "{}",
+            serde_json::to_string(&findings).expect("findings serialise")
+        );
     } else {
         for f in &findings {
             println!("{f}");
@@ -284,10 +287,18 @@ pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
     }
     if findings.is_empty() {
         if !json {
-            ui.say(format_args!("lint: {} is clean ({} entries)", profile.display(), composed.tree.len()));
+            ui.say(format_args!(
+                "lint: {} is clean ({} entries)",
+                profile.display(),
+                composed.tree.len()
+            ));
         }
         Ok(())
     } else {
-        Err(Error::check(format!("lint: {} finding(s) in {}", findings.len(), profile.display())))
+        Err(Error::check(format!(
+            "lint: {} finding(s) in {}",
+            findings.len(),
+            profile.display()
+        )))
     }
 }

@@ -17,7 +17,9 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
             if !tree.entries.contains_key(path) {
                 return Err(Error::Input {
                     location: at.clone(),
-                    message: format!("remove names {path}, but no lower layer provides it; remove it from remove"),
+                    message: format!(
+                        "remove names {path}, but no lower layer provides it; remove it from remove"
+                    ),
                 });
             }
             let doomed: Vec<_> = tree
@@ -115,7 +117,10 @@ pub const FIREWALL_PATH: &str = "etc/infrakit/firewall.nft";
 /// Renders the ports of all layers into one ruleset, attributed to the
 /// topmost layer that declares ports.
 fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) -> Result<()> {
-    let ports: Vec<_> = layers.iter().flat_map(|l| l.ports.iter().cloned()).collect();
+    let ports: Vec<_> = layers
+        .iter()
+        .flat_map(|l| l.ports.iter().cloned())
+        .collect();
     let Some(owner) = layers.iter().rev().find(|l| !l.ports.is_empty()) else {
         return Ok(());
     };
@@ -125,7 +130,10 @@ fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) ->
     if let Some(e) = tree.entries.get(&path) {
         return Err(Error::input(
             profile,
-            format!("{path} is generated from the declared ports, but layer {:?} provides it too; remove it", e.layer),
+            format!(
+                "{path} is generated from the declared ports, but layer {:?} provides it too; remove it",
+                e.layer
+            ),
         ));
     }
     for parent in path.ancestors() {

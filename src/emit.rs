@@ -74,10 +74,16 @@ pub fn compose_profile(path: &Path) -> Result<Composed> {
         .iter()
         .map(|l| Layer::load(&l.name, &l.dir, &profile.params))
         .collect::<Result<Vec<_>>>()?;
-    let declared = layers.iter().flat_map(|l| l.params.iter().cloned()).collect();
+    let declared = layers
+        .iter()
+        .flat_map(|l| l.params.iter().cloned())
+        .collect();
     profile.params.check_all_declared(&declared)?;
     let tree = compose::compose(path, &layers)?;
-    let allow_setuid = layers.iter().flat_map(|l| l.allow_setuid.iter().cloned()).collect();
+    let allow_setuid = layers
+        .iter()
+        .flat_map(|l| l.allow_setuid.iter().cloned())
+        .collect();
     Ok(Composed {
         profile,
         tree,

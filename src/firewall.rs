@@ -130,7 +130,11 @@ pub fn render(ports: &[Port]) -> String {
     );
     for p in ports {
         let proto = p.proto.name();
-        let what = p.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+        let what = p
+            .description
+            .as_deref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         let limit = p
             .limit
             .as_deref()
@@ -138,7 +142,11 @@ pub fn render(ports: &[Port]) -> String {
             .unwrap_or_default();
         match &p.exposure {
             Exposure::Public => {
-                let _ = writeln!(r, "\t\t# {}/{proto} public (layer {:?}){what}", p.port, p.layer);
+                let _ = writeln!(
+                    r,
+                    "\t\t# {}/{proto} public (layer {:?}){what}",
+                    p.port, p.layer
+                );
                 let _ = writeln!(r, "\t\t{proto} dport {} {limit}accept", p.port);
             }
             Exposure::Loopback => {
@@ -149,9 +157,17 @@ pub fn render(ports: &[Port]) -> String {
                 );
             }
             Exposure::Allow(cidrs) => {
-                let _ = writeln!(r, "\t\t# {}/{proto} allow-listed (layer {:?}){what}", p.port, p.layer);
+                let _ = writeln!(
+                    r,
+                    "\t\t# {}/{proto} allow-listed (layer {:?}){what}",
+                    p.port, p.layer
+                );
                 for (family, v4) in [("ip", true), ("ip6", false)] {
-                    let set: Vec<String> = cidrs.iter().filter(|c| c.is_ipv4() == v4).map(Cidr::to_string).collect();
+                    let set: Vec<String> = cidrs
+                        .iter()
+                        .filter(|c| c.is_ipv4() == v4)
+                        .map(Cidr::to_string)
+                        .collect();
                     if !set.is_empty() {
                         let _ = writeln!(
                             r,
@@ -165,8 +181,12 @@ pub fn render(ports: &[Port]) -> String {
         }
     }
     r.push_str("\t}\n\n");
-    r.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n\n");
-    r.push_str("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n}\n");
+    r.push_str(
+        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n\n",
+    );
+    r.push_str(
+        "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n}\n",
+    );
     r
 }
 
@@ -193,17 +213,31 @@ mod tests {
         assert_eq!(merge(&[a.clone(), b]).unwrap().len(), 1);
         let c = port(30303, Exposure::Loopback, "c");
         let err = merge(&[a, c]).unwrap_err();
-        assert!(err.contains("a/overlay.toml:1:1") && err.contains("c/overlay.toml:1:1"), "{err}");
+        assert!(
+            err.contains("a/overlay.toml:1:1") && err.contains("c/overlay.toml:1:1"),
+            "{err}"
+        );
     }
 
     #[test]
     fn renders_each_exposure() {
-        let cidrs = vec![Cidr::parse("192.0.2.0/24").unwrap(), Cidr::parse("2001:db8::/32").unwrap()];
+        let cidrs = vec![
+            Cidr::parse("192.0.2.0/24").unwrap(),
+            Cidr::parse("2001:db8::/32").unwrap(),
+        ];
         let mut ssh = port(22, Exposure::Allow(cidrs), "base");
         ssh.limit = Some("10/minute".into());
-        let text = render(&[ssh, port(8545, Exposure::Loopback, "eth"), port(30303, Exposure::Public, "eth")]);
-        assert!(text.contains("ip saddr { 192.0.2.0/24 } tcp dport 22 ct state new limit rate 10/minute accept"));
-        assert!(text.contains("ip6 saddr { 2001:db8::/32 } tcp dport 22 ct state new limit rate 10/minute accept"));
+        let text = render(&[
+            ssh,
+            port(8545, Exposure::Loopback, "eth"),
+            port(30303, Exposure::Public, "eth"),
+        ]);
+        assert!(text.contains(
+            "ip saddr { 192.0.2.0/24 } tcp dport 22 ct state new limit rate 10/minute accept"
+        ));
+        assert!(text.contains(
+            "ip6 saddr { 2001:db8::/32 } tcp dport 22 ct state new limit rate 10/minute accept"
+        ));
         assert!(text.contains("tcp dport 30303 accept"));
         assert!(!text.contains("dport 8545"));
         assert!(text.contains("policy drop;"));
@@ -211,6 +245,11 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert!(valid_rate("10/minute") && !valid_rate("0/minute") && !valid_rate("10/fortnight") && !valid_rate("x"));
+        assert!(
+            valid_rate("10/minute")
+                && !valid_rate("0/minute")
+                && !valid_rate("10/fortnight")
+                && !valid_rate("x")
+        );
     }
 }

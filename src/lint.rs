@@ -27,7 +27,11 @@ pub struct Finding {
 
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (layer {:?}): {} [{}]", self.path, self.layer, self.message, self.rule)
+        write!(
+            f,
+            "{} (layer {:?}): {} [{}]",
+            self.path, self.layer, self.message, self.rule
+        )
     }
 }
 
@@ -46,18 +50,30 @@ pub fn lint(tree: &Tree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding
         match &entry.kind {
             Kind::Dir => {
                 if entry.mode & 0o002 != 0 && entry.mode & 0o1000 == 0 {
-                    find("world-writable", format!("directory is world-writable ({:04o}) without the sticky bit", entry.mode));
+                    find(
+                        "world-writable",
+                        format!(
+                            "directory is world-writable ({:04o}) without the sticky bit",
+                            entry.mode
+                        ),
+                    );
                 }
             }
             Kind::Symlink { .. } => {}
             Kind::File { source, .. } => {
                 if entry.mode & 0o002 != 0 {
-                    find("world-writable", format!("file is world-writable ({:04o})", entry.mode));
+                    find(
+                        "world-writable",
+                        format!("file is world-writable ({:04o})", entry.mode),
+                    );
                 }
                 if entry.mode & 0o6000 != 0 && !allow_setuid.contains(path) {
                     find(
                         "setuid",
-                        format!("file is setuid/setgid ({:04o}); list it in allow-setuid of its overlay if that is intended", entry.mode),
+                        format!(
+                            "file is setuid/setgid ({:04o}); list it in allow-setuid of its overlay if that is intended",
+                            entry.mode
+                        ),
                     );
                 }
                 if let Some(why) = secret_name(path) {
@@ -82,11 +98,11 @@ fn read_head(source: &Source) -> Result<Vec<u8>> {
     match source {
         Source::Bytes(b) => Ok(b[..b.len().min(SCAN_LIMIT as usize)].to_vec()),
         Source::Path(p) => {
-            let file = std::fs::File::open(p).map_err(Error::io(p, "opening for lint"))?;
+            let file = std::fs::File::open(p).map_err(Error::io(p, "opening for reading"))?;
             let mut head = Vec::new();
             file.take(SCAN_LIMIT)
                 .read_to_end(&mut head)
-                .map_err(Error::io(p, "reading for lint"))?;
+                .map_err(Error::io(p, "reading"))?;
             Ok(head)
         }
     }
@@ -95,18 +111,45 @@ fn read_head(source: &Source) -> Result<Vec<u8>> {
 fn secret_name(path: &RelPath) -> Option<String> {
     let name = path.as_str().rsplit('/').next().unwrap_or_default();
     let lower = name.to_ascii_lowercase();
-    let keyish = ["id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "jwt.hex", "jwtsecret", "jwt.secret", "jwt-secret", "jwt.txt"];
+    let keyish = [
+        "id_rsa",
+        "id_dsa",
+        "id_ecdsa",
+        "id_ed25519",
+        "jwt.hex",
+        "jwtsecret",
+        "jwt.secret",
+        "jwt-secret",
+        "jwt.txt",
+    ];
     if keyish.contains(&lower.as_str()) {
-        return Some(format!("{name} is named like a private key or JWT secret; hosts provide it as a secret slot"));
+        return Some(format!(
+            "{name} is named like a private key or JWT secret; hosts provide it as a secret slot"
+        ));
     }
-    if (lower.starts_with("keystore-") && lower.ends_with(".json")) || lower.ends_with(".keystore") {
-        return Some(format!("{name} is named like a validator keystore; hosts provide keystores as secret slots"));
+    if (lower.starts_with("keystore-") && lower.ends_with(".json")) || lower.ends_with(".keystore")
+    {
+        return Some(format!(
+            "{name} is named like a validator keystore; hosts provide keystores as secret slots"
+        ));
     }
-    if lower.ends_with(".key") || lower.ends_with(".sec") || lower.ends_with(".pem") && lower.contains("priv") {
-        return Some(format!("{name} is named like a private key; ship public keys only"));
+    if lower.ends_with(".key")
+        || lower.ends_with(".sec")
+        || lower.ends_with(".pem") && lower.contains("priv")
+    {
+        return Some(format!(
+            "{name} is named like a private key; ship public keys only"
+        ));
     }
-    if path.as_str().split('/').any(|c| c == "validator_keys" || c == "validator-keys") {
-        return Some("path lies under a validator_keys directory; validator keys never ship in an artifact".to_owned());
+    if path
+        .as_str()
+        .split('/')
+        .any(|c| c == "validator_keys" || c == "validator-keys")
+    {
+        return Some(
+            "path lies under a validator_keys directory; validator keys never ship in an artifact"
+                .to_owned(),
+        );
     }
     None
 }
@@ -115,8 +158,13 @@ fn secret_content(head: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(head);
     for line in text.lines() {
         let line = line.trim();
-        if line.starts_with("-----BEGIN ") && (line.ends_with("PRIVATE KEY-----") || line.ends_with("PRIVATE KEY BLOCK-----")) {
-            return Some(format!("contains a private key ({})", line.trim_matches('-').trim()));
+        if line.starts_with("-----BEGIN ")
+            && (line.ends_with("PRIVATE KEY-----") || line.ends_with("PRIVATE KEY BLOCK-----"))
+        {
+            return Some(format!(
+                "contains a private key ({})",
+                line.trim_matches('-').trim()
+            ));
         }
         if line.starts_with("untrusted comment:") && line.contains("secret key") {
             return Some("contains a minisign or signify secret key".to_owned());
@@ -133,16 +181,23 @@ fn secret_content(head: &[u8]) -> Option<String> {
     let trimmed = text.trim();
     let hex = trimmed.strip_prefix("0x").unwrap_or(trimmed);
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Some("is a bare 64-hex-digit value, shaped like a JWT secret or private key".to_owned());
+        return Some(
+            "is a bare 64-hex-digit value, shaped like a JWT secret or private key".to_owned(),
+        );
     }
     if trimmed.starts_with('{') && is_keystore(trimmed) {
         return Some("is an EIP-2335 keystore (crypto.kdf/checksum/cipher)".to_owned());
     }
     let words: Vec<&str> = trimmed.split_whitespace().collect();
     if [12, 15, 18, 21, 24].contains(&words.len())
-        && words.iter().all(|w| (3..=8).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && words
+            .iter()
+            .all(|w| (3..=8).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_lowercase()))
     {
-        return Some(format!("is a list of {} lowercase words, shaped like a mnemonic seed phrase", words.len()));
+        return Some(format!(
+            "is a list of {} lowercase words, shaped like a mnemonic seed phrase",
+            words.len()
+        ));
     }
     None
 }
@@ -152,15 +207,21 @@ fn is_keystore(text: &str) -> bool {
         return false;
     };
     let crypto = &v["crypto"];
-    crypto.get("kdf").is_some() && crypto.get("checksum").is_some() && crypto.get("cipher").is_some()
+    crypto.get("kdf").is_some()
+        && crypto.get("checksum").is_some()
+        && crypto.get("cipher").is_some()
 }
 
 fn is_service_unit(path: &RelPath) -> bool {
     let p = path.as_str();
     p.ends_with(".service")
-        && ["etc/systemd/system/", "usr/lib/systemd/system/", "lib/systemd/system/"]
-            .iter()
-            .any(|d| p.strip_prefix(d).is_some_and(|rest| !rest.contains('/')))
+        && [
+            "etc/systemd/system/",
+            "usr/lib/systemd/system/",
+            "lib/systemd/system/",
+        ]
+        .iter()
+        .any(|d| p.strip_prefix(d).is_some_and(|rest| !rest.contains('/')))
 }
 
 /// A service unit with no `User=` and no `DynamicUser=yes` runs as root.
@@ -175,7 +236,9 @@ fn implicit_root(unit: &[u8]) -> Option<String> {
         if section != "[Service]" {
             continue;
         }
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         match (key.trim(), value.trim()) {
             ("User", v) if !v.is_empty() => return None,
             ("DynamicUser", "yes" | "true" | "1" | "on") => return None,
@@ -194,8 +257,14 @@ mod tests {
         assert!(secret_content(b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n").is_some());
         assert!(secret_content(b"-----BEGIN PUBLIC KEY-----\nabc\n").is_none());
         assert!(secret_content(format!("0x{}\n", "ab".repeat(32)).as_bytes()).is_some());
-        assert!(secret_content(b"{\"crypto\":{\"kdf\":{},\"checksum\":{},\"cipher\":{}},\"version\":4}").is_some());
-        let words = "abandon ability able about above absent absorb abstract absurd abuse access accident";
+        assert!(
+            secret_content(
+                b"{\"crypto\":{\"kdf\":{},\"checksum\":{},\"cipher\":{}},\"version\":4}"
+            )
+            .is_some()
+        );
+        let words =
+            "abandon ability able about above absent absorb abstract absurd abuse access accident";
         assert!(secret_content(words.as_bytes()).is_some());
         assert!(secret_content(b"PasswordAuthentication no\n").is_none());
     }

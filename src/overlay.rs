@@ -160,7 +160,13 @@ impl Layer {
         let mut decls = BTreeMap::new();
         for (name, decl) in &file.params {
             if !params::valid_name(name.get_ref()) {
-                return Err(ctx.err(name.span(), format!("parameter name {:?} must match [a-z][a-z0-9_-]*", name.get_ref())));
+                return Err(ctx.err(
+                    name.span(),
+                    format!(
+                        "parameter name {:?} must match [a-z][a-z0-9_-]*",
+                        name.get_ref()
+                    ),
+                ));
             }
             decls.insert(name.get_ref().clone(), decl.clone());
         }
@@ -199,8 +205,11 @@ impl Layer {
                     "file name is not valid UTF-8; rename it (artifact paths must be UTF-8)",
                 ));
             };
-            let template = rel_str.strip_suffix(".tmpl").filter(|_| item.file_type().is_file());
-            let path = RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
+            let template = rel_str
+                .strip_suffix(".tmpl")
+                .filter(|_| item.file_type().is_file());
+            let path =
+                RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
             let meta = item.metadata().map_err(|e| Error::Io {
                 path: full.to_path_buf(),
                 action: "reading metadata",
@@ -262,7 +271,10 @@ impl Layer {
                 check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
             if self.entries.contains_key(&path) {
-                return Err(Error::input(full, format!("{path} is provided twice (a file and its .tmpl); keep one")));
+                return Err(Error::input(
+                    full,
+                    format!("{path} is provided twice (a file and its .tmpl); keep one"),
+                ));
             }
             self.entries.insert(path, self.entry(kind, mode));
         }
@@ -289,8 +301,12 @@ impl Layer {
         }
     }
 
-    fn apply_toml(&mut self, ctx: &Ctx<'_>, file: &OverlayFile, values: &BTreeMap<String, Value>) -> Result<()> {
-
+    fn apply_toml(
+        &mut self,
+        ctx: &Ctx<'_>,
+        file: &OverlayFile,
+        values: &BTreeMap<String, Value>,
+    ) -> Result<()> {
         for decl in &file.dir {
             let p = ctx.rel_path(&decl.path)?;
             match self.entries.get(&p) {
@@ -379,7 +395,10 @@ impl Layer {
         for item in &file.remove {
             let p = ctx.rel_path(item)?;
             if self.entries.contains_key(&p) {
-                return Err(ctx.err(item.span(), format!("{p} is both provided and removed by this overlay")));
+                return Err(ctx.err(
+                    item.span(),
+                    format!("{p} is both provided and removed by this overlay"),
+                ));
             }
             self.remove.insert(p, ctx.location(item.span()));
         }
@@ -398,7 +417,10 @@ impl Layer {
     fn add_generated(&mut self, ctx: &Ctx<'_>, path: &str, kind: Kind) -> Result<()> {
         let p = RelPath::new(path).map_err(|m| Error::input(ctx.path, m))?;
         if self.entries.contains_key(&p) {
-            return Err(Error::input(ctx.path, format!("{p} is generated from overlay.toml but root/ provides it too; remove one")));
+            return Err(Error::input(
+                ctx.path,
+                format!("{p} is generated from overlay.toml but root/ provides it too; remove one"),
+            ));
         }
         self.add_parents(&p);
         let mode = match kind {
@@ -412,42 +434,78 @@ impl Layer {
 
     fn generate(&mut self, ctx: &Ctx<'_>, file: &OverlayFile) -> Result<()> {
         let stem = generate::file_stem(&self.name);
-        for name in file.user.iter().map(|u| &u.name).chain(file.group.iter().map(|g| &g.name)) {
+        for name in file
+            .user
+            .iter()
+            .map(|u| &u.name)
+            .chain(file.group.iter().map(|g| &g.name))
+        {
             if !generate::valid_account(name.get_ref()) {
-                return Err(ctx.err(name.span(), format!("{:?} is not a valid user or group name", name.get_ref())));
+                return Err(ctx.err(
+                    name.span(),
+                    format!("{:?} is not a valid user or group name", name.get_ref()),
+                ));
             }
         }
         if !file.user.is_empty() || !file.group.is_empty() {
-            let text = generate::sysusers(&self.name, &file.group, &file.user).map_err(|m| Error::input(ctx.path, m))?;
-            self.add_generated(ctx, &format!("usr/lib/sysusers.d/infrakit-{stem}.conf"), bytes(text))?;
+            let text = generate::sysusers(&self.name, &file.group, &file.user)
+                .map_err(|m| Error::input(ctx.path, m))?;
+            self.add_generated(
+                ctx,
+                &format!("usr/lib/sysusers.d/infrakit-{stem}.conf"),
+                bytes(text),
+            )?;
         }
         for t in &file.tmpfile {
             if !generate::valid_tmpfile_type(t.kind.get_ref()) {
-                return Err(ctx.err(t.kind.span(), format!("tmpfile type {:?} is not supported", t.kind.get_ref())));
+                return Err(ctx.err(
+                    t.kind.span(),
+                    format!("tmpfile type {:?} is not supported", t.kind.get_ref()),
+                ));
             }
             if !t.path.get_ref().starts_with('/') || RelPath::new(t.path.get_ref()).is_err() {
-                return Err(ctx.err(t.path.span(), "tmpfile path must be absolute and normalised"));
+                return Err(ctx.err(
+                    t.path.span(),
+                    "tmpfile path must be absolute and normalised",
+                ));
             }
         }
         if !file.tmpfile.is_empty() {
-            let text = generate::tmpfiles(&self.name, &file.tmpfile).map_err(|m| Error::input(ctx.path, m))?;
-            self.add_generated(ctx, &format!("usr/lib/tmpfiles.d/infrakit-{stem}.conf"), bytes(text))?;
+            let text = generate::tmpfiles(&self.name, &file.tmpfile)
+                .map_err(|m| Error::input(ctx.path, m))?;
+            self.add_generated(
+                ctx,
+                &format!("usr/lib/tmpfiles.d/infrakit-{stem}.conf"),
+                bytes(text),
+            )?;
         }
         for e in &file.enable {
             let unit = e.unit.get_ref();
             if !generate::valid_unit(unit) {
-                return Err(ctx.err(e.unit.span(), format!("{unit:?} is not a systemd unit name")));
+                return Err(ctx.err(
+                    e.unit.span(),
+                    format!("{unit:?} is not a systemd unit name"),
+                ));
             }
             if !generate::valid_unit(e.target.get_ref()) {
-                return Err(ctx.err(e.target.span(), format!("{:?} is not a systemd unit name", e.target.get_ref())));
+                return Err(ctx.err(
+                    e.target.span(),
+                    format!("{:?} is not a systemd unit name", e.target.get_ref()),
+                ));
             }
             let target = match &e.path {
-                Some(p) if p.get_ref().starts_with('/') && RelPath::new(p.get_ref()).is_ok() => p.get_ref().clone(),
+                Some(p) if p.get_ref().starts_with('/') && RelPath::new(p.get_ref()).is_ok() => {
+                    p.get_ref().clone()
+                }
                 Some(p) => return Err(ctx.err(p.span(), "path must be absolute and normalised")),
                 None => {
                     let own = format!("etc/systemd/system/{unit}");
                     let provided = RelPath::new(&own).is_ok_and(|p| self.entries.contains_key(&p));
-                    if provided { format!("/{own}") } else { format!("/usr/lib/systemd/system/{unit}") }
+                    if provided {
+                        format!("/{own}")
+                    } else {
+                        format!("/usr/lib/systemd/system/{unit}")
+                    }
                 }
             };
             let link = format!("etc/systemd/system/{}.wants/{unit}", e.target.get_ref());
@@ -456,14 +514,25 @@ impl Layer {
         Ok(())
     }
 
-    fn port(&self, ctx: &Ctx<'_>, decl: &PortDecl, values: &BTreeMap<String, Value>) -> Result<firewall::Port> {
+    fn port(
+        &self,
+        ctx: &Ctx<'_>,
+        decl: &PortDecl,
+        values: &BTreeMap<String, Value>,
+    ) -> Result<firewall::Port> {
         let port = u16::try_from(*decl.port.get_ref())
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| ctx.err(decl.port.span(), format!("port {} is out of range (1 to 65535)", decl.port.get_ref())))?;
+            .ok_or_else(|| {
+                ctx.err(
+                    decl.port.span(),
+                    format!("port {} is out of range (1 to 65535)", decl.port.get_ref()),
+                )
+            })?;
         let proto = match &decl.proto {
             None => Proto::Tcp,
-            Some(p) => Proto::parse(p.get_ref()).ok_or_else(|| ctx.err(p.span(), "proto must be \"tcp\" or \"udp\""))?,
+            Some(p) => Proto::parse(p.get_ref())
+                .ok_or_else(|| ctx.err(p.span(), "proto must be \"tcp\" or \"udp\""))?,
         };
         let exposure = match (&decl.exposure, &decl.allow) {
             (Some(e), None) => match e.get_ref().as_str() {
@@ -500,7 +569,12 @@ impl Layer {
         };
         let limit = match &decl.limit {
             Some(l) if firewall::valid_rate(l.get_ref()) => Some(l.get_ref().clone()),
-            Some(l) => return Err(ctx.err(l.span(), format!("limit {:?} must look like 10/minute", l.get_ref()))),
+            Some(l) => {
+                return Err(ctx.err(
+                    l.span(),
+                    format!("limit {:?} must look like 10/minute", l.get_ref()),
+                ));
+            }
             None => None,
         };
         Ok(firewall::Port {
@@ -557,13 +631,18 @@ fn render_template(path: &Path, values: &BTreeMap<String, Value>) -> Result<Vec<
         .iter()
         .map(|(k, v)| (k.replace('-', "_"), minijinja::Value::from_serialize(v)))
         .collect();
-    ctx.insert("params".to_owned(), minijinja::Value::from_serialize(values));
+    ctx.insert(
+        "params".to_owned(),
+        minijinja::Value::from_serialize(values),
+    );
     let rendered = env
         .template_from_named_str(&name, &source)
         .and_then(|t| t.render(&ctx))
         .map_err(|e| {
             let line = e.line().unwrap_or(1);
-            let what = e.detail().map_or_else(|| e.kind().to_string(), str::to_owned);
+            let what = e
+                .detail()
+                .map_or_else(|| e.kind().to_string(), str::to_owned);
             Error::input_at(path, line, 1, format!("template: {what}"))
         })?;
     Ok(rendered.into_bytes())
@@ -656,7 +735,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("root/etc")).unwrap();
         std::os::unix::fs::symlink("../../../etc/shadow", dir.path().join("root/etc/x")).unwrap();
-        let err = Layer::load("t", dir.path(), &ProfileParams::default()).unwrap_err().to_string();
+        let err = Layer::load("t", dir.path(), &ProfileParams::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("escapes the root"), "{err}");
     }
 }

@@ -59,9 +59,9 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network like 192.0.2.0/24 or 2001:db8::/32"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            format!("{s:?} is not an IP network like 192.0.2.0/24 or 2001:db8::/32")
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -76,9 +76,15 @@ impl Cidr {
             IpAddr::V6(a) => u128::from(a),
         };
         let host_bits = u32::from(max - prefix);
-        let host_mask = if host_bits == 0 { 0 } else { (1u128 << host_bits) - 1 };
+        let host_mask = if host_bits == 0 {
+            0
+        } else {
+            (1u128 << host_bits) - 1
+        };
         if bits & host_mask != 0 {
-            return Err(format!("{s:?} has host bits set below its /{prefix} prefix"));
+            return Err(format!(
+                "{s:?} has host bits set below its /{prefix} prefix"
+            ));
         }
         Ok(Cidr { addr, prefix })
     }
@@ -105,7 +111,11 @@ pub fn check(kind: ParamType, raw: &toml::Value) -> Result<Value, String> {
     let strings = |what: &str| -> Result<Vec<String>, String> {
         let arr = raw.as_array().ok_or_else(|| format!("expected {what}"))?;
         arr.iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("expected {what}")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("expected {what}"))
+            })
             .collect()
     };
     Ok(match kind {
@@ -115,7 +125,10 @@ pub fn check(kind: ParamType, raw: &toml::Value) -> Result<Value, String> {
         ParamType::StringList => Value::StringList(strings("a list of strings")?),
         ParamType::CidrList => {
             let list = strings("a list of CIDR strings")?;
-            let mut cidrs = list.iter().map(|s| Cidr::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            let mut cidrs = list
+                .iter()
+                .map(|s| Cidr::parse(s))
+                .collect::<Result<Vec<_>, _>>()?;
             cidrs.sort();
             cidrs.dedup();
             Value::CidrList(cidrs)
@@ -150,12 +163,20 @@ impl ProfileParams {
                 (Some(v), _) => check(decl.kind, v.get_ref())
                     .map_err(|m| self.error(v, format!("parameter {name}: {m}")))?,
                 (None, Some(d)) => check(decl.kind, d.get_ref()).map_err(|m| {
-                    Error::input_at_offset(decl_file, decl_text, d.span().start, format!("default of {name}: {m}"))
+                    Error::input_at_offset(
+                        decl_file,
+                        decl_text,
+                        d.span().start,
+                        format!("default of {name}: {m}"),
+                    )
                 })?,
                 (None, None) => {
                     return Err(Error::input(
                         &self.path,
-                        format!("parameter {name} has no default in {}: set it under [params]", decl_file.display()),
+                        format!(
+                            "parameter {name} has no default in {}: set it under [params]",
+                            decl_file.display()
+                        ),
                     ));
                 }
             };
@@ -168,7 +189,10 @@ impl ProfileParams {
     pub fn check_all_declared(&self, declared: &std::collections::BTreeSet<String>) -> Result<()> {
         for (name, v) in &self.values {
             if !declared.contains(name) {
-                return Err(self.error(v, format!("parameter {name} is not declared by any overlay of this profile")));
+                return Err(self.error(
+                    v,
+                    format!("parameter {name} is not declared by any overlay of this profile"),
+                ));
             }
         }
         Ok(())
@@ -178,7 +202,9 @@ impl ProfileParams {
 /// Whether `name` is a valid parameter name: `[a-z][a-z0-9_-]*`.
 pub fn valid_name(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -187,10 +213,23 @@ mod tests {
 
     #[test]
     fn cidrs_parse_and_refuse() {
-        assert_eq!(Cidr::parse("192.0.2.0/24").unwrap().to_string(), "192.0.2.0/24");
-        assert_eq!(Cidr::parse("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(Cidr::parse("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
-        assert!(Cidr::parse("192.0.2.1/24").unwrap_err().contains("host bits"));
+        assert_eq!(
+            Cidr::parse("192.0.2.0/24").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            Cidr::parse("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            Cidr::parse("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        assert!(
+            Cidr::parse("192.0.2.1/24")
+                .unwrap_err()
+                .contains("host bits")
+        );
         assert!(Cidr::parse("192.0.2.0/33").unwrap_err().contains("prefix"));
         assert!(Cidr::parse("example.com").is_err());
         assert!(Cidr::parse("0.0.0.0/0").is_ok());
@@ -198,12 +237,17 @@ mod tests {
 
     #[test]
     fn values_are_type_checked() {
-        let v = |s: &str| -> toml::Value { toml::from_str::<toml::Table>(&format!("v = {s}")).unwrap()["v"].clone() };
+        let v = |s: &str| -> toml::Value {
+            toml::from_str::<toml::Table>(&format!("v = {s}")).unwrap()["v"].clone()
+        };
         assert_eq!(check(ParamType::Integer, &v("22")), Ok(Value::Integer(22)));
         assert!(check(ParamType::Integer, &v("\"22\"")).is_err());
         assert!(check(ParamType::Bool, &v("1")).is_err());
         assert!(check(ParamType::StringList, &v("[\"a\", 1]")).is_err());
         assert!(check(ParamType::CidrList, &v("[\"10.0.0.0/33\"]")).is_err());
-        assert_eq!(check(ParamType::String, &v("\"x\"")), Ok(Value::String("x".into())));
+        assert_eq!(
+            check(ParamType::String, &v("\"x\"")),
+            Ok(Value::String("x".into()))
+        );
     }
 }

@@ -4,6 +4,8 @@
 mod support;
 
 mod bad_input;
+mod features;
+mod hardening;
 mod oracles;
 mod repro;
 mod tamper;

@@ -876,7 +876,8 @@ fn name_length_boundaries_and_special_modes_match_gnu_tar() {
     }
     write(&o.join("bin/suid"), "#!/bin/sh\n");
     let mut toml = String::from(
-        "[[attr]]\npath = \"bin/suid\"\nmode = 0o4755\n\n\
+        "allow-setuid = [\"bin/suid\"]\n\n\
+         [[attr]]\npath = \"bin/suid\"\nmode = 0o4755\n\n\
          [[dir]]\npath = \"srv/shared\"\nmode = 0o2775\ngid = 50\n\n\
          [[dir]]\npath = \"tmp\"\nmode = 0o1777\n\n",
     );
