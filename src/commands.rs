@@ -295,8 +295,8 @@ pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
         }
         Ok(())
     } else {
-        Err(Error::check(format!(
-            "lint: {} finding(s) in {}",
+        Err(Error::Lint(format!(
+            "{} finding(s) in {}",
             findings.len(),
             profile.display()
         )))

@@ -13,6 +13,8 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
     let fail = |msg: String| Error::input(profile, msg);
     let mut tree = Tree::default();
     for layer in layers {
+        // Check every removal against the lower layers first, so a removal
+        // of a directory and of a path inside it are both valid.
         for (path, at) in &layer.remove {
             if !tree.entries.contains_key(path) {
                 return Err(Error::Input {
@@ -22,6 +24,8 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
                     ),
                 });
             }
+        }
+        for path in layer.remove.keys() {
             let doomed: Vec<_> = tree
                 .entries
                 .range(path.clone()..)

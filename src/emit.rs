@@ -97,8 +97,8 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
     let findings = composed.lint()?;
     if !findings.is_empty() {
         let list: Vec<String> = findings.iter().map(|f| format!("  {f}")).collect();
-        return Err(Error::check(format!(
-            "lint found {} problem(s) in {}; nothing was built:\n{}",
+        return Err(Error::Lint(format!(
+            "{} finding(s) in {}; nothing was built:\n{}",
             findings.len(),
             opts.profile.display(),
             list.join("\n")

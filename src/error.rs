@@ -22,6 +22,9 @@ pub enum Error {
     /// A check failed: the artifact, signature or manifest is not what it claims.
     #[error("verification failed: {0}")]
     Check(String),
+    /// Lint found problems in what would be built.
+    #[error("lint: {0}")]
+    Lint(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -30,7 +33,7 @@ impl Error {
     /// The process exit code for this error: 1 for a failed check, 2 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Check(_) => 1,
+            Error::Check(_) | Error::Lint(_) => 1,
             Error::Io { .. } | Error::Input { .. } => 2,
         }
     }

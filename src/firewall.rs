@@ -90,7 +90,7 @@ pub fn merge(ports: &[Port]) -> Result<Vec<Port>, String> {
         match by_key.get(&(p.port, p.proto)) {
             Some(q) if q.exposure != p.exposure || q.limit != p.limit => {
                 return Err(format!(
-                    "port {}/{} is declared with different exposure at {} and at {}; declare it once",
+                    "port {}/{} is declared with different exposure or limit at {} and at {}; declare it once",
                     p.port,
                     p.proto.name(),
                     q.location,
@@ -117,6 +117,7 @@ pub fn render(ports: &[Port]) -> String {
          delete table inet infrakit\n\n\
          table inet infrakit {\n",
     );
+    let mut sets = String::new();
     r.push_str("\tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n");
     r.push_str("\t\tct state established,related accept\n");
     r.push_str("\t\tct state invalid drop\n");
@@ -126,7 +127,8 @@ pub fn render(ports: &[Port]) -> String {
          \t\tmeta l4proto icmp icmp type echo-request limit rate 10/second accept\n\
          \t\tmeta l4proto ipv6-icmp icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem, \
          nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query } accept\n\
-         \t\tmeta l4proto ipv6-icmp icmpv6 type echo-request limit rate 10/second accept\n",
+         \t\tmeta l4proto ipv6-icmp icmpv6 type echo-request limit rate 10/second accept\n\
+         \t\tip6 saddr fe80::/10 udp sport 547 udp dport 546 accept\n",
     );
     for p in ports {
         let proto = p.proto.name();
@@ -135,11 +137,25 @@ pub fn render(ports: &[Port]) -> String {
             .as_deref()
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        let limit = p
-            .limit
-            .as_deref()
-            .map(|l| format!("ct state new limit rate {l} "))
-            .unwrap_or_default();
+        // A rate limit counts per source address (a dynamic set per family
+        // whose entries expire), so a flood from one address cannot lock
+        // everyone else out, and a full set empties itself again.
+        let mut accept = |family: &str, addr: &str| match &p.limit {
+            Some(l) => {
+                let set = format!("limit-{proto}-{}-{family}", p.port);
+                let kind = if family == "v4" {
+                    "ipv4_addr"
+                } else {
+                    "ipv6_addr"
+                };
+                let _ = writeln!(
+                    sets,
+                    "\tset {set} {{\n\t\ttype {kind}\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout 10m\n\t}}\n"
+                );
+                format!("ct state new update @{set} {{ {addr} saddr limit rate {l} }} accept")
+            }
+            None => "accept".to_owned(),
+        };
         match &p.exposure {
             Exposure::Public => {
                 let _ = writeln!(
@@ -147,7 +163,14 @@ pub fn render(ports: &[Port]) -> String {
                     "\t\t# {}/{proto} public (layer {:?}){what}",
                     p.port, p.layer
                 );
-                let _ = writeln!(r, "\t\t{proto} dport {} {limit}accept", p.port);
+                if p.limit.is_some() {
+                    for (family, addr) in [("v4", "ip"), ("v6", "ip6")] {
+                        let _ =
+                            writeln!(r, "\t\t{proto} dport {} {}", p.port, accept(family, addr));
+                    }
+                } else {
+                    let _ = writeln!(r, "\t\t{proto} dport {} accept", p.port);
+                }
             }
             Exposure::Loopback => {
                 let _ = writeln!(
@@ -171,9 +194,10 @@ pub fn render(ports: &[Port]) -> String {
                     if !set.is_empty() {
                         let _ = writeln!(
                             r,
-                            "\t\t{family} saddr {{ {} }} {proto} dport {} {limit}accept",
+                            "\t\t{family} saddr {{ {} }} {proto} dport {} {}",
                             set.join(", "),
-                            p.port
+                            p.port,
+                            accept(if v4 { "v4" } else { "v6" }, family)
                         );
                     }
                 }
@@ -187,6 +211,11 @@ pub fn render(ports: &[Port]) -> String {
     r.push_str(
         "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n}\n",
     );
+    // Sets are declared before the chains that use them.
+    let chains_at = r
+        .find("\tchain input")
+        .expect("the input chain was written");
+    r.insert_str(chains_at, &sets);
     r
 }
 
@@ -233,10 +262,10 @@ mod tests {
             port(30303, Exposure::Public, "eth"),
         ]);
         assert!(text.contains(
-            "ip saddr { 192.0.2.0/24 } tcp dport 22 ct state new limit rate 10/minute accept"
+            "ip saddr { 192.0.2.0/24 } tcp dport 22 ct state new update @limit-tcp-22-v4 { ip saddr limit rate 10/minute } accept"
         ));
         assert!(text.contains(
-            "ip6 saddr { 2001:db8::/32 } tcp dport 22 ct state new limit rate 10/minute accept"
+            "ip6 saddr { 2001:db8::/32 } tcp dport 22 ct state new update @limit-tcp-22-v6 { ip6 saddr limit rate 10/minute } accept"
         ));
         assert!(text.contains("tcp dport 30303 accept"));
         assert!(!text.contains("dport 8545"));

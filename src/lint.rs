@@ -156,16 +156,19 @@ fn secret_name(path: &RelPath) -> Option<String> {
 
 fn secret_content(head: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(head);
+    // A PEM header anywhere, also inside a config value or a JSON string.
+    for (at, _) in text.match_indices("-----BEGIN ") {
+        let rest = &text[at + "-----BEGIN ".len()..];
+        let label: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == ' ')
+            .collect();
+        if label.ends_with("PRIVATE KEY") || label.ends_with("PRIVATE KEY BLOCK") {
+            return Some(format!("contains a private key ({})", label.trim()));
+        }
+    }
     for line in text.lines() {
         let line = line.trim();
-        if line.starts_with("-----BEGIN ")
-            && (line.ends_with("PRIVATE KEY-----") || line.ends_with("PRIVATE KEY BLOCK-----"))
-        {
-            return Some(format!(
-                "contains a private key ({})",
-                line.trim_matches('-').trim()
-            ));
-        }
         if line.starts_with("untrusted comment:") && line.contains("secret key") {
             return Some("contains a minisign or signify secret key".to_owned());
         }
@@ -256,6 +259,7 @@ mod tests {
     fn content_rules() {
         assert!(secret_content(b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n").is_some());
         assert!(secret_content(b"-----BEGIN PUBLIC KEY-----\nabc\n").is_none());
+        assert!(secret_content(b"TLS_KEY=\"-----BEGIN EC PRIVATE KEY-----\\nabc\"\n").is_some());
         assert!(secret_content(format!("0x{}\n", "ab".repeat(32)).as_bytes()).is_some());
         assert!(
             secret_content(

@@ -405,7 +405,7 @@ impl Layer {
         for item in &file.allow_setuid {
             self.allow_setuid.insert(ctx.rel_path(item)?);
         }
-        self.generate(ctx, file)?;
+        self.generate(ctx, file, values)?;
         for decl in &file.port {
             let port = self.port(ctx, decl, values)?;
             self.ports.push(port);
@@ -432,23 +432,53 @@ impl Layer {
         Ok(())
     }
 
-    fn generate(&mut self, ctx: &Ctx<'_>, file: &OverlayFile) -> Result<()> {
+    fn generate(
+        &mut self,
+        ctx: &Ctx<'_>,
+        file: &OverlayFile,
+        values: &BTreeMap<String, Value>,
+    ) -> Result<()> {
         let stem = generate::file_stem(&self.name);
-        for name in file
-            .user
-            .iter()
-            .map(|u| &u.name)
-            .chain(file.group.iter().map(|g| &g.name))
-        {
-            if !generate::valid_account(name.get_ref()) {
+        // Account names may be `$param` (a string parameter), so the group
+        // sshd and sudo name is the group sysusers creates.
+        let resolve = |name: &Spanned<String>| -> Result<Spanned<String>> {
+            let value = match name.get_ref().strip_prefix('$') {
+                None => name.get_ref().clone(),
+                Some(param) => {
+                    match values.get(param) {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(_) => {
+                            return Err(
+                                ctx.err(name.span(), format!("${param} is not a string parameter"))
+                            );
+                        }
+                        None => {
+                            return Err(ctx.err(
+                            name.span(),
+                            format!("${param} is not a parameter this overlay declares under [params]"),
+                        ));
+                        }
+                    }
+                }
+            };
+            if !generate::valid_account(&value) {
                 return Err(ctx.err(
                     name.span(),
-                    format!("{:?} is not a valid user or group name", name.get_ref()),
+                    format!("{value:?} is not a valid user or group name"),
                 ));
             }
+            Ok(Spanned::new(name.span(), value))
+        };
+        let mut users = file.user.clone();
+        for u in &mut users {
+            u.name = resolve(&u.name)?;
         }
-        if !file.user.is_empty() || !file.group.is_empty() {
-            let text = generate::sysusers(&self.name, &file.group, &file.user)
+        let mut groups = file.group.clone();
+        for g in &mut groups {
+            g.name = resolve(&g.name)?;
+        }
+        if !users.is_empty() || !groups.is_empty() {
+            let text = generate::sysusers(&self.name, &groups, &users)
                 .map_err(|m| Error::input(ctx.path, m))?;
             self.add_generated(
                 ctx,
@@ -567,6 +597,14 @@ impl Layer {
             }
             _ => return Err(ctx.err(decl.port.span(), "give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]")),
         };
+        if let Some(d) = &decl.description {
+            if d.chars().any(char::is_control) {
+                return Err(ctx.err(
+                    decl.port.span(),
+                    "port description may not contain newlines or control characters",
+                ));
+            }
+        }
         let limit = match &decl.limit {
             Some(l) if firewall::valid_rate(l.get_ref()) => Some(l.get_ref().clone()),
             Some(l) => {

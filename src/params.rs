@@ -76,11 +76,8 @@ impl Cidr {
             IpAddr::V6(a) => u128::from(a),
         };
         let host_bits = u32::from(max - prefix);
-        let host_mask = if host_bits == 0 {
-            0
-        } else {
-            (1u128 << host_bits) - 1
-        };
+        // All ones below the prefix; `checked_shr` covers /0 (a shift by 128).
+        let host_mask = u128::MAX.checked_shr(128 - host_bits).unwrap_or(0);
         if bits & host_mask != 0 {
             return Err(format!(
                 "{s:?} has host bits set below its /{prefix} prefix"
@@ -233,6 +230,14 @@ mod tests {
         assert!(Cidr::parse("192.0.2.0/33").unwrap_err().contains("prefix"));
         assert!(Cidr::parse("example.com").is_err());
         assert!(Cidr::parse("0.0.0.0/0").is_ok());
+        // Regression: a /0 IPv6 network overflowed the host-bit mask.
+        assert!(Cidr::parse("::/0").is_ok());
+        assert!(
+            Cidr::parse("2001:db8::1/0")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(Cidr::parse("2001:db8::1/128").is_ok());
     }
 
     #[test]
