@@ -3,7 +3,6 @@
 //! in zstd (multithreaded API, checksum, pledged size) or gzip (fixed header).
 //! Never reads the clock: mtime comes in as a parameter.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
@@ -73,8 +72,8 @@ pub struct Summary {
     pub tar_size: u64,
     pub sha256: Sha256,
     pub size: u64,
-    /// The digest of every regular file, as streamed.
-    pub files: BTreeMap<RelPath, Sha256>,
+    /// The digest of every regular file, as streamed, in tree order.
+    pub files: Vec<Sha256>,
 }
 
 fn padded(n: u64) -> u64 {
@@ -163,7 +162,7 @@ pub fn write<W: Write>(
 
 fn finish<W: Write>(
     out: HashingWriter<W>,
-    files: BTreeMap<RelPath, Sha256>,
+    files: Vec<Sha256>,
     tar_sha256: Sha256,
     tar_size: u64,
 ) -> Result<Summary> {
@@ -180,7 +179,7 @@ fn finish<W: Write>(
     })
 }
 
-type TarResult<W> = (W, BTreeMap<RelPath, Sha256>, Sha256, u64);
+type TarResult<W> = (W, Vec<Sha256>, Sha256, u64);
 
 fn write_tar<W: Write>(
     tree: &Tree,
@@ -192,7 +191,7 @@ fn write_tar<W: Write>(
         out: HashingWriter::new(out),
         mtime,
     };
-    let mut files = BTreeMap::new();
+    let mut files = Vec::new();
     let mut buf = vec![0u8; COPY_BUF];
     let mut done = 0u64;
     for (path, entry) in &tree.entries {
@@ -244,7 +243,7 @@ fn write_tar<W: Write>(
                     Source::Path(src) => copy_file(src, *size, &mut tar.out, &mut buf, werr)?,
                 };
                 tar.pad(*size).map_err(werr)?;
-                files.insert(path.clone(), digest);
+                files.push(digest);
                 done += size;
                 progress(done);
             }

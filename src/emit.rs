@@ -12,6 +12,7 @@ use tempfile::NamedTempFile;
 
 use crate::archive::{self, Format};
 use crate::compose;
+use crate::digest::HashingWriter;
 use crate::error::{Error, Result};
 use crate::lint;
 use crate::manifest::{self, Manifest};
@@ -140,7 +141,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
     let result = write_outputs(
         opts,
         &profile,
-        &tree,
+        tree,
         &version,
         source_date_epoch,
         level,
@@ -159,7 +160,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
 fn write_outputs(
     opts: &BuildOptions<'_>,
     profile: &Profile,
-    tree: &Tree,
+    tree: Tree,
     version: &str,
     source_date_epoch: u64,
     level: i32,
@@ -171,7 +172,7 @@ fn write_outputs(
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
     let mut artifact_tmp = temp_in(opts.out_dir)?;
-    let total = archive::content_size(tree);
+    let total = archive::content_size(&tree);
     let archive_opts = archive::Options {
         format: opts.format,
         level,
@@ -179,18 +180,19 @@ fn write_outputs(
         mtime: source_date_epoch,
     };
     let (summary, prehash) = {
+        // The signature's BLAKE2b prehash is computed only when signing.
         let mut sink = PrehashWriter {
             inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
-            prehash: Prehasher::default(),
+            prehash: opts.sign_key.map(|_| Prehasher::default()),
         };
-        let summary = archive::write(tree, &mut sink, &archive_opts, &|done| {
+        let summary = archive::write(&tree, &mut sink, &archive_opts, &|done| {
             progress(done, total)
         })?;
         let PrehashWriter { inner, prehash } = sink;
         inner
             .into_inner()
             .map_err(|e| Error::io(&artifact_path, "writing artifact")(e.into_error()))?;
-        (summary, prehash.finish())
+        (summary, prehash.map(Prehasher::finish))
     };
 
     let manifest = Manifest::new(
@@ -201,20 +203,26 @@ fn write_outputs(
         tree,
         &summary,
     );
-    let manifest_bytes = manifest.to_canonical_json();
     let mut manifest_tmp = temp_in(opts.out_dir)?;
-    manifest_tmp
-        .write_all(&manifest_bytes)
-        .map_err(Error::io(&manifest_path, "writing manifest"))?;
+    let manifest_sha256 = {
+        let mut w = BufWriter::new(HashingWriter::new(manifest_tmp.as_file_mut()));
+        manifest
+            .write_canonical_json(&mut w)
+            .and_then(|()| w.flush())
+            .map_err(Error::io(&manifest_path, "writing manifest"))?;
+        let hashing = w
+            .into_inner()
+            .map_err(|e| Error::io(&manifest_path, "writing manifest")(e.into_error()))?;
+        hashing.finish().1
+    };
 
-    let signed = opts.sign_key.map(|key| {
-        let comment = trusted_comment(
-            &profile.name,
-            version,
-            &crate::digest::Sha256::of(&manifest_bytes),
-        );
-        (key.sign(&prehash, &comment), key.public().key_id())
-    });
+    let signed = match (opts.sign_key, &prehash) {
+        (Some(key), Some(prehash)) => {
+            let comment = trusted_comment(&profile.name, version, &manifest_sha256);
+            Some((key.sign(prehash, &comment), key.public().key_id()))
+        }
+        _ => None,
+    };
     let sig_tmp = match &signed {
         Some((text, _)) => {
             let mut tmp = temp_in(opts.out_dir)?;
@@ -283,16 +291,18 @@ fn persist(tmp: NamedTempFile, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Passes bytes on while feeding the signature prehash.
+/// Passes bytes on while feeding the signature prehash, if there is one.
 struct PrehashWriter<W> {
     inner: W,
-    prehash: Prehasher,
+    prehash: Option<Prehasher>,
 }
 
 impl<W: Write> Write for PrehashWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.prehash.update(&buf[..n]);
+        if let Some(p) = &mut self.prehash {
+            p.update(&buf[..n]);
+        }
         Ok(n)
     }
 

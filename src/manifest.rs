@@ -14,24 +14,27 @@ pub const SCHEMA: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+// Fields of every manifest type are declared in sorted order: serde writes
+// them in declaration order, which makes the output canonical without an
+// intermediate `serde_json::Value` (a test keeps the two in step).
 pub struct Manifest {
-    pub schema: u32,
-    pub name: String,
-    pub version: String,
-    pub source_date_epoch: u64,
-    pub profile_sha256: Sha256,
-    pub layers: Vec<LayerInfo>,
     pub archive: ArchiveInfo,
     pub entries: Vec<ManifestEntry>,
+    pub layers: Vec<LayerInfo>,
+    pub name: String,
+    pub profile_sha256: Sha256,
+    pub schema: u32,
+    pub source_date_epoch: u64,
+    pub version: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerInfo {
-    /// As the profile names it.
-    pub name: String,
     /// How many entries of the composed tree come from this layer.
     pub entries: u64,
+    /// As the profile names it.
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,21 +60,21 @@ pub enum EntryType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestEntry {
-    pub path: RelPath,
-    #[serde(rename = "type")]
-    pub kind: EntryType,
+    pub gid: u32,
+    pub layer: String,
     /// Octal permission bits, like "0644".
     #[serde(with = "octal")]
     pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
+    pub path: RelPath,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<Sha256>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    pub layer: String,
+    #[serde(rename = "type")]
+    pub kind: EntryType,
+    pub uid: u32,
 }
 
 mod octal {
@@ -94,12 +97,14 @@ mod octal {
 
 impl Manifest {
     /// The manifest of `tree` as archived with `summary`.
+    /// The manifest of `tree` as archived with `summary`; consumes the tree
+    /// so the two are never both in memory for long.
     pub fn new(
         profile: &Profile,
         version: &str,
         source_date_epoch: u64,
         format: Format,
-        tree: &Tree,
+        tree: Tree,
         summary: &Summary,
     ) -> Manifest {
         let layers = profile
@@ -110,35 +115,26 @@ impl Manifest {
                 entries: tree.entries.values().filter(|e| e.layer == l.name).count() as u64,
             })
             .collect();
-        let entries = tree
-            .entries
-            .iter()
-            .map(|(path, e)| {
-                let (kind, size, sha256, target) = match &e.kind {
-                    Kind::Dir => (EntryType::Dir, None, None, None),
-                    Kind::File { size, .. } => (
-                        EntryType::File,
-                        Some(*size),
-                        summary.files.get(path).copied(),
-                        None,
-                    ),
-                    Kind::Symlink { target } => {
-                        (EntryType::Symlink, None, None, Some(target.clone()))
-                    }
-                };
-                ManifestEntry {
-                    path: path.clone(),
-                    kind,
-                    mode: e.mode,
-                    uid: e.uid,
-                    gid: e.gid,
-                    size,
-                    sha256,
-                    target,
-                    layer: e.layer.clone(),
-                }
-            })
-            .collect();
+        let mut digests = summary.files.iter().copied();
+        let mut entries = Vec::with_capacity(tree.entries.len());
+        for (path, e) in tree.entries {
+            let (kind, size, sha256, target) = match e.kind {
+                Kind::Dir => (EntryType::Dir, None, None, None),
+                Kind::File { size, .. } => (EntryType::File, Some(size), digests.next(), None),
+                Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
+            };
+            entries.push(ManifestEntry {
+                path,
+                kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                size,
+                sha256,
+                target,
+                layer: e.layer,
+            });
+        }
         Manifest {
             schema: SCHEMA,
             name: profile.name.clone(),
@@ -160,10 +156,16 @@ impl Manifest {
     /// Canonical JSON: keys sorted at every level, no insignificant
     /// whitespace, one trailing newline.
     pub fn to_canonical_json(&self) -> Vec<u8> {
-        let value = serde_json::to_value(self).expect("a manifest always serialises");
-        let mut out = serde_json::to_vec(&value).expect("a JSON value always serialises");
-        out.push(b'\n');
+        let mut out = Vec::new();
+        self.write_canonical_json(&mut out)
+            .expect("writing to a Vec cannot fail");
         out
+    }
+
+    /// Streams the canonical JSON to `w` (no whole-manifest buffer).
+    pub fn write_canonical_json<W: std::io::Write>(&self, mut w: W) -> std::io::Result<()> {
+        serde_json::to_writer(&mut w, self).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")
     }
 
     /// Parses manifest bytes; the error says what is wrong.
@@ -237,6 +239,12 @@ mod tests {
         assert!(text.contains("\"mode\":\"0644\""));
         assert!(text.ends_with("}\n") && !text.contains(": "));
         assert_eq!(Manifest::parse(&json).unwrap(), m);
+        // Declaration order is the canonical order: the same bytes as a
+        // sorted-key `serde_json::Value` (whose maps are BTreeMaps).
+        let value = serde_json::to_value(&m).unwrap();
+        let mut sorted = serde_json::to_vec(&value).unwrap();
+        sorted.push(b'\n');
+        assert_eq!(json, sorted);
     }
 
     #[test]

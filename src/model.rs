@@ -59,8 +59,15 @@ impl RelPath {
 }
 
 impl Ord for RelPath {
+    /// Component by component, computed bytewise: `/` sorts below every
+    /// other byte (no NUL can occur), which is exactly component order.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.split('/').cmp(other.0.split('/'))
+        let key = |b: &u8| if *b == b'/' { 0 } else { *b };
+        self.0
+            .as_bytes()
+            .iter()
+            .map(key)
+            .cmp(other.0.as_bytes().iter().map(key))
     }
 }
 
@@ -205,6 +212,20 @@ mod tests {
         v.sort();
         let got: Vec<_> = v.iter().map(RelPath::as_str).collect();
         assert_eq!(got, ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]);
+    }
+
+    #[test]
+    fn bytewise_order_equals_component_order() {
+        let names = [
+            "a", "a-b", "a/b", "a/b/c", "a.b", "a0", "ab", "a/-", "a/b-c", "b", "a b", "a/b/c/d",
+            "é", "a/é",
+        ];
+        for x in names {
+            for y in names {
+                let want = x.split('/').cmp(y.split('/'));
+                assert_eq!(p(x).cmp(&p(y)), want, "{x:?} vs {y:?}");
+            }
+        }
     }
 
     #[test]
