@@ -10,61 +10,17 @@ use std::process::Command;
 
 use crate::support::*;
 
-const PROFILE: &str = "profiles/p.toml";
 const GOOD_PROFILE: &str = "name = \"p\"\nversion = \"1.0.0\"\noverlays = [\"a\"]\n";
 const TWO_LAYERS: &str = "name = \"p\"\nversion = \"1.0.0\"\noverlays = [\"a\", \"b\"]\n";
 
 /// A small valid repo: overlay `a` with `etc/motd`, an empty overlay `b`, and
 /// `profiles/p.toml` using `a` only.
-fn repo() -> tempfile::TempDir {
-    let dir = tempdir();
-    write(&dir.path().join("overlays/a/root/etc/motd"), "hello\n");
-    fs::create_dir_all(dir.path().join("overlays/b/root")).expect("mkdir");
-    write(&dir.path().join(PROFILE), GOOD_PROFILE);
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-/// Asserts the shape of a refusal: exit 2, nothing on stdout, exactly one
-/// stderr line starting with `infrakit: `, no panic, and `out` absent or
-/// empty. Returns the line without its newline.
-fn assert_refused(run: &Run, out: &Path) -> String {
-    let all = format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        run.code, run.stdout, run.stderr
-    );
-    assert_eq!(run.code, 2, "{all}");
-    assert!(!all.contains("panicked"), "{all}");
-    assert!(!all.contains("RUST_BACKTRACE"), "{all}");
-    assert_eq!(run.stdout, "", "{all}");
-    assert!(run.stderr.ends_with('\n'), "{all}");
-    let line = run.stderr.trim_end_matches('\n');
-    assert!(!line.contains('\n'), "more than one line: {all}");
-    assert!(line.starts_with("infrakit: "), "{all}");
-    if out.exists() {
-        assert_eq!(list_files(out), Vec::<String>::new(), "left behind: {all}");
-    }
-    line.to_owned()
-}
-
-/// `infrakit build profiles/p.toml --out dist` in `dir`, which must fail.
-fn refuse_build(dir: &Path) -> String {
-    refuse(dir, &["build", PROFILE, "--out", "dist"], &[])
-}
-
-fn refuse(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let run = infrakit_env(dir, args, env);
-    assert_refused(&run, &dir.join("dist"))
-}
-
-/// Asserts `line` contains every needle.
-fn has(line: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(line.contains(n), "{line:?} lacks {n:?}");
-    }
+fn repo() -> Repo {
+    let repo = Repo::new();
+    repo.root_file("a", "etc/motd", "hello\n");
+    fs::create_dir_all(repo.path().join("overlays/b/root")).expect("mkdir");
+    repo.file(PROFILE, GOOD_PROFILE);
+    repo
 }
 
 #[test]
@@ -85,7 +41,7 @@ fn malformed_toml() {
         &dir.path().join(PROFILE),
         "name = \"x\nversion = \"1.0.0\"\n",
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     // The string runs to the end of line 1 (9 characters): column 10.
     has(&line, &["infrakit: profiles/p.toml:1:10: ", "string"]);
 }
@@ -97,7 +53,7 @@ fn malformed_toml_unclosed_array() {
         &dir.path().join(PROFILE),
         "# a comment\nname = \"p\"\nversion = \"1.0.0\"\noverlays = [\"a\"\n",
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     has(&line, &["infrakit: profiles/p.toml:4:", "array"]);
 }
 
@@ -108,7 +64,7 @@ fn unknown_key_in_profile() {
         &dir.path().join(PROFILE),
         format!("{GOOD_PROFILE}surprise = 1\n"),
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     has(
         &line,
         &[
@@ -126,7 +82,7 @@ fn missing_required_key() {
         &dir.path().join(PROFILE),
         "name = \"p\"\nversion = \"1.0.0\"\n",
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     has(&line, &["infrakit: profiles/p.toml:", "`overlays`"]);
 }
 
@@ -137,7 +93,7 @@ fn bad_version() {
         &dir.path().join(PROFILE),
         "name = \"p\"\nversion = \"one\"\noverlays = [\"a\"]\n",
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     has(
         &line,
         &[
@@ -155,7 +111,7 @@ fn bad_name_golden() {
         "name = \"P!\"\nversion = \"1.0.0\"\noverlays = [\"a\"]\n",
     );
     assert_eq!(
-        refuse_build(dir.path()),
+        dir.refused(),
         "infrakit: profiles/p.toml:1:8: name \"P!\" must be lowercase letters, digits and `-`"
     );
 }
@@ -167,7 +123,7 @@ fn negative_source_date_epoch() {
         &dir.path().join(PROFILE),
         format!("{GOOD_PROFILE}source-date-epoch = -5\n"),
     );
-    let line = refuse_build(dir.path());
+    let line = dir.refused();
     has(
         &line,
         &["infrakit: profiles/p.toml:4:21: source-date-epoch must not be negative"],
@@ -182,7 +138,7 @@ fn missing_overlay_golden() {
         "name = \"p\"\nversion = \"1.0.0\"\noverlays = [\"a\", \"nope\"]\n",
     );
     assert_eq!(
-        refuse_build(dir.path()),
+        dir.refused(),
         "infrakit: profiles/p.toml:3:18: overlay \"nope\" not found: overlays/nope is not a directory"
     );
 }
@@ -209,7 +165,7 @@ fn empty_and_duplicate_and_malformed_overlay_lists() {
             &dir.path().join(PROFILE),
             format!("name = \"p\"\nversion = \"1.0.0\"\n{overlays}"),
         );
-        has(&refuse_build(dir.path()), &[want]);
+        has(&dir.refused(), &[want]);
     }
 }
 
@@ -218,7 +174,7 @@ fn profile_not_utf8() {
     let dir = repo();
     write(&dir.path().join(PROFILE), b"name = \"\xff\"\n");
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &["infrakit: profiles/p.toml: profile is not valid UTF-8"],
     );
 }
@@ -245,7 +201,7 @@ fn unknown_key_in_overlay_toml() {
     write(&dir.path().join(PROFILE), TWO_LAYERS);
     write(&dir.path().join("overlays/b/overlay.toml"), "bogus = 1\n");
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &["infrakit: overlays/b/overlay.toml:1:1: unknown field `bogus`"],
     );
     // Inside a table too.
@@ -254,7 +210,7 @@ fn unknown_key_in_overlay_toml() {
         "[[dir]]\npath = \"var/x\"\nmodee = 0o700\n",
     );
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &["infrakit: overlays/b/overlay.toml:3:1: unknown field `modee`"],
     );
 }
@@ -264,10 +220,7 @@ fn malformed_overlay_toml() {
     let dir = repo();
     write(&dir.path().join(PROFILE), TWO_LAYERS);
     write(&dir.path().join("overlays/b/overlay.toml"), "[[dir\n");
-    has(
-        &refuse_build(dir.path()),
-        &["infrakit: overlays/b/overlay.toml:1:6: "],
-    );
+    has(&dir.refused(), &["infrakit: overlays/b/overlay.toml:1:6: "]);
 }
 
 #[test]
@@ -298,7 +251,7 @@ fn bad_values_in_overlay_toml() {
     ];
     for (toml, want) in cases {
         write(&dir.path().join("overlays/b/overlay.toml"), toml);
-        has(&refuse_build(dir.path()), &[want]);
+        has(&dir.refused(), &[want]);
     }
 }
 
@@ -311,7 +264,7 @@ fn escaping_symlink_in_overlay_toml_golden() {
         "[[symlink]]\npath = \"etc/x\"\ntarget = \"../../../etc/shadow\"\n",
     );
     assert_eq!(
-        refuse_build(dir.path()),
+        dir.refused(),
         "infrakit: overlays/b/overlay.toml:3:10: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
     );
 }
@@ -325,14 +278,14 @@ fn escaping_symlink_in_root() {
         &dir.path().join("overlays/b/root/etc/x"),
     );
     assert_eq!(
-        refuse_build(dir.path()),
+        dir.refused(),
         "infrakit: overlays/b/root/etc/x: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
     );
     // One `..` too many at the top level as well.
     fs::remove_file(dir.path().join("overlays/b/root/etc/x")).expect("rm");
     symlink("..", &dir.path().join("overlays/b/root/up"));
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &["infrakit: overlays/b/root/up: symlink up -> .. escapes the root"],
     );
 }
@@ -343,7 +296,7 @@ fn two_layer_conflict_golden() {
     write(&dir.path().join(PROFILE), TWO_LAYERS);
     write(&dir.path().join("overlays/b/root/etc/motd"), "other\n");
     assert_eq!(
-        refuse_build(dir.path()),
+        dir.refused(),
         "infrakit: profiles/p.toml: conflict at etc/motd: provided by layer \"a\" and layer \"b\"; \
          add it to `replace` in \"b\"'s overlay.toml if the upper layer should win"
     );
@@ -364,7 +317,7 @@ fn explicit_directory_conflict() {
         "[[dir]]\npath = \"etc\"\nmode = 0o700\n",
     );
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &[
             "infrakit: profiles/p.toml: conflict at directory etc:",
             "replace",
@@ -378,7 +331,7 @@ fn type_clash_file_vs_dir() {
     write(&dir.path().join(PROFILE), TWO_LAYERS);
     write(&dir.path().join("overlays/b/root/etc/motd/inner"), "x\n");
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &[
             "infrakit: profiles/p.toml: type clash at etc/motd: layer \"a\" has a file, layer \"b\" a dir",
         ],
@@ -395,7 +348,7 @@ fn symlink_declared_over_a_file_of_the_same_overlay() {
         "[[symlink]]\npath = \"etc/motd\"\ntarget = \"issue\"\n",
     );
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &[
             "infrakit: overlays/b/overlay.toml:2:8: etc/motd is declared as a symlink but this overlay already provides it",
         ],
@@ -408,7 +361,7 @@ fn fifo_in_root() {
     let fifo = dir.path().join("overlays/a/root/etc/pipe");
     tool(dir.path(), "mkfifo", &[s(&fifo)]).ok();
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &[
             "infrakit: overlays/a/root/etc/pipe: a fifo cannot be part of an overlay; remove it from root/",
         ],
@@ -422,7 +375,7 @@ fn non_utf8_file_name_in_root() {
     let path = dir.path().join("overlays/a/root/etc").join(name);
     write(&path, "x\n");
     has(
-        &refuse_build(dir.path()),
+        &dir.refused(),
         &[
             "infrakit: overlays/a/root/etc/bad-",
             "file name is not valid UTF-8; rename it",
@@ -437,26 +390,12 @@ fn build_unprivileged(dir: &Path, out: &str) -> Run {
         return infrakit(dir, &["build", PROFILE, "--out", out]);
     }
     require_tool("setpriv");
-    let run = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bin())
         .args(["build", PROFILE, "--out", out])
-        .current_dir(dir)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .env_remove("INFRAKIT_SIGN_KEY")
-        .env_remove("INFRAKIT_PASSWORD_FILE")
-        .output()
-        .expect("setpriv runs");
-    Run {
-        code: run.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
-    }
-}
-
-fn is_root() -> bool {
-    let id = tool(Path::new("/"), "id", &["-u"]).ok();
-    id.stdout.trim() == "0"
+        .current_dir(dir);
+    Run::from(clear_build_env(&mut cmd).output().expect("setpriv runs"))
 }
 
 /// Every directory 0755 and file 0644 (so `nobody` can read the tree), and
@@ -492,7 +431,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// A repo whose overlay `a` has an unreadable `etc/secret`: the build fails
 /// only after it has started writing (the file is opened while archiving).
-fn repo_with_unreadable_file() -> (tempfile::TempDir, std::path::PathBuf) {
+fn repo_with_unreadable_file() -> (Repo, std::path::PathBuf) {
     let dir = repo();
     let secret = dir.path().join("overlays/a/root/etc/secret");
     write(&secret, "s3cret\n");

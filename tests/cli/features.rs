@@ -18,108 +18,14 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use serde_json::Value;
-use sha2::Digest as _;
 
 use crate::support::*;
 
-const PROFILE: &str = "profiles/p.toml";
-
 // ---------------------------------------------------------------------------
-// Helpers (local to this file).
+// Helpers (local to this file; `Repo` and refusals are in support.rs).
 // ---------------------------------------------------------------------------
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn is_root() -> bool {
-    tool(Path::new("/"), "id", &["-u"]).ok().stdout.trim() == "0"
-}
-
-/// Asserts the shape of a refusal: exit 2, nothing on stdout, exactly one
-/// stderr line starting with `infrakit: `, no panic, and `out` absent or
-/// empty. Returns the line without its newline.
-fn assert_refused(run: &Run, out: &Path) -> String {
-    let all = format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        run.code, run.stdout, run.stderr
-    );
-    assert_eq!(run.code, 2, "{all}");
-    assert!(!all.contains("panicked"), "{all}");
-    assert_eq!(run.stdout, "", "{all}");
-    assert!(run.stderr.ends_with('\n'), "{all}");
-    let line = run.stderr.trim_end_matches('\n');
-    assert!(!line.contains('\n'), "more than one line: {all}");
-    assert!(line.starts_with("infrakit: "), "{all}");
-    if out.exists() {
-        assert_eq!(list_files(out), Vec::<String>::new(), "left behind: {all}");
-    }
-    line.to_owned()
-}
-
-/// Asserts `line` contains every needle.
-fn has(line: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(line.contains(n), "{line:?} lacks {n:?}");
-    }
-}
-
-/// A throw-away repo: `overlays/<layer>/…` and `profiles/p.toml`.
-struct Repo {
-    dir: tempfile::TempDir,
-}
 
 impl Repo {
-    fn new() -> Repo {
-        Repo { dir: tempdir() }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Writes `contents` at `rel` (relative to the repo); returns the path.
-    fn file(&self, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-        let p = self.path().join(rel);
-        write(&p, contents);
-        p
-    }
-
-    /// Writes `overlays/<layer>/overlay.toml` (and makes sure `root/` exists).
-    fn overlay(&self, layer: &str, toml: &str) {
-        fs::create_dir_all(self.path().join("overlays").join(layer).join("root")).unwrap();
-        self.file(&format!("overlays/{layer}/overlay.toml"), toml);
-    }
-
-    /// Writes `overlays/<layer>/root/<rel>`.
-    fn root_file(&self, layer: &str, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-        self.file(&format!("overlays/{layer}/root/{rel}"), contents)
-    }
-
-    /// Writes `profiles/p.toml`: name, version, overlays on lines 1 to 3,
-    /// then `extra` (so a `[params]` table there starts on line 4).
-    fn profile(&self, overlays: &[&str], extra: &str) {
-        let list: Vec<String> = overlays.iter().map(|o| format!("{o:?}")).collect();
-        self.file(
-            PROFILE,
-            format!(
-                "name = \"p\"\nversion = \"1.0.0\"\noverlays = [{}]\n{extra}",
-                list.join(", ")
-            ),
-        );
-    }
-
-    fn build_to(&self, out: &str) -> Run {
-        infrakit(self.path(), &["build", PROFILE, "--out", out])
-    }
-
     /// A build that must succeed.
     fn built(&self) -> Built {
         self.built_to("dist")
@@ -134,12 +40,6 @@ impl Repo {
             archive: out.join("p.tar.zst"),
             manifest,
         }
-    }
-
-    /// A build that must be refused; returns the one stderr line.
-    fn refused(&self) -> String {
-        let run = self.build_to("dist");
-        assert_refused(&run, &self.path().join("dist"))
     }
 
     fn lint(&self, json: bool) -> Run {
@@ -1142,7 +1042,7 @@ fn parameter_defaults_and_single_families_give_rulesets_nft_accepts() {
 
 /// Copies `overlays/base` of this repository into a temp repo.
 fn copy_base_overlay(repo: &Repo) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("overlays/base");
+    let src = repo_dir().join("overlays/base");
     for e in walkdir::WalkDir::new(&src).follow_links(false) {
         let e = e.unwrap();
         let dest = repo
@@ -2108,7 +2008,7 @@ fn lint_of_bad_input_is_a_usage_error() {
 
 #[test]
 fn the_repository_base_profile_lints_clean() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_dir();
     let run = infrakit(root, &["lint", "profiles/base.toml"]).ok();
     assert!(
         run.stdout

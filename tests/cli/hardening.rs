@@ -26,11 +26,6 @@ use crate::support::*;
 // Building the real base profile.
 // ---------------------------------------------------------------------------
 
-/// The repository (profiles/, overlays/).
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The base profile built in a temp dir and extracted into `root`.
 struct Built {
     tmp: tempfile::TempDir,
@@ -63,12 +58,7 @@ impl Built {
 fn build_base(params: &str) -> Built {
     let tmp = tempdir();
     let w = tmp.path();
-    tool(
-        repo(),
-        "cp",
-        &["-a", "profiles", "overlays", w.to_str().unwrap()],
-    )
-    .ok();
+    copy_repo_profiles(w);
     if !params.is_empty() {
         let profile = w.join("profiles/base.toml");
         let mut text = fs::read_to_string(&profile).unwrap();
@@ -94,14 +84,6 @@ fn build_base(params: &str) -> Built {
     )
     .ok();
     Built { tmp, root }
-}
-
-fn mode(path: &Path) -> u32 {
-    fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .permissions()
-        .mode()
-        & 0o7777
 }
 
 /// `cp -a SRC DST`; when both are directories and DST exists, merges.
@@ -781,36 +763,23 @@ fn systemd_analyze_verifies_every_unit_the_artifact_ships() {
     );
     add_host_systemd(&b, &units);
     assert!(b.path("usr/sbin/nft").exists());
-    for unit in &units {
+    let root = format!("--root={}", b.root_str());
+    let verify = |unit: &str| {
         clean(
             tool(
                 b.dir(),
                 "systemd-analyze",
-                &[
-                    "verify",
-                    &format!("--root={}", b.root_str()),
-                    "--man=no",
-                    unit,
-                ],
+                &["verify", &root, "--man=no", unit],
             ),
             &format!("systemd-analyze verify {unit}"),
         );
+    };
+    for unit in &units {
+        verify(unit);
     }
     // The targets our units are enabled into load cleanly with them.
     for target in ["sysinit.target", "multi-user.target"] {
-        clean(
-            tool(
-                b.dir(),
-                "systemd-analyze",
-                &[
-                    "verify",
-                    &format!("--root={}", b.root_str()),
-                    "--man=no",
-                    target,
-                ],
-            ),
-            &format!("systemd-analyze verify {target}"),
-        );
+        verify(target);
     }
 }
 

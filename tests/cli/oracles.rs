@@ -8,13 +8,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
-use sha2::Digest as _;
 
 use crate::support::*;
 
@@ -24,72 +22,9 @@ use crate::support::*;
 
 /// Runs a stock tool with extra environment variables (and `LC_ALL=C`).
 fn tool_env(cwd: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
-    require_tool(program);
-    let mut cmd = Command::new(program);
-    cmd.args(args).current_dir(cwd).env("LC_ALL", "C");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs a stock tool with `input` on its stdin.
-fn tool_stdin(cwd: &Path, program: &str, args: &[&str], input: &[u8]) -> Run {
-    require_tool(program);
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input)
-        .expect("writing stdin");
-    let out = child.wait_with_output().expect("waiting");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs a stock tool that must succeed and returns its raw stdout.
-fn tool_bytes(cwd: &Path, program: &str, args: &[&str]) -> Vec<u8> {
-    require_tool(program);
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    tool_with(cwd, program, args, |cmd| {
+        cmd.env("LC_ALL", "C").envs(env.iter().copied());
+    })
 }
 
 /// `sha256sum FILE` (the stock tool, not our code).
@@ -357,10 +292,6 @@ fn build_fixture(format: &str) -> Built {
     let dir = tempdir();
     fixture_repo(dir.path(), false);
     build_fixture_in(dir, format, &[])
-}
-
-fn is_root() -> bool {
-    tool(Path::new("/"), "id", &["-u"]).ok().stdout.trim() == "0"
 }
 
 // ---------------------------------------------------------------------------
@@ -1116,38 +1047,34 @@ fn infrakit_signatures_verify_with_stock_minisign() {
     let q = minisign_verify(root, &b2.artifact, &public, &["-H", "-Q"]).ok();
     assert_eq!(q.stdout.trim_end(), expected_comment(&b2, "2.0.0-rc.1"));
 
+    // Stock minisign signs the artifact into `sig` (with `extra` flags), and
+    // infrakit verifies that signature with the public key.
+    let stock_sign = |extra: &[&str], sig: &Path| {
+        let mut args = vec!["-S"];
+        args.extend_from_slice(extra);
+        args.extend(["-s", s(&key), "-m", s(&b.artifact), "-x", s(sig)]);
+        tool(root, "minisign", &args).ok();
+    };
+    let verify_sig = |sig: &Path| {
+        infrakit(
+            root,
+            &[
+                "verify",
+                s(&b.artifact),
+                "--key",
+                s(&public),
+                "--signature",
+                s(sig),
+            ],
+        )
+    };
+
     // The other way: stock minisign signs (prehashed, the default) with the
     // key infrakit made, with infrakit's trusted comment: infrakit accepts.
     let own = root.join("stock.minisig");
     let comment = expected_comment(&b, "1.2.3");
-    tool(
-        root,
-        "minisign",
-        &[
-            "-S",
-            "-s",
-            s(&key),
-            "-m",
-            s(&b.artifact),
-            "-x",
-            s(&own),
-            "-t",
-            &comment,
-        ],
-    )
-    .ok();
-    let run = infrakit(
-        root,
-        &[
-            "verify",
-            s(&b.artifact),
-            "--key",
-            s(&public),
-            "--signature",
-            s(&own),
-        ],
-    )
-    .ok();
+    stock_sign(&["-t", &comment], &own);
+    let run = verify_sig(&own).ok();
     assert!(
         run.stdout.contains("verified fixture 1.2.3"),
         "{}",
@@ -1155,56 +1082,13 @@ fn infrakit_signatures_verify_with_stock_minisign() {
     );
     // A legacy (non-prehashed) stock signature is refused, as a failed check.
     let legacy = root.join("legacy.minisig");
-    tool(
-        root,
-        "minisign",
-        &[
-            "-S",
-            "-l",
-            "-s",
-            s(&key),
-            "-m",
-            s(&b.artifact),
-            "-x",
-            s(&legacy),
-            "-t",
-            &comment,
-        ],
-    )
-    .ok();
-    let run = infrakit(
-        root,
-        &[
-            "verify",
-            s(&b.artifact),
-            "--key",
-            s(&public),
-            "--signature",
-            s(&legacy),
-        ],
-    )
-    .expect_code(1);
+    stock_sign(&["-l", "-t", &comment], &legacy);
+    let run = verify_sig(&legacy).expect_code(1);
     assert!(run.stderr.contains("legacy"), "{}", run.stderr);
     // Stock minisign's own default trusted comment binds no manifest: refused.
     let plain = root.join("plain.minisig");
-    tool(
-        root,
-        "minisign",
-        &["-S", "-s", s(&key), "-m", s(&b.artifact), "-x", s(&plain)],
-    )
-    .ok();
-    infrakit(
-        root,
-        &[
-            "verify",
-            s(&b.artifact),
-            "--key",
-            s(&public),
-            "--signature",
-            s(&plain),
-        ],
-    )
-    .expect_code(1);
+    stock_sign(&[], &plain);
+    verify_sig(&plain).expect_code(1);
 }
 
 #[test]
@@ -1378,10 +1262,6 @@ fn encrypted_keys_interoperate_with_stock_minisign() {
 // keygen and inspect.
 // ---------------------------------------------------------------------------
 
-fn mode_of(p: &Path) -> u32 {
-    fs::metadata(p).unwrap().permissions().mode() & 0o7777
-}
-
 #[test]
 fn keygen_never_overwrites_and_sets_modes() {
     let dir = tempdir();
@@ -1393,12 +1273,12 @@ fn keygen_never_overwrites_and_sets_modes() {
         let r = tool(root, "sh", &["-c", &script, s(&bin()), s(&prefix)]).ok();
         assert!(r.stdout.contains("unencrypted"), "{}", r.stdout);
         assert_eq!(
-            mode_of(&root.join(format!("{name}.key"))),
+            mode(&root.join(format!("{name}.key"))),
             0o600,
             "umask {umask}"
         );
         assert_eq!(
-            mode_of(&root.join(format!("{name}.pub"))),
+            mode(&root.join(format!("{name}.pub"))),
             0o644,
             "umask {umask}"
         );
@@ -1421,7 +1301,7 @@ fn keygen_never_overwrites_and_sets_modes() {
     assert!(r.stderr.contains("already exists"), "{}", r.stderr);
     assert_eq!(fs::read(root.join("usual.key")).unwrap(), key_before);
     assert_eq!(fs::read(root.join("usual.pub")).unwrap(), pub_before);
-    assert_eq!(mode_of(&root.join("usual.key")), 0o600);
+    assert_eq!(mode(&root.join("usual.key")), 0o600);
 
     // Either half existing is enough to refuse, and the other is not made.
     write(&root.join("half.pub"), "not mine\n");

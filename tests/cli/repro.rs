@@ -6,7 +6,6 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::support::*;
 
@@ -21,28 +20,9 @@ const OUTPUTS: [&str; 3] = [
 /// without the variables that steer a build (as `infrakit_env` does), so the
 /// caller's environment cannot leak into what is compared.
 fn tool_env(cwd: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
-    require_tool(program);
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .current_dir(cwd)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .env_remove("INFRAKIT_SIGN_KEY")
-        .env_remove("INFRAKIT_PASSWORD_FILE");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
+    tool_with(cwd, program, args, |cmd| {
+        clear_build_env(cmd).envs(env.iter().copied());
+    })
 }
 
 /// Every path below `root` (not `root` itself), without following symlinks.
@@ -91,14 +71,6 @@ fn set_mtimes(root: &Path, file_epoch: i64, dir_epoch: i64) {
 fn mtime(path: &Path) -> i64 {
     use std::os::unix::fs::MetadataExt;
     fs::symlink_metadata(path).expect("stat").mtime()
-}
-
-fn mode(path: &Path) -> u32 {
-    fs::symlink_metadata(path)
-        .expect("stat")
-        .permissions()
-        .mode()
-        & 0o7777
 }
 
 /// Panics with `diffoscope`'s report unless `a` and `b` have the same bytes.
@@ -462,15 +434,7 @@ fn source_date_epoch_and_release_version() {
 /// `overlays/` (reprotest copies its whole source tree).
 fn copy_of_repo_profiles() -> tempfile::TempDir {
     let dir = tempdir();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for sub in ["profiles", "overlays"] {
-        tool(
-            dir.path(),
-            "cp",
-            &["-a", s(&src.join(sub)), s(&dir.path().join(sub))],
-        )
-        .ok();
-    }
+    copy_repo_profiles(dir.path());
     assert_eq!(
         fs::read_dir(dir.path()).expect("ls").count(),
         2,

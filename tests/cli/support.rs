@@ -3,9 +3,15 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+
+use sha2::Digest as _;
+
+/// The profile every throw-away `Repo` builds.
+pub const PROFILE: &str = "profiles/p.toml";
 
 /// The `infrakit` binary under test.
 pub fn bin() -> PathBuf {
@@ -21,7 +27,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn from(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -53,24 +59,74 @@ pub fn infrakit(cwd: &Path, args: &[&str]) -> Run {
 pub fn infrakit_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(bin());
     cmd.args(args).current_dir(cwd);
+    clear_build_env(&mut cmd).envs(env.iter().copied());
+    Run::from(cmd.output().expect("infrakit runs"))
+}
+
+/// Removes the variables that steer a build from `cmd`'s environment, so the
+/// caller's environment cannot leak into a run.
+pub fn clear_build_env(cmd: &mut Command) -> &mut Command {
     cmd.env_remove("SOURCE_DATE_EPOCH")
         .env_remove("INFRAKIT_SIGN_KEY")
-        .env_remove("INFRAKIT_PASSWORD_FILE");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Run::from(cmd.output().expect("infrakit runs"))
+        .env_remove("INFRAKIT_PASSWORD_FILE")
+}
+
+/// A `Command` for the stock tool `program` in `cwd` (a missing tool fails).
+fn tool_command(cwd: &Path, program: &str, args: &[&str]) -> Command {
+    require_tool(program);
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(cwd);
+    cmd
 }
 
 /// Runs a stock tool; panics if it cannot be started.
 pub fn tool(cwd: &Path, program: &str, args: &[&str]) -> Run {
-    require_tool(program);
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(cwd)
+    tool_with(cwd, program, args, |_| {})
+}
+
+/// Like `tool`, after `setup` has adjusted the command (its environment).
+pub fn tool_with(
+    cwd: &Path,
+    program: &str,
+    args: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Run {
+    let mut cmd = tool_command(cwd, program, args);
+    setup(&mut cmd);
+    let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"));
     Run::from(out)
+}
+
+/// Runs a stock tool with `input` on its stdin.
+pub fn tool_stdin(cwd: &Path, program: &str, args: &[&str], input: &[u8]) -> Run {
+    let mut child = tool_command(cwd, program, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input)
+        .expect("writing stdin");
+    Run::from(child.wait_with_output().expect("waiting"))
+}
+
+/// Runs a stock tool that must succeed and returns its raw stdout.
+pub fn tool_bytes(cwd: &Path, program: &str, args: &[&str]) -> Vec<u8> {
+    let out = tool_command(cwd, program, args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// The oracles are part of the test contract: a missing one is a failure,
@@ -203,4 +259,138 @@ pub fn list_files(dir: &Path) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// A path as `&str`, for argument lists.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether the tests run as root (`id -u` is 0).
+pub fn is_root() -> bool {
+    tool(Path::new("/"), "id", &["-u"]).ok().stdout.trim() == "0"
+}
+
+/// The permission bits (with setuid/setgid/sticky) of `path`, not following
+/// a symlink.
+pub fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// This repository (its profiles/ and overlays/).
+pub fn repo_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies this repository's profiles/ and overlays/ into the directory `dest`.
+pub fn copy_repo_profiles(dest: &Path) {
+    tool(repo_dir(), "cp", &["-a", "profiles", "overlays", s(dest)]).ok();
+}
+
+// ---------------------------------------------------------------------------
+// Refusals (tests/cli/bad_input.rs and features.rs).
+// ---------------------------------------------------------------------------
+
+/// Asserts the shape of a refusal: exit 2, nothing on stdout, exactly one
+/// stderr line starting with `infrakit: `, no panic, and `out` absent or
+/// empty. Returns the line without its newline.
+pub fn assert_refused(run: &Run, out: &Path) -> String {
+    let all = format!(
+        "exit {}\nstdout:\n{}\nstderr:\n{}",
+        run.code, run.stdout, run.stderr
+    );
+    assert_eq!(run.code, 2, "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+    assert!(!all.contains("RUST_BACKTRACE"), "{all}");
+    assert_eq!(run.stdout, "", "{all}");
+    assert!(run.stderr.ends_with('\n'), "{all}");
+    let line = run.stderr.trim_end_matches('\n');
+    assert!(!line.contains('\n'), "more than one line: {all}");
+    assert!(line.starts_with("infrakit: "), "{all}");
+    if out.exists() {
+        assert_eq!(list_files(out), Vec::<String>::new(), "left behind: {all}");
+    }
+    line.to_owned()
+}
+
+/// `infrakit ARGS` in `dir`, which must be refused (`assert_refused`, with
+/// `dir/dist` as the output); returns the one stderr line.
+pub fn refuse(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let run = infrakit_env(dir, args, env);
+    assert_refused(&run, &dir.join("dist"))
+}
+
+/// Asserts `line` contains every needle.
+pub fn has(line: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(line.contains(n), "{line:?} lacks {n:?}");
+    }
+}
+
+/// A throw-away repo: `overlays/<layer>/…` and `profiles/p.toml`.
+pub struct Repo {
+    dir: tempfile::TempDir,
+}
+
+impl Repo {
+    pub fn new() -> Repo {
+        Repo { dir: tempdir() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `contents` at `rel` (relative to the repo); returns the path.
+    pub fn file(&self, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path().join(rel);
+        write(&p, contents);
+        p
+    }
+
+    /// Writes `overlays/<layer>/overlay.toml` (and makes sure `root/` exists).
+    pub fn overlay(&self, layer: &str, toml: &str) {
+        fs::create_dir_all(self.path().join("overlays").join(layer).join("root")).expect("mkdir");
+        self.file(&format!("overlays/{layer}/overlay.toml"), toml);
+    }
+
+    /// Writes `overlays/<layer>/root/<rel>`.
+    pub fn root_file(&self, layer: &str, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        self.file(&format!("overlays/{layer}/root/{rel}"), contents)
+    }
+
+    /// Writes `profiles/p.toml`: name, version, overlays on lines 1 to 3,
+    /// then `extra` (so a `[params]` table there starts on line 4).
+    pub fn profile(&self, overlays: &[&str], extra: &str) {
+        let list: Vec<String> = overlays.iter().map(|o| format!("{o:?}")).collect();
+        self.file(
+            PROFILE,
+            format!(
+                "name = \"p\"\nversion = \"1.0.0\"\noverlays = [{}]\n{extra}",
+                list.join(", ")
+            ),
+        );
+    }
+
+    /// `infrakit build profiles/p.toml --out OUT`.
+    pub fn build_to(&self, out: &str) -> Run {
+        infrakit(self.path(), &["build", PROFILE, "--out", out])
+    }
+
+    /// A build to `dist` that must be refused; returns the one stderr line.
+    pub fn refused(&self) -> String {
+        refuse(self.path(), &["build", PROFILE, "--out", "dist"], &[])
+    }
 }

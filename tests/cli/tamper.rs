@@ -21,10 +21,6 @@ const UNTRUSTED_PREFIX: &[u8] = b"untrusted comment: ";
 const BASE64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const WORKERS: usize = 4;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// A tiny repo (three files, a symlink, a directory), so the manifest is
 /// about a kilobyte and the signature a few hundred bytes.
 fn tiny_repo(root: &Path, hello: &str) {
