@@ -14,7 +14,13 @@ use crate::error::{Error, Result};
 ///
 /// Exit codes: 0 success, 1 a check failed, 2 usage or I/O error.
 #[derive(Debug, Parser)]
-#[command(name = "infrakit", version, about, long_about = None)]
+#[command(
+    name = "infrakit",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 success, 1 a check failed (signature, manifest, lint), 2 usage or I/O error."
+)]
 pub struct Cli {
     /// Print no progress and no summaries (errors still go to stderr).
     #[arg(long, short, global = true)]
