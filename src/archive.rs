@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::digest::{HashingWriter, Sha256};
 use crate::error::{Error, Result};
-use crate::model::{Kind, RelPath, Source, Tree};
+use crate::model::{Entry, Kind, RelPath, Source, Tree};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 256 * 1024;
@@ -54,9 +54,15 @@ impl Format {
     }
 }
 
+/// Called with each regular file's first bytes (at most `Options::head`), as
+/// they stream past, so checks need no second read of the file.
+pub type Inspect<'a> = dyn FnMut(&RelPath, &Entry, &[u8]) + 'a;
+
 /// How to write the archive.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// How many leading bytes of each file `inspect` sees.
+    pub head: usize,
     pub format: Format,
     pub level: i32,
     /// zstd worker threads (at least 1; the bytes do not depend on it).
@@ -127,6 +133,7 @@ pub fn write<W: Write>(
     out: W,
     opts: &Options,
     progress: &dyn Fn(u64),
+    inspect: &mut Inspect<'_>,
 ) -> Result<Summary> {
     let out = HashingWriter::new(out);
     let pledged = tar_size(tree);
@@ -143,7 +150,7 @@ pub fn write<W: Write>(
             enc.include_checksum(true).map_err(io_err)?;
             enc.include_contentsize(true).map_err(io_err)?;
             enc.set_pledged_src_size(Some(pledged)).map_err(io_err)?;
-            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts.mtime, progress)?;
+            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts, progress, inspect)?;
             let out = enc.finish().map_err(io_err)?;
             finish(out, files, tar_sha256, tar_size)
         }
@@ -153,7 +160,7 @@ pub fn write<W: Write>(
                 .mtime(0)
                 .operating_system(255)
                 .write(out, flate2::Compression::new(level));
-            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts.mtime, progress)?;
+            let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts, progress, inspect)?;
             let out = enc.finish().map_err(io_err)?;
             finish(out, files, tar_sha256, tar_size)
         }
@@ -184,15 +191,17 @@ type TarResult<W> = (W, Vec<Sha256>, Sha256, u64);
 fn write_tar<W: Write>(
     tree: &Tree,
     out: W,
-    mtime: u64,
+    opts: &Options,
     progress: &dyn Fn(u64),
+    inspect: &mut Inspect<'_>,
 ) -> Result<TarResult<W>> {
     let mut tar = TarWriter {
         out: HashingWriter::new(out),
-        mtime,
+        mtime: opts.mtime,
     };
     let mut files = Vec::new();
     let mut buf = vec![0u8; COPY_BUF];
+    let mut head = Vec::with_capacity(opts.head);
     let mut done = 0u64;
     for (path, entry) in &tree.entries {
         let name = member_name(path, &entry.kind);
@@ -238,9 +247,20 @@ fn write_tar<W: Write>(
                 let digest = match source {
                     Source::Bytes(bytes) => {
                         tar.out.write_all(bytes).map_err(werr)?;
+                        inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
                         Sha256::of(bytes)
                     }
-                    Source::Path(src) => copy_file(src, *size, &mut tar.out, &mut buf, werr)?,
+                    Source::Path(src) => {
+                        head.clear();
+                        let copy = Copy {
+                            buf: &mut buf,
+                            head: &mut head,
+                            head_limit: opts.head,
+                        };
+                        let digest = copy_file(src, *size, &mut tar.out, copy, werr)?;
+                        inspect(path, entry, &head);
+                        digest
+                    }
                 };
                 tar.pad(*size).map_err(werr)?;
                 files.push(digest);
@@ -256,15 +276,28 @@ fn write_tar<W: Write>(
     Ok((out, files, sha, size))
 }
 
-/// Copies exactly `size` bytes of `src` into `out`, hashing them; a file that
-/// changed size since it was listed is an error.
+/// Buffers for `copy_file`: the copy buffer, and where the file's first
+/// `head_limit` bytes are kept for inspection.
+struct Copy<'a> {
+    buf: &'a mut [u8],
+    head: &'a mut Vec<u8>,
+    head_limit: usize,
+}
+
+/// Copies exactly `size` bytes of `src` into `out`, hashing them and keeping
+/// the first bytes; a file that changed size since it was listed is an error.
 fn copy_file<W: Write>(
     src: &Path,
     size: u64,
     out: &mut W,
-    buf: &mut [u8],
+    copy: Copy<'_>,
     werr: impl Fn(io::Error) -> Error,
 ) -> Result<Sha256> {
+    let Copy {
+        buf,
+        head,
+        head_limit,
+    } = copy;
     use sha2::Digest as _;
     let mut file = File::open(src).map_err(Error::io(src, "opening for reading"))?;
     let mut hasher = sha2::Sha256::new();
@@ -281,6 +314,10 @@ fn copy_file<W: Write>(
             ));
         }
         hasher.update(&buf[..n]);
+        if head.len() < head_limit {
+            let take = n.min(head_limit - head.len());
+            head.extend_from_slice(&buf[..take]);
+        }
         out.write_all(&buf[..n]).map_err(&werr)?;
         left -= n as u64;
     }

@@ -95,15 +95,16 @@ pub fn compose_profile(path: &Path) -> Result<Composed> {
 /// Builds the artifact; `progress(done, total)` is told of content bytes written.
 pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Built> {
     let composed = compose_profile(opts.profile)?;
-    let findings = composed.lint()?;
-    if !findings.is_empty() {
-        let list: Vec<String> = findings.iter().map(|f| format!("  {f}")).collect();
-        return Err(Error::Lint(format!(
-            "{} finding(s) in {}; nothing was built:\n{}",
-            findings.len(),
-            opts.profile.display(),
-            list.join("\n")
-        )));
+    // Lint: the metadata rules now; the content rules see each file's head
+    // as the archive streams it (one read per file). Any metadata finding
+    // runs the whole lint at once, so every finding is reported together.
+    let clean = composed
+        .tree
+        .entries
+        .iter()
+        .all(|(p, e)| lint::metadata(p, e, &composed.allow_setuid).is_empty());
+    if !clean {
+        return Err(lint_failed(opts.profile, &composed.lint()?));
     }
     let Composed { profile, tree, .. } = composed;
     let version = match opts.version {
@@ -174,6 +175,7 @@ fn write_outputs(
     let mut artifact_tmp = temp_in(opts.out_dir)?;
     let total = archive::content_size(&tree);
     let archive_opts = archive::Options {
+        head: lint::scan_limit(),
         format: opts.format,
         level,
         workers: opts.workers,
@@ -185,9 +187,17 @@ fn write_outputs(
             inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
             prehash: opts.sign_key.map(|_| Prehasher::default()),
         };
-        let summary = archive::write(&tree, &mut sink, &archive_opts, &|done| {
-            progress(done, total)
-        })?;
+        let mut findings = Vec::new();
+        let summary = archive::write(
+            &tree,
+            &mut sink,
+            &archive_opts,
+            &|done| progress(done, total),
+            &mut |path, entry, head| findings.extend(lint::content(path, entry, head)),
+        )?;
+        if !findings.is_empty() {
+            return Err(lint_failed(opts.profile, &findings));
+        }
         let PrehashWriter { inner, prehash } = sink;
         inner
             .into_inner()
@@ -270,6 +280,17 @@ fn write_outputs(
         manifest,
         key_id: signed.map(|(_, id)| id),
     })
+}
+
+/// The error for a build that lint refused.
+fn lint_failed(profile: &Path, findings: &[lint::Finding]) -> Error {
+    let list: Vec<String> = findings.iter().map(|f| format!("  {f}")).collect();
+    Error::Lint(format!(
+        "{} finding(s) in {}; nothing was built:\n{}",
+        findings.len(),
+        profile.display(),
+        list.join("\n")
+    ))
 }
 
 fn temp_in(dir: &Path) -> Result<NamedTempFile> {

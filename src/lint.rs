@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{Kind, RelPath, Source, Tree};
+use crate::model::{Entry, Kind, RelPath, Source, Tree};
 
 /// How much of each file the content rules read. Secrets are small (keys,
 /// keystores, JWT secrets and mnemonics are all well under this).
@@ -35,63 +35,88 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// Lints `tree`; `allow_setuid` lists the paths overlays allow to be setuid/setgid.
+/// Lints `tree`, reading the head of every file; `allow_setuid` lists the
+/// paths overlays allow to be setuid/setgid. (`build` runs the same checks
+/// but feeds `content` from the archive's own single read of each file.)
 pub fn lint(tree: &Tree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
     for (path, entry) in &tree.entries {
-        let mut find = |rule: &'static str, message: String| {
-            out.push(Finding {
-                rule,
-                path: path.to_string(),
-                layer: entry.layer.clone(),
-                message,
-            });
-        };
-        match &entry.kind {
-            Kind::Dir => {
-                if entry.mode & 0o002 != 0 && entry.mode & 0o1000 == 0 {
-                    find(
-                        "world-writable",
-                        format!(
-                            "directory is world-writable ({:04o}) without the sticky bit",
-                            entry.mode
-                        ),
-                    );
-                }
-            }
-            Kind::Symlink { .. } => {}
-            Kind::File { source, .. } => {
-                if entry.mode & 0o002 != 0 {
-                    find(
-                        "world-writable",
-                        format!("file is world-writable ({:04o})", entry.mode),
-                    );
-                }
-                if entry.mode & 0o6000 != 0 && !allow_setuid.contains(path) {
-                    find(
-                        "setuid",
-                        format!(
-                            "file is setuid/setgid ({:04o}); list it in allow-setuid of its overlay if that is intended",
-                            entry.mode
-                        ),
-                    );
-                }
-                if let Some(why) = secret_name(path) {
-                    find("secret-name", why);
-                }
-                let head = read_head(source)?;
-                if let Some(why) = secret_content(&head) {
-                    find("secret-content", why);
-                }
-                if is_service_unit(path) {
-                    if let Some(why) = implicit_root(&head) {
-                        find("unit-root", why);
-                    }
-                }
-            }
+        out.extend(metadata(path, entry, allow_setuid));
+        if let Kind::File { source, .. } = &entry.kind {
+            out.extend(content(path, entry, &read_head(source)?));
         }
     }
     Ok(out)
+}
+
+/// How many bytes of a file the content rules look at.
+pub fn scan_limit() -> usize {
+    SCAN_LIMIT as usize
+}
+
+fn finding(rule: &'static str, path: &RelPath, entry: &Entry, message: String) -> Finding {
+    Finding {
+        rule,
+        path: path.to_string(),
+        layer: entry.layer.clone(),
+        message,
+    }
+}
+
+/// The rules that need no file content: modes, names.
+pub fn metadata(path: &RelPath, entry: &Entry, allow_setuid: &BTreeSet<RelPath>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut find = |rule, message| out.push(finding(rule, path, entry, message));
+    match &entry.kind {
+        Kind::Dir => {
+            if entry.mode & 0o002 != 0 && entry.mode & 0o1000 == 0 {
+                find(
+                    "world-writable",
+                    format!(
+                        "directory is world-writable ({:04o}) without the sticky bit",
+                        entry.mode
+                    ),
+                );
+            }
+        }
+        Kind::Symlink { .. } => {}
+        Kind::File { .. } => {
+            if entry.mode & 0o002 != 0 {
+                find(
+                    "world-writable",
+                    format!("file is world-writable ({:04o})", entry.mode),
+                );
+            }
+            if entry.mode & 0o6000 != 0 && !allow_setuid.contains(path) {
+                find(
+                    "setuid",
+                    format!(
+                        "file is setuid/setgid ({:04o}); list it in allow-setuid of its overlay if that is intended",
+                        entry.mode
+                    ),
+                );
+            }
+            if let Some(why) = secret_name(path) {
+                find("secret-name", why);
+            }
+        }
+    }
+    out
+}
+
+/// The rules that look at a regular file's first bytes (`head`, at most
+/// `scan_limit()` of them).
+pub fn content(path: &RelPath, entry: &Entry, head: &[u8]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if let Some(why) = secret_content(head) {
+        out.push(finding("secret-content", path, entry, why));
+    }
+    if is_service_unit(path) {
+        if let Some(why) = implicit_root(head) {
+            out.push(finding("unit-root", path, entry, why));
+        }
+    }
+    out
 }
 
 fn read_head(source: &Source) -> Result<Vec<u8>> {
@@ -172,6 +197,10 @@ fn secret_content(head: &[u8]) -> Option<String> {
         if line.starts_with("untrusted comment:") && line.contains("secret key") {
             return Some("contains a minisign or signify secret key".to_owned());
         }
+        // Only lines of a minisign (212) or signify (140) secret key's length.
+        if !matches!(line.len(), 140 | 212) {
+            continue;
+        }
         if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(line) {
             if raw.len() == 158 && raw.starts_with(b"Ed") && &raw[4..6] == b"B2" {
                 return Some("contains a minisign secret key".to_owned());
@@ -188,10 +217,11 @@ fn secret_content(head: &[u8]) -> Option<String> {
             "is a bare 64-hex-digit value, shaped like a JWT secret or private key".to_owned(),
         );
     }
-    if trimmed.starts_with('{') && is_keystore(trimmed) {
+    if trimmed.starts_with('{') && trimmed.contains("\"crypto\"") && is_keystore(trimmed) {
         return Some("is an EIP-2335 keystore (crypto.kdf/checksum/cipher)".to_owned());
     }
-    let words: Vec<&str> = trimmed.split_whitespace().collect();
+    // At most 25 words are looked at: anything longer is not a seed phrase.
+    let words: Vec<&str> = trimmed.split_whitespace().take(25).collect();
     if [12, 15, 18, 21, 24].contains(&words.len())
         && words
             .iter()
