@@ -168,6 +168,17 @@ impl Layer {
                     ),
                 ));
             }
+            // Templates see `a-b` as `a_b`: two names must not meet there.
+            let var = name.get_ref().replace('-', "_");
+            if let Some(other) = decls.keys().find(|k: &&String| k.replace('-', "_") == var) {
+                return Err(ctx.err(
+                    name.span(),
+                    format!(
+                        "parameters {other:?} and {:?} are both `{var}` in templates; rename one",
+                        name.get_ref()
+                    ),
+                ));
+            }
             decls.insert(name.get_ref().clone(), decl.clone());
         }
         let values = params.resolve(&decls, &toml_path, &text)?;
@@ -766,6 +777,15 @@ mod tests {
             assert!(err.contains(want), "{toml:?}: {err}");
             assert!(err.contains("overlay.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn parameters_that_meet_in_templates_are_refused() {
+        let (_d, layer) = overlay(
+            "[params.a-b]\ntype = \"string\"\ndefault = \"x\"\n[params.a_b]\ntype = \"string\"\ndefault = \"y\"\n",
+        );
+        let err = layer.unwrap_err().to_string();
+        assert!(err.contains("are both `a_b` in templates"), "{err}");
     }
 
     #[test]
