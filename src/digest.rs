@@ -44,19 +44,19 @@ impl FromStr for Sha256 {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("expected 64 lowercase hex digits, found {s:?}");
-        if s.len() != 64 {
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
             return Err(bad());
         }
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
-            let pair = &s[2 * i..2 * i + 2];
-            if pair
-                .bytes()
-                .any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+            let (hi, lo) = (digit(bytes[2 * i]), digit(bytes[2 * i + 1]));
+            *byte = hi.zip(lo).map(|(h, l)| h << 4 | l).ok_or_else(bad)?;
         }
         Ok(Sha256(out))
     }
@@ -176,6 +176,12 @@ mod tests {
         assert!("AB".repeat(32).parse::<Sha256>().is_err());
         assert!("ab".parse::<Sha256>().is_err());
         assert!("+b".repeat(32).parse::<Sha256>().is_err());
+        // Regression: a multi-byte character made the slicing panic.
+        assert!(
+            format!("a\u{e9}{}", "a".repeat(61))
+                .parse::<Sha256>()
+                .is_err()
+        );
     }
 
     #[test]

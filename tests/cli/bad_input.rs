@@ -290,6 +290,39 @@ fn escaping_symlink_in_root() {
     );
 }
 
+/// Regression: every link stayed inside on its own, but `esc -> up/..`
+/// through `up -> .` resolves to the root's parent; the chain crosses layers.
+#[test]
+fn symlink_chain_escaping_the_root_golden() {
+    let dir = repo();
+    write(&dir.path().join(PROFILE), TWO_LAYERS);
+    symlink(".", &dir.path().join("overlays/a/root/up"));
+    symlink("up/..", &dir.path().join("overlays/b/root/esc"));
+    assert_eq!(
+        dir.refused(),
+        "infrakit: profiles/p.toml: symlink esc -> up/.. (layer \"b\") resolves above the root; point it inside the tree"
+    );
+}
+
+/// Regression: a multi-byte character in a digest field panicked `inspect`.
+#[test]
+fn inspect_of_a_manifest_with_a_bad_digest_is_an_error_not_a_panic() {
+    let dir = tempdir();
+    let bad = format!(
+        "{{\"archive\":{{\"format\":\"tar.zst\",\"sha256\":\"a\u{e9}{}\",\"size\":1,\"tar_sha256\":\"{}\",\"tar_size\":1}},\"entries\":[],\"layers\":[],\"name\":\"p\",\"profile_sha256\":\"{}\",\"schema\":1,\"source_date_epoch\":0,\"version\":\"1.0.0\"}}\n",
+        "a".repeat(61),
+        "a".repeat(64),
+        "a".repeat(64)
+    );
+    write(&dir.path().join("p.manifest.json"), bad);
+    let run = infrakit(dir.path(), &["inspect", "p.manifest.json"]).expect_code(2);
+    assert!(
+        run.stderr.contains("expected 64 lowercase hex digits"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("panicked"), "{run:?}");
+}
+
 #[test]
 fn two_layer_conflict_golden() {
     let dir = repo();
