@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
-use crate::digest::{HashingWriter, Sha256};
+use crate::digest::{HashingReader, HashingWriter, Sha256};
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
 
@@ -30,12 +30,11 @@ impl Format {
         }
     }
 
+    /// The format whose extension is `s`.
     pub fn parse(s: &str) -> Option<Format> {
-        match s {
-            "tar.zst" | "zst" | "zstd" => Some(Format::TarZst),
-            "tar.gz" | "gz" | "gzip" => Some(Format::TarGz),
-            _ => None,
-        }
+        [Format::TarZst, Format::TarGz]
+            .into_iter()
+            .find(|f| f.extension() == s)
     }
 
     /// The default compression level.
@@ -82,6 +81,11 @@ pub struct Summary {
     pub files: Vec<Sha256>,
 }
 
+/// Errors while producing the archive stream name the artifact being written.
+fn artifact_error(action: &'static str) -> impl FnOnce(io::Error) -> Error {
+    Error::io(Path::new("<artifact>"), action)
+}
+
 fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
 }
@@ -105,7 +109,8 @@ pub fn tar_size(tree: &Tree) -> u64 {
     };
     let mut total = 2 * BLOCK;
     for (path, entry) in &tree.entries {
-        total += BLOCK + long(member_name(path, &entry.kind).len());
+        let name_len = path.as_str().len() + usize::from(entry.kind == Kind::Dir);
+        total += BLOCK + long(name_len);
         match &entry.kind {
             Kind::File { size, .. } => total += padded(*size),
             Kind::Symlink { target } => total += long(target.len()),
@@ -137,12 +142,7 @@ pub fn write<W: Write>(
 ) -> Result<Summary> {
     let out = HashingWriter::new(out);
     let pledged = tar_size(tree);
-    let sink = std::path::Path::new("<artifact>");
-    let io_err = |e: io::Error| Error::Io {
-        path: sink.to_path_buf(),
-        action: "compressing",
-        source: e,
-    };
+    let io_err = |e| artifact_error("compressing")(e);
     match opts.format {
         Format::TarZst => {
             let mut enc = zstd::stream::write::Encoder::new(out, opts.level).map_err(io_err)?;
@@ -174,9 +174,7 @@ fn finish<W: Write>(
     tar_size: u64,
 ) -> Result<Summary> {
     let (mut inner, sha256, size) = out.finish();
-    inner
-        .flush()
-        .map_err(Error::io(Path::new("<artifact>"), "writing"))?;
+    inner.flush().map_err(artifact_error("writing"))?;
     Ok(Summary {
         tar_sha256,
         tar_size,
@@ -205,11 +203,7 @@ fn write_tar<W: Write>(
     let mut done = 0u64;
     for (path, entry) in &tree.entries {
         let name = member_name(path, &entry.kind);
-        let werr = |e: io::Error| Error::Io {
-            path: Path::new("<artifact>").to_path_buf(),
-            action: "writing archive",
-            source: e,
-        };
+        let werr = |e| artifact_error("writing archive")(e);
         match &entry.kind {
             Kind::Dir => tar
                 .header(
@@ -271,7 +265,7 @@ fn write_tar<W: Write>(
     }
     tar.out
         .write_all(&[0u8; 2 * BLOCK as usize])
-        .map_err(Error::io(Path::new("<artifact>"), "writing archive"))?;
+        .map_err(artifact_error("writing archive"))?;
     let (out, sha, size) = tar.out.finish();
     Ok((out, files, sha, size))
 }
@@ -298,9 +292,8 @@ fn copy_file<W: Write>(
         head,
         head_limit,
     } = copy;
-    use sha2::Digest as _;
-    let mut file = File::open(src).map_err(Error::io(src, "opening for reading"))?;
-    let mut hasher = sha2::Sha256::new();
+    let file = File::open(src).map_err(Error::io(src, "opening for reading"))?;
+    let mut file = HashingReader::new(file);
     let mut left = size;
     while left > 0 {
         let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
@@ -313,7 +306,6 @@ fn copy_file<W: Write>(
                 "file shrank while the artifact was being built; build again",
             ));
         }
-        hasher.update(&buf[..n]);
         if head.len() < head_limit {
             let take = n.min(head_limit - head.len());
             head.extend_from_slice(&buf[..take]);
@@ -331,7 +323,7 @@ fn copy_file<W: Write>(
             "file grew while the artifact was being built; build again",
         ));
     }
-    Ok(Sha256::from_digest(hasher.finalize().into()))
+    Ok(file.finish().0)
 }
 
 struct TarWriter<W: Write> {
@@ -408,7 +400,7 @@ pub fn open(path: &Path) -> Result<Box<dyn Read>> {
 }
 
 /// Wraps `reader` in the decoder its first bytes call for.
-pub fn decoder<R: std::io::BufRead + 'static>(mut reader: R, path: &Path) -> Result<Box<dyn Read>> {
+fn decoder<R: std::io::BufRead + 'static>(mut reader: R, path: &Path) -> Result<Box<dyn Read>> {
     let head = reader
         .fill_buf()
         .map_err(Error::io(path, "reading artifact"))?;

@@ -18,10 +18,6 @@ impl Sha256 {
         Sha256(sha2::Sha256::digest(bytes).into())
     }
 
-    pub fn from_digest(bytes: [u8; 32]) -> Sha256 {
-        Sha256(bytes)
-    }
-
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

@@ -45,15 +45,6 @@ pub struct Built {
     pub key_id: Option<String>,
 }
 
-/// The trusted comment that binds a signature to a manifest.
-pub fn trusted_comment(
-    name: &str,
-    version: &str,
-    manifest_sha256: &crate::digest::Sha256,
-) -> String {
-    format!("name:{name} version:{version} manifest-sha256:{manifest_sha256}")
-}
-
 /// A profile composed into a tree, with what lint needs from the layers.
 pub struct Composed {
     pub profile: Profile,
@@ -94,25 +85,15 @@ pub fn compose_profile(path: &Path) -> Result<Composed> {
 
 /// Builds the artifact; `progress(done, total)` is told of content bytes written.
 pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Built> {
-    let composed = compose_profile(opts.profile)?;
-    // Lint: the metadata rules now; the content rules see each file's head
-    // as the archive streams it (one read per file). Any metadata finding
-    // runs the whole lint at once, so every finding is reported together.
-    let clean = composed
-        .tree
-        .entries
-        .iter()
-        .all(|(p, e)| lint::metadata(p, e, &composed.allow_setuid).is_empty());
-    if !clean {
-        return Err(lint_failed(opts.profile, &composed.lint()?));
-    }
-    let Composed { profile, tree, .. } = composed;
-    let version = match opts.version {
-        Some(v) => semver::Version::parse(v)
-            .map_err(|e| Error::usage("--release-version", format!("{v:?} is not semver: {e}")))?
-            .to_string(),
-        None => profile.version.to_string(),
-    };
+    // Flags first: nothing is read before they are known to be good.
+    let version_override = opts
+        .version
+        .map(|v| {
+            semver::Version::parse(v)
+                .map(|v| v.to_string())
+                .map_err(|e| Error::usage("--release-version", format!("{v:?} is not semver: {e}")))
+        })
+        .transpose()?;
     let level = opts.level.unwrap_or(opts.format.default_level());
     if !opts.format.levels().contains(&level) {
         let r = opts.format.levels();
@@ -126,6 +107,20 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
             ),
         ));
     }
+    let composed = compose_profile(opts.profile)?;
+    // Lint: the metadata rules now; the content rules see each file's head
+    // as the archive streams it (one read per file). Any metadata finding
+    // runs the whole lint at once, so every finding is reported together.
+    let clean = composed
+        .tree
+        .entries
+        .iter()
+        .all(|(p, e)| lint::metadata(p, e, &composed.allow_setuid).is_empty());
+    if !clean {
+        return Err(lint_failed(opts.profile, &composed.lint()?));
+    }
+    let Composed { profile, tree, .. } = composed;
+    let version = version_override.unwrap_or_else(|| profile.version.to_string());
     let source_date_epoch = opts
         .source_date_epoch
         .or(profile.source_date_epoch)
@@ -228,7 +223,12 @@ fn write_outputs(
 
     let signed = match (opts.sign_key, &prehash) {
         (Some(key), Some(prehash)) => {
-            let comment = trusted_comment(&profile.name, version, &manifest_sha256);
+            let comment = manifest::Binding {
+                name: profile.name.clone(),
+                version: version.to_owned(),
+                manifest_sha256,
+            }
+            .to_comment();
             Some((key.sign(prehash, &comment), key.public().key_id()))
         }
         _ => None,

@@ -88,6 +88,14 @@ impl Error {
     }
 }
 
+/// Parses strict TOML `text` read from `path`; errors carry `file:line:col`.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        Error::input_at_offset(path, text, offset, e.message().trim_end())
+    })
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());

@@ -189,6 +189,44 @@ impl Manifest {
     }
 }
 
+/// What a signature's trusted comment binds: the artifact's name and
+/// version and the manifest's digest, as
+/// `name:<name> version:<version> manifest-sha256:<hex>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub name: String,
+    pub version: String,
+    pub manifest_sha256: Sha256,
+}
+
+impl Binding {
+    pub fn to_comment(&self) -> String {
+        format!(
+            "name:{} version:{} manifest-sha256:{}",
+            self.name, self.version, self.manifest_sha256
+        )
+    }
+
+    /// Parses a trusted comment exactly as `to_comment` writes it.
+    pub fn parse(comment: &str) -> Result<Binding, String> {
+        let fields: Vec<&str> = comment.split(' ').collect();
+        let [name, version, digest] = fields[..] else {
+            return Err(format!("{comment:?} is not an infrakit trusted comment"));
+        };
+        let get = |field: &str, key: &str| {
+            field
+                .strip_prefix(key)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{comment:?} lacks {key}"))
+        };
+        Ok(Binding {
+            name: get(name, "name:")?,
+            version: get(version, "version:")?,
+            manifest_sha256: get(digest, "manifest-sha256:")?.parse()?,
+        })
+    }
+}
+
 /// `<name>.manifest.json`.
 pub fn file_name(name: &str) -> String {
     format!("{name}.manifest.json")
@@ -245,6 +283,19 @@ mod tests {
         let mut sorted = serde_json::to_vec(&value).unwrap();
         sorted.push(b'\n');
         assert_eq!(json, sorted);
+    }
+
+    #[test]
+    fn binding_round_trips_and_is_strict() {
+        let b = Binding {
+            name: "base".into(),
+            version: "1.2.3".into(),
+            manifest_sha256: Sha256::of(b"m"),
+        };
+        assert_eq!(Binding::parse(&b.to_comment()), Ok(b.clone()));
+        assert!(Binding::parse(&b.to_comment().replace(' ', "  ")).is_err());
+        assert!(Binding::parse(&format!("{} extra:1", b.to_comment())).is_err());
+        assert!(Binding::parse(&b.to_comment().to_uppercase()).is_err());
     }
 
     #[test]

@@ -145,10 +145,7 @@ impl Layer {
         let (file, text) = if toml_path.exists() {
             let text = std::fs::read_to_string(&toml_path)
                 .map_err(Error::io(&toml_path, "reading overlay.toml"))?;
-            let file: OverlayFile = toml::from_str(&text).map_err(|e| {
-                let offset = e.span().map_or(0, |s| s.start);
-                Error::input_at_offset(&toml_path, &text, offset, e.message().trim_end())
-            })?;
+            let file: OverlayFile = crate::error::parse_toml(&toml_path, &text)?;
             (file, text)
         } else {
             (OverlayFile::default(), String::new())

@@ -69,10 +69,7 @@ impl Profile {
 
     /// Parses profile `text` read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Profile> {
-        let file: ProfileFile = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            Error::input_at_offset(path, text, offset, e.message().trim_end())
-        })?;
+        let file: ProfileFile = crate::error::parse_toml(path, text)?;
         let at = |span: std::ops::Range<usize>, msg: String| {
             Error::input_at_offset(path, text, span.start, msg)
         };

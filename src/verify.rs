@@ -5,14 +5,13 @@
 //! manifest. Nothing is trusted before the check that covers it.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::archive;
 use crate::digest::{HashingReader, Sha256};
-use crate::emit;
 use crate::error::{Error, Result};
-use crate::manifest::{EntryType, Manifest, ManifestEntry};
+use crate::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing.
@@ -84,9 +83,9 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
         .signature
         .map_or_else(|| signature_beside(artifact), Path::to_path_buf);
 
-    if let Err(e) = std::fs::metadata(artifact) {
-        return Err(Error::io(artifact, "opening artifact")(e));
-    }
+    // The artifact is opened first: a missing artifact is an I/O error, not
+    // a missing signature.
+    let artifact_file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
     let sig_bytes = match std::fs::read(&sig_path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -101,12 +100,12 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
         .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
     let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
 
-    let (prehash, sha256, size) = hash_file(artifact, progress)?;
+    let (prehash, sha256, size) = hash_file(artifact_file, artifact, progress)?;
     let key = signature
         .verify(opts.keys, &prehash)
         .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
 
-    let claimed = parse_trusted_comment(signature.trusted_comment())
+    let claimed = Binding::parse(signature.trusted_comment())
         .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
     let manifest_sha = Sha256::of(&manifest_bytes);
     if claimed.manifest_sha256 != manifest_sha {
@@ -122,9 +121,7 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
             manifest_path.display()
         ))
     })?;
-    if emit::trusted_comment(&manifest.name, &manifest.version, &manifest_sha)
-        != signature.trusted_comment()
-    {
+    if (&claimed.name, &claimed.version) != (&manifest.name, &manifest.version) {
         return Err(Error::check(format!(
             "{}: signed name/version ({} {}) differ from the manifest's ({} {})",
             sig_path.display(),
@@ -150,30 +147,6 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
     })
 }
 
-struct Claimed {
-    name: String,
-    version: String,
-    manifest_sha256: Sha256,
-}
-
-fn parse_trusted_comment(comment: &str) -> Result<Claimed, String> {
-    let fields: Vec<&str> = comment.split(' ').collect();
-    let [name, version, digest] = fields[..] else {
-        return Err(format!("{comment:?} is not an infrakit trusted comment"));
-    };
-    let get = |field: &str, key: &str| {
-        field
-            .strip_prefix(key)
-            .map(str::to_owned)
-            .ok_or_else(|| format!("{comment:?} lacks {key}"))
-    };
-    Ok(Claimed {
-        name: get(name, "name:")?,
-        version: get(version, "version:")?,
-        manifest_sha256: get(digest, "manifest-sha256:")?.parse()?,
-    })
-}
-
 fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(Error::io(path, "opening manifest"))?;
     let mut bytes = Vec::new();
@@ -190,8 +163,11 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 }
 
 /// BLAKE2b-512 prehash, SHA-256 and size of a file, in one pass.
-fn hash_file(path: &Path, progress: &dyn Fn(u64, u64)) -> Result<([u8; 64], Sha256, u64)> {
-    let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
+fn hash_file(
+    file: File,
+    path: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<([u8; 64], Sha256, u64)> {
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = HashingReader::new(file);
     let mut prehash = Prehasher::default();
@@ -215,14 +191,7 @@ fn hash_file(path: &Path, progress: &dyn Fn(u64, u64)) -> Result<([u8; 64], Sha2
 /// Streams the archive and compares every member with the manifest, in order.
 fn check_entries(artifact: &Path, manifest: &Manifest) -> Result<()> {
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
-    let decoder = archive::decoder(
-        BufReader::with_capacity(
-            1 << 20,
-            File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?,
-        ),
-        artifact,
-    )?;
-    let mut tar_stream = HashingReader::new(decoder);
+    let mut tar_stream = HashingReader::new(archive::open(artifact)?);
     let mut expected = manifest.entries.iter();
     {
         let mut tar = tar::Archive::new(&mut tar_stream);
