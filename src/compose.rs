@@ -93,7 +93,15 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
     add_firewall(profile, layers, &mut tree)?;
     for (path, entry) in &tree.entries {
         if let Kind::Symlink { target } = &entry.kind {
-            if let Err(why) = resolve_inside(&tree, path, target) {
+            if let Err(why) =
+                crate::model::resolve_symlink(path, target, |p| match tree.entries.get(p) {
+                    Some(Entry {
+                        kind: Kind::Symlink { target },
+                        ..
+                    }) => Some(target.as_str()),
+                    _ => None,
+                })
+            {
                 return Err(fail(format!(
                     "symlink {path} -> {target} (layer {:?}) {why}; point it inside the tree",
                     entry.layer
@@ -123,59 +131,6 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
         }
     }
     Ok(tree)
-}
-
-/// Follows `target` from `link`'s directory through the composed tree,
-/// resolving every symlink on the way as the kernel would (relative ones from
-/// their own directory, absolute ones from the root). Fails if the walk ever
-/// rises above the root, or loops. Each layer checks its own links lexically;
-/// this catches chains (`up -> .`, `esc -> up/..`) across links and layers.
-fn resolve_inside(tree: &Tree, link: &RelPath, target: &str) -> Result<(), String> {
-    const MAX_HOPS: usize = 40;
-    type Parts = std::collections::VecDeque<String>;
-    fn push_target(dir: &mut Vec<String>, pending: &mut Parts, target: &str) {
-        if target.starts_with('/') {
-            dir.clear();
-        }
-        for part in target.split('/').rev() {
-            pending.push_front(part.to_owned());
-        }
-    }
-    let mut dir: Vec<String> = link
-        .parent()
-        .map(|p| p.as_str().split('/').map(str::to_owned).collect())
-        .unwrap_or_default();
-    let mut pending = Parts::new();
-    push_target(&mut dir, &mut pending, target);
-    let mut hops = 0;
-    while let Some(part) = pending.pop_front() {
-        match part.as_str() {
-            "" | "." => {}
-            ".." => {
-                if dir.pop().is_none() {
-                    return Err("resolves above the root".to_owned());
-                }
-            }
-            name => {
-                dir.push(name.to_owned());
-                let here = RelPath::new(&dir.join("/"))
-                    .map_err(|m| format!("has a bad component: {m}"))?;
-                if let Some(Entry {
-                    kind: Kind::Symlink { target: next },
-                    ..
-                }) = tree.entries.get(&here)
-                {
-                    hops += 1;
-                    if hops > MAX_HOPS {
-                        return Err("goes through a symlink loop".to_owned());
-                    }
-                    dir.pop();
-                    push_target(&mut dir, &mut pending, next);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Where the generated nftables ruleset goes.

@@ -695,7 +695,7 @@ fn render_template(path: &Path, values: &BTreeMap<String, Value>) -> Result<Vec<
 }
 
 fn check_symlink(path: &RelPath, target: &str) -> Result<(), String> {
-    if model::symlink_stays_inside(path, target) {
+    if model::resolve_symlink(path, target, |_| None).is_ok() {
         Ok(())
     } else {
         Err(format!(
