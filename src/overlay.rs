@@ -194,17 +194,7 @@ impl Layer {
             .follow_links(false)
             .sort_by_file_name();
         for item in walk {
-            let item = item.map_err(|e| {
-                let path = e.path().unwrap_or(root).to_path_buf();
-                let io = e
-                    .into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("filesystem loop"));
-                Error::Io {
-                    path,
-                    action: "walking overlay",
-                    source: io,
-                }
-            })?;
+            let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
             let full = item.path();
             let rel = full.strip_prefix(root).unwrap_or(full);
             let Some(rel_str) = rel.to_str() else {
@@ -218,13 +208,9 @@ impl Layer {
                 .filter(|_| item.file_type().is_file());
             let path =
                 RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
-            let meta = item.metadata().map_err(|e| Error::Io {
-                path: full.to_path_buf(),
-                action: "reading metadata",
-                source: e
-                    .into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("loop")),
-            })?;
+            let meta = item
+                .metadata()
+                .map_err(|e| walk_error(e, full, "reading metadata"))?;
             let ft = meta.file_type();
             let (kind, mode) = if ft.is_dir() {
                 (Kind::Dir, model::DIR_MODE)
@@ -654,6 +640,19 @@ impl Layer {
             entry.gid = g;
         }
         Ok(())
+    }
+}
+
+/// A walkdir error as an I/O error on the path it names (else `fallback`).
+fn walk_error(e: walkdir::Error, fallback: &Path, action: &'static str) -> Error {
+    let path = e.path().unwrap_or(fallback).to_path_buf();
+    let source = e
+        .into_io_error()
+        .unwrap_or_else(|| std::io::Error::other("filesystem loop"));
+    Error::Io {
+        path,
+        action,
+        source,
     }
 }
 

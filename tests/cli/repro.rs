@@ -311,39 +311,51 @@ fn source_date_epoch_and_release_version() {
         dates
     };
 
+    // One build of `profile` into `out` with SOURCE_DATE_EPOCH as given
+    // (None: unset), checked to record `epoch` in its manifest and `date` as
+    // every member's mtime.
+    let dated = |profile: &str, out: &str, sde: Option<&str>, epoch: u64, date: &str| {
+        let env: Vec<(&str, &str)> = sde.map(|v| ("SOURCE_DATE_EPOCH", v)).into_iter().collect();
+        let dir = build(&format!("profiles/{profile}.toml"), out, &[], &env);
+        let m = manifest_json(&dir.join(format!("{profile}.manifest.json")));
+        assert_eq!(m["source_date_epoch"], epoch, "{out}");
+        assert_eq!(
+            mtimes(&dir.join(format!("{profile}.tar.zst"))),
+            [date],
+            "{out}"
+        );
+        (dir, m)
+    };
+
     // The profile's value: 1700000000 = 2023-11-14 22:13:20 UTC.
-    let from_profile = build("profiles/fixture.toml", "d-profile", &[], &[]);
-    let m = manifest_json(&from_profile.join("fixture.manifest.json"));
-    assert_eq!(m["source_date_epoch"], 1_700_000_000);
-    assert_eq!(m["version"], "1.2.3");
-    assert_eq!(
-        mtimes(&from_profile.join("fixture.tar.zst")),
-        ["2023-11-14 22:13:20"]
+    let (from_profile, m) = dated(
+        "fixture",
+        "d-profile",
+        None,
+        1_700_000_000,
+        "2023-11-14 22:13:20",
     );
+    assert_eq!(m["version"], "1.2.3");
 
     // An empty SOURCE_DATE_EPOCH counts as unset.
-    let empty = build(
-        "profiles/fixture.toml",
+    let (empty, _) = dated(
+        "fixture",
         "d-empty",
-        &[],
-        &[("SOURCE_DATE_EPOCH", "")],
+        Some(""),
+        1_700_000_000,
+        "2023-11-14 22:13:20",
     );
     for name in OUTPUTS {
         assert_same_bytes(&from_profile.join(name), &empty.join(name));
     }
 
     // The environment overrides it: 1800000000 = 2027-01-15 08:00:00 UTC.
-    let from_env = build(
-        "profiles/fixture.toml",
+    let (from_env, _) = dated(
+        "fixture",
         "d-env",
-        &[],
-        &[("SOURCE_DATE_EPOCH", "1800000000")],
-    );
-    let m = manifest_json(&from_env.join("fixture.manifest.json"));
-    assert_eq!(m["source_date_epoch"], 1_800_000_000);
-    assert_eq!(
-        mtimes(&from_env.join("fixture.tar.zst")),
-        ["2027-01-15 08:00:00"]
+        Some("1800000000"),
+        1_800_000_000,
+        "2027-01-15 08:00:00",
     );
     for name in OUTPUTS {
         assert_ne!(
@@ -353,33 +365,27 @@ fn source_date_epoch_and_release_version() {
         );
     }
     // ...and the environment set to the profile's own value changes nothing.
-    let same = build(
-        "profiles/fixture.toml",
+    let (same, _) = dated(
+        "fixture",
         "d-same",
-        &[],
-        &[("SOURCE_DATE_EPOCH", "1700000000")],
+        Some("1700000000"),
+        1_700_000_000,
+        "2023-11-14 22:13:20",
     );
     for name in OUTPUTS {
         assert_same_bytes(&from_profile.join(name), &same.join(name));
     }
 
     // Neither: 0.
-    let neither = build("profiles/nosde.toml", "d-zero", &[], &[]);
-    let m = manifest_json(&neither.join("nosde.manifest.json"));
-    assert_eq!(m["source_date_epoch"], 0);
-    assert_eq!(
-        mtimes(&neither.join("nosde.tar.zst")),
-        ["1970-01-01 00:00:00"]
-    );
+    dated("nosde", "d-zero", None, 0, "1970-01-01 00:00:00");
     // The environment applies to a profile without a value too.
-    let env_only = build(
-        "profiles/nosde.toml",
+    dated(
+        "nosde",
         "d-env-only",
-        &[],
-        &[("SOURCE_DATE_EPOCH", "1800000000")],
+        Some("1800000000"),
+        1_800_000_000,
+        "2027-01-15 08:00:00",
     );
-    let m = manifest_json(&env_only.join("nosde.manifest.json"));
-    assert_eq!(m["source_date_epoch"], 1_800_000_000);
 
     // --release-version: the manifest's version and the signed trusted
     // comment (read back by stock minisign) both say 2.0.0.
