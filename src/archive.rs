@@ -4,7 +4,7 @@
 //! Never reads the clock: mtime comes in as a parameter.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use crate::digest::{HashingReader, HashingWriter, Sha256};
@@ -40,7 +40,7 @@ impl Format {
     /// The default compression level.
     pub fn default_level(self) -> i32 {
         match self {
-            Format::TarZst => 9,
+            Format::TarZst => 8,
             Format::TarGz => 6,
         }
     }
@@ -98,6 +98,16 @@ fn member_name(path: &RelPath, kind: &Kind) -> String {
     }
 }
 
+/// The zstd job size for `level`: 2 MiB up to level 8 (the default), which
+/// bounds zstd's buffers to a few MiB per worker (its own default, four
+/// windows, is 8-16 MiB per job, and several jobs are buffered); from level
+/// 9 on, zstd's default, because there 2 MiB jobs cost more time than the
+/// pipeline takes (docs/benchmarks.md) and the match tables dominate memory
+/// anyway. Fixed either way, so the bytes never depend on the worker count.
+fn job_size(level: i32) -> Option<u32> {
+    (level <= 8).then_some(2 << 20)
+}
+
 /// The exact size of the tar stream for `tree` (needed by zstd's pledged size).
 pub fn tar_size(tree: &Tree) -> u64 {
     let long = |len: usize| {
@@ -148,6 +158,10 @@ pub fn write<W: Write>(
             let mut enc = zstd::stream::write::Encoder::new(out, opts.level).map_err(io_err)?;
             enc.multithread(opts.workers.max(1)).map_err(io_err)?;
             enc.include_checksum(true).map_err(io_err)?;
+            if let Some(size) = job_size(opts.level) {
+                enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(size))
+                    .map_err(io_err)?;
+            }
             enc.include_contentsize(true).map_err(io_err)?;
             enc.set_pledged_src_size(Some(pledged)).map_err(io_err)?;
             let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts, progress, inspect)?;
@@ -244,14 +258,15 @@ fn write_tar<W: Write>(
                         inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
                         Sha256::of(bytes)
                     }
-                    Source::Path(src) => {
+                    Source::Overlay(root) => {
+                        let src = root.join(path.as_str());
                         head.clear();
                         let copy = Copy {
                             buf: &mut buf,
                             head: &mut head,
                             head_limit: opts.head,
                         };
-                        let digest = copy_file(src, *size, &mut tar.out, copy, werr)?;
+                        let digest = copy_file(&src, *size, &mut tar.out, copy, werr)?;
                         inspect(path, entry, &head);
                         digest
                     }
@@ -396,11 +411,13 @@ impl<W: Write> TarWriter<W> {
 /// Opens a compressed tar for streaming, choosing the decoder by magic bytes.
 pub fn open(path: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
-    decoder(BufReader::with_capacity(COPY_BUF, file), path)
+    decode(file, path)
 }
 
-/// Wraps `reader` in the decoder its first bytes call for.
-fn decoder<R: std::io::BufRead + 'static>(mut reader: R, path: &Path) -> Result<Box<dyn Read>> {
+/// Wraps the compressed tar `file` (read from `path`) in the decoder its
+/// first bytes call for.
+pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read>> {
+    let mut reader = BufReader::with_capacity(COPY_BUF, file);
     let head = reader
         .fill_buf()
         .map_err(Error::io(path, "reading artifact"))?;

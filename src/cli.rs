@@ -32,7 +32,7 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FormatArg {
-    /// zstd-compressed tar (default level 9)
+    /// zstd-compressed tar (default level 8)
     #[value(name = "tar.zst")]
     TarZst,
     /// gzip-compressed tar (default level 6)
@@ -76,7 +76,7 @@ pub enum Command {
         /// Archive format.
         #[arg(long, value_enum, default_value = "tar.zst")]
         format: FormatArg,
-        /// Compression level (zstd 1-22, default 9; gzip 0-9, default 6).
+        /// Compression level (zstd 1-22, default 8; gzip 0-9, default 6).
         #[arg(long, value_name = "N", allow_negative_numbers = true)]
         level: Option<i32>,
         /// Version to record instead of the profile's (semver).

@@ -7,10 +7,22 @@ use crate::error::{Error, Result};
 use crate::firewall;
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
 use crate::overlay::Layer;
+use std::sync::Arc;
 
 /// Where a composition error is reported: the profile that asked for it.
-pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
+/// Takes the layers by value and moves their entries, so the layers and the
+/// tree are never both whole in memory.
+pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
     let fail = |msg: String| Error::input(profile, msg);
+    let ports: Vec<_> = layers
+        .iter()
+        .flat_map(|l| l.ports.iter().cloned())
+        .collect();
+    let port_owner = layers
+        .iter()
+        .rev()
+        .find(|l| !l.ports.is_empty())
+        .map(|l| Arc::clone(&l.name));
     let mut tree = Tree::default();
     for layer in layers {
         // Check every removal against the lower layers first, so a removal
@@ -36,9 +48,9 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
                 tree.entries.remove(&p);
             }
         }
-        for (path, upper) in &layer.entries {
-            let Some(lower) = tree.entries.get(path) else {
-                if let Some(at) = layer.replace.get(path) {
+        for (path, upper) in layer.entries {
+            let Some(lower) = tree.entries.get(&path) else {
+                if let Some(at) = layer.replace.get(&path) {
                     return Err(Error::Input {
                         location: at.clone(),
                         message: format!(
@@ -46,10 +58,10 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
                         ),
                     });
                 }
-                tree.entries.insert(path.clone(), upper.clone());
+                tree.entries.insert(path, upper);
                 continue;
             };
-            let replaces = layer.replace.contains_key(path);
+            let replaces = layer.replace.contains_key(&path);
             let both_dirs = lower.kind == Kind::Dir && upper.kind == Kind::Dir;
             if (lower.kind == Kind::Dir) != (upper.kind == Kind::Dir) {
                 return Err(fail(format!(
@@ -62,7 +74,7 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
             }
             if both_dirs {
                 let same = (lower.mode, lower.uid, lower.gid) == (upper.mode, upper.uid, upper.gid);
-                if same || !layer.explicit.contains(path) {
+                if same || !layer.explicit.contains(&path) {
                     continue;
                 }
                 if !replaces {
@@ -87,10 +99,12 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
                     lower.layer, layer.name, layer.name
                 )));
             }
-            tree.entries.insert(path.clone(), upper.clone());
+            tree.entries.insert(path, upper);
         }
     }
-    add_firewall(profile, layers, &mut tree)?;
+    if let Some(owner) = port_owner {
+        add_firewall(profile, &ports, owner, &mut tree)?;
+    }
     for (path, entry) in &tree.entries {
         if let Kind::Symlink { target } = &entry.kind {
             if let Err(why) =
@@ -136,17 +150,15 @@ pub fn compose(profile: &std::path::Path, layers: &[Layer]) -> Result<Tree> {
 /// Where the generated nftables ruleset goes.
 pub const FIREWALL_PATH: &str = "etc/infrakit/firewall.nft";
 
-/// Renders the ports of all layers into one ruleset, attributed to the
-/// topmost layer that declares ports.
-fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) -> Result<()> {
-    let ports: Vec<_> = layers
-        .iter()
-        .flat_map(|l| l.ports.iter().cloned())
-        .collect();
-    let Some(owner) = layers.iter().rev().find(|l| !l.ports.is_empty()) else {
-        return Ok(());
-    };
-    let merged = firewall::merge(&ports).map_err(|m| Error::input(profile, m))?;
+/// Renders the ports of all layers into one ruleset, attributed to `owner`,
+/// the topmost layer that declares ports.
+fn add_firewall(
+    profile: &std::path::Path,
+    ports: &[firewall::Port],
+    owner: Arc<str>,
+    tree: &mut Tree,
+) -> Result<()> {
+    let merged = firewall::merge(ports).map_err(|m| Error::input(profile, m))?;
     let text = firewall::render(&merged);
     let path = RelPath::new(FIREWALL_PATH).expect("a valid constant path");
     if let Some(e) = tree.entries.get(&path) {
@@ -164,7 +176,7 @@ fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) ->
             mode: crate::model::DIR_MODE,
             uid: 0,
             gid: 0,
-            layer: owner.name.clone(),
+            layer: Arc::clone(&owner),
         });
     }
     tree.entries.insert(
@@ -177,7 +189,7 @@ fn add_firewall(profile: &std::path::Path, layers: &[Layer], tree: &mut Tree) ->
             mode: 0o644,
             uid: 0,
             gid: 0,
-            layer: owner.name.clone(),
+            layer: owner,
         },
     );
     Ok(())
@@ -194,7 +206,7 @@ mod tests {
 
     fn layer(name: &str, items: &[(&str, Kind, u32)]) -> Layer {
         let mut l = Layer {
-            name: name.to_owned(),
+            name: name.into(),
             ..Layer::default()
         };
         for (path, kind, mode) in items {
@@ -205,7 +217,7 @@ mod tests {
                     mode: *mode,
                     uid: 0,
                     gid: 0,
-                    layer: name.to_owned(),
+                    layer: name.into(),
                 },
             );
         }
@@ -220,7 +232,7 @@ mod tests {
     }
 
     fn compose_err(layers: &[Layer]) -> String {
-        compose(Path::new("p.toml"), layers)
+        compose(Path::new("p.toml"), layers.to_vec())
             .unwrap_err()
             .to_string()
     }
@@ -229,14 +241,14 @@ mod tests {
     fn dirs_merge_and_provenance_is_kept() {
         let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/a", file(), 0o644)]);
         let b = layer("b", &[("etc", Kind::Dir, 0o700), ("etc/b", file(), 0o644)]);
-        let t = compose(Path::new("p.toml"), &[a, b]).unwrap();
-        assert_eq!(t.entries[&p("etc")].layer, "a");
+        let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
+        assert_eq!(t.entries[&p("etc")].layer, "a".into());
         assert_eq!(
             t.entries[&p("etc")].mode,
             0o755,
             "implicit dir attrs do not override"
         );
-        assert_eq!(t.entries[&p("etc/b")].layer, "b");
+        assert_eq!(t.entries[&p("etc/b")].layer, "b".into());
     }
 
     #[test]
@@ -245,9 +257,9 @@ mod tests {
         let mut b = layer("b", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o600)]);
         assert!(compose_err(&[a.clone(), b.clone()]).contains("conflict at etc/x"));
         b.replace.insert(p("etc/x"), "b/overlay.toml:1:1".into());
-        let t = compose(Path::new("p.toml"), &[a, b]).unwrap();
+        let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
         assert_eq!(t.entries[&p("etc/x")].mode, 0o600);
-        assert_eq!(t.entries[&p("etc/x")].layer, "b");
+        assert_eq!(t.entries[&p("etc/x")].layer, "b".into());
     }
 
     #[test]
@@ -292,7 +304,7 @@ mod tests {
                 ("u", link("/etc/l"), 0o777),
             ],
         );
-        assert!(compose(Path::new("p.toml"), &[ok]).is_ok());
+        assert!(compose(Path::new("p.toml"), vec![ok]).is_ok());
     }
 
     #[test]

@@ -71,11 +71,11 @@ pub fn compose_profile(path: &Path) -> Result<Composed> {
         .flat_map(|l| l.params.iter().cloned())
         .collect();
     profile.params.check_all_declared(&declared)?;
-    let tree = compose::compose(path, &layers)?;
     let allow_setuid = layers
         .iter()
         .flat_map(|l| l.allow_setuid.iter().cloned())
         .collect();
+    let tree = compose::compose(path, layers)?;
     Ok(Composed {
         profile,
         tree,

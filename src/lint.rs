@@ -43,7 +43,7 @@ pub fn lint(tree: &Tree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding
     for (path, entry) in &tree.entries {
         out.extend(metadata(path, entry, allow_setuid));
         if let Kind::File { source, .. } = &entry.kind {
-            out.extend(content(path, entry, &read_head(source)?));
+            out.extend(content(path, entry, &read_head(path, source)?));
         }
     }
     Ok(out)
@@ -58,7 +58,7 @@ fn finding(rule: &'static str, path: &RelPath, entry: &Entry, message: String) -
     Finding {
         rule,
         path: path.to_string(),
-        layer: entry.layer.clone(),
+        layer: entry.layer.to_string(),
         message,
     }
 }
@@ -119,15 +119,16 @@ pub fn content(path: &RelPath, entry: &Entry, head: &[u8]) -> Vec<Finding> {
     out
 }
 
-fn read_head(source: &Source) -> Result<Vec<u8>> {
+fn read_head(path: &RelPath, source: &Source) -> Result<Vec<u8>> {
     match source {
         Source::Bytes(b) => Ok(b[..b.len().min(SCAN_LIMIT as usize)].to_vec()),
-        Source::Path(p) => {
-            let file = std::fs::File::open(p).map_err(Error::io(p, "opening for reading"))?;
+        Source::Overlay(root) => {
+            let p = root.join(path.as_str());
+            let file = std::fs::File::open(&p).map_err(Error::io(&p, "opening for reading"))?;
             let mut head = Vec::new();
             file.take(SCAN_LIMIT)
                 .read_to_end(&mut head)
-                .map_err(Error::io(p, "reading"))?;
+                .map_err(Error::io(&p, "reading"))?;
             Ok(head)
         }
     }

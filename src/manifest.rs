@@ -112,7 +112,11 @@ impl Manifest {
             .iter()
             .map(|l| LayerInfo {
                 name: l.name.clone(),
-                entries: tree.entries.values().filter(|e| e.layer == l.name).count() as u64,
+                entries: tree
+                    .entries
+                    .values()
+                    .filter(|e| *e.layer == *l.name)
+                    .count() as u64,
             })
             .collect();
         let mut digests = summary.files.iter().copied();
@@ -132,7 +136,7 @@ impl Manifest {
                 size,
                 sha256,
                 target,
-                layer: e.layer,
+                layer: e.layer.to_string(),
             });
         }
         Manifest {

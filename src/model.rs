@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 /// A normalised path relative to the rootfs: non-empty, `/`-separated, no
@@ -113,8 +113,10 @@ impl fmt::Debug for RelPath {
 /// Where a regular file's bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// A file in an overlay's `root/`, read once while the archive is written.
-    Path(PathBuf),
+    /// The file at the entry's own path under this overlay `root/` directory
+    /// (shared by all of the layer's files), read once while the archive is
+    /// written.
+    Overlay(Arc<Path>),
     /// Bytes made by the build itself (rendered templates, generated files).
     Bytes(Arc<[u8]>),
 }
@@ -144,8 +146,9 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    /// The layer that provided this entry, as the profile names it.
-    pub layer: String,
+    /// The layer that provided this entry, as the profile names it (one
+    /// shared string per layer).
+    pub layer: Arc<str>,
 }
 
 pub const DIR_MODE: u32 = 0o755;

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -70,7 +71,7 @@ struct SymlinkDecl {
 /// One overlay, loaded and checked on its own.
 #[derive(Clone, Debug, Default)]
 pub struct Layer {
-    pub name: String,
+    pub name: Arc<str>,
     pub entries: BTreeMap<RelPath, Entry>,
     /// Paths this layer replaces in lower layers, with where it says so.
     pub replace: BTreeMap<RelPath, String>,
@@ -138,7 +139,7 @@ impl Layer {
     /// `params` what the profile sets.
     pub fn load(name: &str, dir: &Path, params: &ProfileParams) -> Result<Layer> {
         let mut layer = Layer {
-            name: name.to_owned(),
+            name: name.into(),
             ..Layer::default()
         };
         let toml_path = dir.join("overlay.toml");
@@ -193,6 +194,7 @@ impl Layer {
             .min_depth(1)
             .follow_links(false)
             .sort_by_file_name();
+        let shared_root: Arc<Path> = Arc::from(root);
         for item in walk {
             let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
             let full = item.path();
@@ -224,7 +226,7 @@ impl Layer {
                     }
                 } else {
                     Kind::File {
-                        source: Source::Path(full.to_path_buf()),
+                        source: Source::Overlay(Arc::clone(&shared_root)),
                         size: meta.len(),
                     }
                 };
@@ -615,7 +617,7 @@ impl Layer {
             exposure,
             limit,
             description: decl.description.clone(),
-            layer: self.name.clone(),
+            layer: self.name.to_string(),
             location: ctx.location(decl.port.span()),
         })
     }

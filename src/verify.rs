@@ -1,8 +1,10 @@
-//! `verify`: the only way to obtain a `Verified` artifact. Order matters:
-//! the signature is checked first (by a trusted key), then the trusted
-//! comment against the manifest's digest, then the artifact's digest, and
-//! only then is the archive decompressed and every entry compared with the
-//! manifest. Nothing is trusted before the check that covers it.
+//! `authenticate`: the only way to obtain a `Verified` artifact. Order
+//! matters: the signature is checked first (by a trusted key), then the
+//! trusted comment against the manifest's digest, then the artifact's digest.
+//! Only then is the archive decompressed (`Verified::stream`), and every
+//! member is compared with the manifest as it streams past, before a sink
+//! (`verify` discards, `apply` extracts) sees it. Nothing is trusted before
+//! the check that covers it.
 
 use std::fs::File;
 use std::io::Read;
@@ -24,18 +26,39 @@ pub struct VerifyOptions<'a> {
     pub keys: &'a [PublicKey],
 }
 
-/// An artifact whose signature, manifest and every entry were checked.
-/// Only `verify` constructs one.
+/// An artifact whose signature, trusted comment, manifest and artifact
+/// digests were checked; its members are checked by `stream`. Only
+/// `authenticate` constructs one. It holds the artifact open, so `stream`
+/// reads the file that was authenticated even if the path is replaced.
 #[derive(Debug)]
 pub struct Verified {
     manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+    signature_bytes: Vec<u8>,
     key_id: String,
     artifact: PathBuf,
+    file: File,
 }
+
+/// Receives each member after its header matched the manifest entry. For a
+/// file, `content` yields its bytes; their digest is checked once the sink
+/// returns, so a sink that writes them must treat its output as unverified
+/// until `stream` succeeds.
+pub type Sink<'a> = dyn FnMut(&ManifestEntry, &mut dyn Read) -> Result<()> + 'a;
 
 impl Verified {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The manifest exactly as signed.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The `.minisig` file as read.
+    pub fn signature_bytes(&self) -> &[u8] {
+        &self.signature_bytes
     }
 
     pub fn key_id(&self) -> &str {
@@ -44,6 +67,21 @@ impl Verified {
 
     pub fn artifact(&self) -> &Path {
         &self.artifact
+    }
+
+    /// Streams the archive, checks every member against the manifest in
+    /// order (nothing missing, extra or duplicated; same type, mode, owner,
+    /// size, digest and link target; no other member types), hands each to
+    /// `sink`, and finally checks the tar stream's digest and size.
+    pub fn stream(&self, sink: &mut Sink<'_>) -> Result<()> {
+        let mut file = self
+            .file
+            .try_clone()
+            .map_err(Error::io(&self.artifact, "reopening artifact"))?;
+        std::io::Seek::rewind(&mut file)
+            .map_err(Error::io(&self.artifact, "rewinding artifact"))?;
+        let reader = archive::decode(file, &self.artifact)?;
+        check_entries(&self.artifact, reader, &self.manifest, sink)
     }
 }
 
@@ -67,8 +105,26 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Verifies an artifact; `progress(done, total)` is told of bytes hashed.
+/// Verifies an artifact and every member; `progress(done, total)` is told
+/// of bytes hashed.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
+    let verified = authenticate(opts, progress)?;
+    verified.stream(&mut |_, content| {
+        std::io::copy(content, &mut std::io::sink())
+            .map(drop)
+            .map_err(|e| {
+                Error::check(format!(
+                    "{}: reading content: {e}",
+                    verified.artifact.display()
+                ))
+            })
+    })?;
+    Ok(verified)
+}
+
+/// Checks the signature, trusted comment and both digests of an artifact,
+/// reading it once; the members are left for `Verified::stream`.
+pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
     if opts.keys.is_empty() {
         return Err(Error::usage(
             "--key",
@@ -100,7 +156,7 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
         .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
     let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
 
-    let (prehash, sha256, size) = hash_file(artifact_file, artifact, progress)?;
+    let (prehash, sha256, size) = hash_file(&artifact_file, artifact, progress)?;
     let key = signature
         .verify(opts.keys, &prehash)
         .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
@@ -139,11 +195,13 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
             manifest.archive.sha256
         )));
     }
-    check_entries(artifact, &manifest)?;
     Ok(Verified {
         manifest,
+        manifest_bytes,
+        signature_bytes: sig_bytes,
         key_id: key.key_id(),
         artifact: artifact.to_path_buf(),
+        file: artifact_file,
     })
 }
 
@@ -164,7 +222,7 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// BLAKE2b-512 prehash, SHA-256 and size of a file, in one pass.
 fn hash_file(
-    file: File,
+    file: &File,
     path: &Path,
     progress: &dyn Fn(u64, u64),
 ) -> Result<([u8; 64], Sha256, u64)> {
@@ -189,9 +247,14 @@ fn hash_file(
 }
 
 /// Streams the archive and compares every member with the manifest, in order.
-fn check_entries(artifact: &Path, manifest: &Manifest) -> Result<()> {
+fn check_entries(
+    artifact: &Path,
+    reader: Box<dyn Read>,
+    manifest: &Manifest,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
-    let mut tar_stream = HashingReader::new(archive::open(artifact)?);
+    let mut tar_stream = HashingReader::new(reader);
     let mut expected = manifest.entries.iter();
     {
         let mut tar = tar::Archive::new(&mut tar_stream);
@@ -205,8 +268,21 @@ fn check_entries(artifact: &Path, manifest: &Manifest) -> Result<()> {
             let Some(want) = expected.next() else {
                 return Err(fail(format!("{name}: extra member not in the manifest")));
             };
-            check_entry(&mut entry, &name, want, manifest.source_date_epoch)
+            check_header(&entry, &name, want, manifest.source_date_epoch)
                 .map_err(|m| fail(format!("{name}: {m}")))?;
+            let mut content = HashingReader::new(&mut entry);
+            sink(want, &mut content)?;
+            std::io::copy(&mut content, &mut std::io::sink())
+                .map_err(|e| fail(format!("{name}: reading content: {e}")))?;
+            let (digest, n) = content.finish();
+            if want.kind == EntryType::File && (Some(n) != want.size || Some(digest) != want.sha256)
+            {
+                return Err(fail(format!(
+                    "{name}: content is {n} bytes with sha256 {digest}, the manifest says {:?} bytes with {:?}",
+                    want.size,
+                    want.sha256.map(|d| d.to_string())
+                )));
+            }
         }
     }
     if let Some(missing) = expected.next() {
@@ -227,8 +303,10 @@ fn check_entries(artifact: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-fn check_entry<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
+/// Checks a member's header (type, name, mode, owner, mtime, size, link
+/// target) against its manifest entry.
+fn check_header<R: Read>(
+    entry: &tar::Entry<'_, R>,
     name: &str,
     want: &ManifestEntry,
     mtime: u64,
@@ -279,16 +357,6 @@ fn check_entry<R: Read>(
         EntryType::File => {
             if Some(size) != want.size {
                 return Err(format!("size {size}, the manifest says {:?}", want.size));
-            }
-            let mut hashing = HashingReader::new(&mut *entry);
-            std::io::copy(&mut hashing, &mut std::io::sink())
-                .map_err(|e| format!("reading content: {e}"))?;
-            let (digest, n) = hashing.finish();
-            if n != size || Some(digest) != want.sha256 {
-                return Err(format!(
-                    "content sha256 {digest}, the manifest says {:?}",
-                    want.sha256.map(|d| d.to_string())
-                ));
             }
         }
         EntryType::Symlink => {
