@@ -108,6 +108,50 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify an artifact against the keyring, then lay it down on a root and switch to it atomically.
+    Apply {
+        /// The artifact; its .minisig and manifest must lie beside it.
+        artifact: PathBuf,
+        /// The root to lay the release down on.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Directory of trusted minisign public keys (*.pub).
+        #[arg(long, value_name = "DIR", default_value = "/etc/infrakit/keys")]
+        keyring: PathBuf,
+        /// Print what would change (files, units, hooks) and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow a version that is not newer than the installed one, or another release name.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Move host files that are in the way aside (recorded under var/lib/infrakit/backups).
+        #[arg(long)]
+        adopt: bool,
+        /// How many releases to keep for rollback, the active one included (at least 2).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        retain: usize,
+    },
+    /// Reactivate the previous retained release, atomically.
+    Rollback {
+        /// The root whose release to roll back.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Print what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the active release and drift from it; exit 1 on drift, missing secrets or an interrupted activation.
+    Status {
+        /// The root to check.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write Prometheus node_exporter textfile metrics here, atomically.
+        #[arg(long, value_name = "PATH")]
+        textfile: Option<PathBuf>,
+    },
     /// Show an artifact's (or manifest's) name, version, digests, layers and entries. Does not verify.
     Inspect {
         /// An artifact or a .manifest.json.
@@ -183,6 +227,32 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         ),
         Command::Inspect { path, json } => commands::inspect(&path, json),
+        Command::Apply {
+            artifact,
+            root,
+            keyring,
+            dry_run,
+            allow_downgrade,
+            adopt,
+            retain,
+        } => commands::apply(
+            &ui,
+            &artifact,
+            &root,
+            &keyring,
+            &crate::apply::ApplyOptions {
+                dry_run,
+                allow_downgrade,
+                adopt,
+                retain,
+            },
+        ),
+        Command::Rollback { root, dry_run } => commands::rollback(&ui, &root, dry_run),
+        Command::Status {
+            root,
+            json,
+            textfile,
+        } => commands::status(&root, json, textfile.as_deref()),
         Command::Lint { profile, json } => commands::lint(&ui, &profile, json),
     }
 }

@@ -36,9 +36,10 @@ impl Ui {
         bar
     }
 
+    /// A line on stdout; a closed pipe (`| head`) is not an error.
     fn say(&self, line: impl std::fmt::Display) {
         if !self.quiet {
-            println!("{line}");
+            let _ = writeln!(std::io::stdout(), "{line}");
         }
     }
 }
@@ -301,4 +302,193 @@ pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
             profile.display()
         )))
     }
+}
+
+/// The trusted keys: every `*.pub` in `dir`, in name order.
+fn load_keyring(dir: &Path) -> Result<Vec<PublicKey>> {
+    let refuse = |why: &str| {
+        Error::Refused(format!(
+            "{}: {why}; install the release public key there as <name>.pub",
+            dir.display()
+        ))
+    };
+    let list = match std::fs::read_dir(dir) {
+        Ok(list) => list,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(refuse("no keyring"));
+        }
+        Err(e) => return Err(Error::io(dir, "reading keyring")(e)),
+    };
+    let mut paths = list
+        .map(|i| i.map(|i| i.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(Error::io(dir, "reading keyring"))?;
+    paths.retain(|p| p.extension().is_some_and(|e| e == "pub"));
+    paths.sort();
+    if paths.is_empty() {
+        return Err(refuse("no trusted keys (*.pub)"));
+    }
+    paths.iter().map(|p| PublicKey::load(p)).collect()
+}
+
+fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path) {
+    let commands: Vec<_> = hooks.before().into_iter().chain(hooks.after()).collect();
+    if commands.is_empty() {
+        return;
+    }
+    if ran {
+        ui.say("hooks run:");
+    } else {
+        ui.say(format_args!(
+            "hooks (not run: {} is not the live system; run them when it is):",
+            root.display()
+        ));
+    }
+    for c in commands {
+        ui.say(format_args!("  {}", c.join(" ")));
+    }
+}
+
+fn print_plan(ui: &Ui, plan: &crate::apply::Plan) {
+    if ui.quiet {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = crate::apply::describe(plan, &mut out);
+}
+
+pub fn apply(
+    ui: &Ui,
+    artifact: &Path,
+    root: &Path,
+    keyring: &Path,
+    opts: &crate::apply::ApplyOptions,
+) -> Result<()> {
+    use crate::apply::Outcome;
+    let keys = load_keyring(keyring)?;
+    let manifest = verify::manifest_beside(artifact);
+    if artifact.exists() && manifest.symlink_metadata().is_err() {
+        return Err(Error::Refused(format!(
+            "{}: no manifest beside the artifact (was it renamed? apply it under its signed name)",
+            manifest.display()
+        )));
+    }
+    let bar = ui.bar("verifying");
+    let verified = verify::authenticate(
+        &VerifyOptions {
+            artifact,
+            manifest: None,
+            signature: None,
+            keys: &keys,
+        },
+        &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    );
+    bar.finish_and_clear();
+    let verified = verified?;
+    let state = crate::state::State::new(root);
+    match crate::apply::apply(&state, &verified, opts)? {
+        Outcome::DryRun { id, plan } => {
+            ui.say(format_args!(
+                "dry run: would activate {id} on {} (signed by key {})",
+                root.display(),
+                verified.key_id()
+            ));
+            print_plan(ui, &plan);
+            print_hooks(ui, &plan.hooks, false, root);
+        }
+        Outcome::AlreadyActive { id } => {
+            ui.say(format_args!("{id} is already active on {}", root.display()));
+        }
+        Outcome::Activated {
+            id,
+            from,
+            plan,
+            hooks_run,
+        } => {
+            ui.say(format_args!(
+                "activated {id} on {} (was {}; signed by key {}): {} added, {} changed, {} removed",
+                root.display(),
+                from.as_deref().unwrap_or("nothing"),
+                verified.key_id(),
+                plan.added.len(),
+                plan.changed.len(),
+                plan.removed.len()
+            ));
+            print_hooks(ui, &plan.hooks, hooks_run, root);
+        }
+    }
+    Ok(())
+}
+
+pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
+    use crate::apply::Outcome;
+    let state = crate::state::State::new(root);
+    match crate::apply::rollback(&state, dry_run)? {
+        Outcome::DryRun { id, plan } => {
+            ui.say(format_args!("dry run: would roll back to {id}"));
+            print_plan(ui, &plan);
+            print_hooks(ui, &plan.hooks, false, root);
+        }
+        Outcome::AlreadyActive { id } => ui.say(format_args!("{id} is already active")),
+        Outcome::Activated {
+            id,
+            from,
+            plan,
+            hooks_run,
+        } => {
+            ui.say(format_args!(
+                "rolled back {} to {id} on {}",
+                from.as_deref().unwrap_or("nothing"),
+                root.display()
+            ));
+            print_hooks(ui, &plan.hooks, hooks_run, root);
+        }
+    }
+    Ok(())
+}
+
+pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
+    let state = crate::state::State::new(root);
+    let report = crate::status::status(&state)?;
+    if let Some(path) = textfile {
+        crate::status::write_textfile(path, &report)?;
+    }
+    let ui = Ui { quiet: false };
+    if json {
+        ui.say(serde_json::to_string(&report).expect("the report serialises"));
+    } else {
+        match &report.release {
+            Some(r) => ui.say(format_args!(
+                "active: {} {} (sha256 {}, key {}), release {}",
+                r.name, r.version, r.sha256, r.key_id, r.id
+            )),
+            None => ui.say(format_args!("active: no release on {}", root.display())),
+        }
+        ui.say(format_args!("retained: {}", report.retained.join(", ")));
+        if let Some(i) = &report.interrupted {
+            ui.say(format_args!("interrupted: {i}"));
+        }
+        ui.say(format_args!("drift: {} path(s)", report.drift.len()));
+        for d in &report.drift {
+            ui.say(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
+        }
+        ui.say("secret slots: none declared");
+    }
+    if report.healthy() {
+        return Ok(());
+    }
+    Err(Error::Unhealthy(format!(
+        "{}: {} drifted path(s), {} missing secret(s){}",
+        root.display(),
+        report.drift.len(),
+        report.missing_secrets.len(),
+        if report.interrupted.is_some() {
+            ", an interrupted activation"
+        } else {
+            ""
+        }
+    )))
 }

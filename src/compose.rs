@@ -106,8 +106,8 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
         add_firewall(profile, &ports, owner, &mut tree)?;
     }
     for (path, entry) in &tree.entries {
-        if let Kind::Symlink { target } = &entry.kind {
-            if let Err(why) =
+        if let Kind::Symlink { target } = &entry.kind
+            && let Err(why) =
                 crate::model::resolve_symlink(path, target, |p| match tree.entries.get(p) {
                     Some(Entry {
                         kind: Kind::Symlink { target },
@@ -115,12 +115,11 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                     }) => Some(target.as_str()),
                     _ => None,
                 })
-            {
-                return Err(fail(format!(
-                    "symlink {path} -> {target} (layer {:?}) {why}; point it inside the tree",
-                    entry.layer
-                )));
-            }
+        {
+            return Err(fail(format!(
+                "symlink {path} -> {target} (layer {:?}) {why}; point it inside the tree",
+                entry.layer
+            )));
         }
     }
     for (path, entry) in &tree.entries {

@@ -25,6 +25,13 @@ pub enum Error {
     /// Lint found problems in what would be built.
     #[error("lint: {0}")]
     Lint(String),
+    /// A host operation refused: a downgrade, a conflict, nothing to roll back.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A host is not what its release says (drift, missing secrets, an
+    /// interrupted activation).
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,7 +40,7 @@ impl Error {
     /// The process exit code for this error: 1 for a failed check, 2 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Check(_) | Error::Lint(_) => 1,
+            Error::Check(_) | Error::Lint(_) | Error::Refused(_) | Error::Unhealthy(_) => 1,
             Error::Io { .. } | Error::Input { .. } => 2,
         }
     }

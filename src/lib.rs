@@ -11,6 +11,11 @@ pub mod emit;
 pub mod lint;
 pub mod verify;
 
+pub mod apply;
+pub mod hooks;
+pub mod state;
+pub mod status;
+
 pub mod archive;
 pub mod manifest;
 pub mod sign;

@@ -111,10 +111,10 @@ pub fn content(path: &RelPath, entry: &Entry, head: &[u8]) -> Vec<Finding> {
     if let Some(why) = secret_content(head) {
         out.push(finding("secret-content", path, entry, why));
     }
-    if is_service_unit(path) {
-        if let Some(why) = implicit_root(head) {
-            out.push(finding("unit-root", path, entry, why));
-        }
+    if is_service_unit(path)
+        && let Some(why) = implicit_root(head)
+    {
+        out.push(finding("unit-root", path, entry, why));
     }
     out
 }

@@ -593,13 +593,13 @@ impl Layer {
             }
             _ => return Err(ctx.err(decl.port.span(), "give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]")),
         };
-        if let Some(d) = &decl.description {
-            if d.chars().any(char::is_control) {
-                return Err(ctx.err(
-                    decl.port.span(),
-                    "port description may not contain newlines or control characters",
-                ));
-            }
+        if let Some(d) = &decl.description
+            && d.chars().any(char::is_control)
+        {
+            return Err(ctx.err(
+                decl.port.span(),
+                "port description may not contain newlines or control characters",
+            ));
         }
         let limit = match &decl.limit {
             Some(l) if firewall::valid_rate(l.get_ref()) => Some(l.get_ref().clone()),

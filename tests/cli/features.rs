@@ -1794,10 +1794,10 @@ fn run_case(c: &Case) -> Vec<String> {
         if all.contains("panicked") {
             fail(format!("panicked: {all}"));
         }
-        if let Some(secret) = &c.secret {
-            if all.contains(secret.as_str()) {
-                fail(format!("the secret is echoed: {all}"));
-            }
+        if let Some(secret) = &c.secret
+            && all.contains(secret.as_str())
+        {
+            fail(format!("the secret is echoed: {all}"));
         }
     }
 

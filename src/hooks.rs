@@ -1,0 +1,198 @@
+//! What an activation asks of the running system: reload systemd, apply
+//! sysusers/tmpfiles/sysctl and the nftables ruleset, restart exactly the
+//! units whose files changed, and stop validator units before the switch and
+//! start them after it (never two at once). Run only on a live root (`/`
+//! with systemd running); anywhere else the commands are printed as a plan.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use crate::compose::FIREWALL_PATH;
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, ManifestEntry};
+use crate::model::RelPath;
+
+/// Directories whose unit files systemd loads.
+const UNIT_DIRS: [&str; 2] = ["etc/systemd/system/", "usr/lib/systemd/system/"];
+const UNIT_SUFFIXES: [&str; 4] = [".service", ".socket", ".timer", ".path"];
+
+/// The commands of one activation, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Validator units stopped before the switch.
+    pub stop_before: Vec<String>,
+    /// Units stopped after the switch because the new release removed them.
+    pub stop_after: Vec<String>,
+    pub daemon_reload: bool,
+    pub sysusers: bool,
+    pub tmpfiles: bool,
+    pub sysctl: bool,
+    pub firewall: bool,
+    pub restart: Vec<String>,
+    /// Validator units started after the switch.
+    pub start: Vec<String>,
+}
+
+/// Whether a unit is a validator (signing) unit: two of them must never run
+/// at once, so they are stopped before the switch and started after it.
+/// Until adapters declare roles, the rule is the name.
+pub fn is_validator_unit(unit: &str) -> bool {
+    unit.contains("validator")
+}
+
+/// The unit a path belongs to: a unit file or a file in its `.d/` drop-in
+/// directory under a systemd unit directory.
+fn unit_of(path: &RelPath) -> Option<String> {
+    let p = path.as_str();
+    let rest = UNIT_DIRS.iter().find_map(|d| p.strip_prefix(d))?;
+    let first = rest.split('/').next()?;
+    let unit = match rest.split_once('/') {
+        None => first,
+        Some((dir, _)) if !dir.ends_with(".wants") && !dir.ends_with(".requires") => {
+            dir.strip_suffix(".d")?
+        }
+        Some(_) => return None,
+    };
+    UNIT_SUFFIXES
+        .iter()
+        .any(|s| unit.ends_with(s))
+        .then(|| unit.to_owned())
+}
+
+impl Hooks {
+    /// The hooks for moving from `old` to `new`, given which paths were
+    /// added, changed and removed.
+    pub fn plan(
+        new: &Manifest,
+        added: &[RelPath],
+        changed: &[RelPath],
+        removed: &[RelPath],
+    ) -> Hooks {
+        let touched: Vec<&RelPath> = added.iter().chain(changed).chain(removed).collect();
+        let under = |prefix: &str| touched.iter().any(|p| p.as_str().starts_with(prefix));
+        let new_units: BTreeSet<String> = new
+            .entries
+            .iter()
+            .filter_map(|e: &ManifestEntry| unit_of(&e.path))
+            .collect();
+        let changed_units: BTreeSet<String> = touched.iter().filter_map(|p| unit_of(p)).collect();
+        let mut hooks = Hooks {
+            daemon_reload: !changed_units.is_empty() || under("etc/systemd/"),
+            sysusers: under("etc/sysusers.d/") || under("usr/lib/sysusers.d/"),
+            tmpfiles: under("etc/tmpfiles.d/") || under("usr/lib/tmpfiles.d/"),
+            sysctl: under("etc/sysctl.d/") || under("usr/lib/sysctl.d/"),
+            firewall: touched.iter().any(|p| p.as_str() == FIREWALL_PATH),
+            ..Hooks::default()
+        };
+        for unit in changed_units {
+            let validator = is_validator_unit(&unit);
+            match (new_units.contains(&unit), validator) {
+                (true, true) => {
+                    hooks.stop_before.push(unit.clone());
+                    hooks.start.push(unit);
+                }
+                (true, false) => hooks.restart.push(unit),
+                (false, true) => hooks.stop_before.push(unit),
+                (false, false) => hooks.stop_after.push(unit),
+            }
+        }
+        hooks
+    }
+
+    /// The commands run before the switch.
+    pub fn before(&self) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        if !self.stop_before.is_empty() {
+            out.push(systemctl("stop", &self.stop_before));
+        }
+        out
+    }
+
+    /// The commands run after the switch, in order.
+    pub fn after(&self) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if !self.stop_after.is_empty() {
+            out.push(systemctl("stop", &self.stop_after));
+        }
+        if self.daemon_reload {
+            out.push(cmd(&["systemctl", "daemon-reload"]));
+        }
+        if self.sysusers {
+            out.push(cmd(&["systemd-sysusers"]));
+        }
+        if self.tmpfiles {
+            out.push(cmd(&["systemd-tmpfiles", "--create"]));
+        }
+        if self.sysctl {
+            out.push(cmd(&["sysctl", "--system"]));
+        }
+        if self.firewall {
+            out.push(cmd(&["nft", "-f", &format!("/{FIREWALL_PATH}")]));
+        }
+        if !self.restart.is_empty() {
+            out.push(systemctl("try-restart", &self.restart));
+        }
+        for unit in &self.start {
+            // One at a time, each waited for: never two validators at once.
+            out.push(systemctl("start", std::slice::from_ref(unit)));
+        }
+        out
+    }
+}
+
+fn systemctl(verb: &str, units: &[String]) -> Vec<String> {
+    let mut v = vec!["systemctl".to_owned(), verb.to_owned()];
+    v.extend(units.iter().cloned());
+    v
+}
+
+/// Whether `root` is the running system, managed by systemd.
+pub fn is_live(root: &Path) -> bool {
+    root.canonicalize().is_ok_and(|r| r == Path::new("/"))
+        && Path::new("/run/systemd/system").is_dir()
+}
+
+/// Runs `commands` in order, stopping at the first that fails.
+pub fn run(commands: &[Vec<String>]) -> Result<()> {
+    for argv in commands {
+        let status = Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()
+            .map_err(Error::io(Path::new(&argv[0]), "running hook"))?;
+        if !status.success() {
+            return Err(Error::Refused(format!(
+                "hook `{}` failed ({status}); the release is active, run the rest by hand",
+                argv.join(" ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn unit_files_and_drop_ins_name_their_unit() {
+        assert_eq!(
+            unit_of(&p("etc/systemd/system/infrakit-firewall.service")),
+            Some("infrakit-firewall.service".into())
+        );
+        assert_eq!(
+            unit_of(&p("etc/systemd/system/ssh.service.d/10-x.conf")),
+            Some("ssh.service".into())
+        );
+        assert_eq!(
+            unit_of(&p("etc/systemd/system/multi-user.target.wants/a.service")),
+            None
+        );
+        assert_eq!(unit_of(&p("etc/ssh/sshd_config")), None);
+    }
+}
