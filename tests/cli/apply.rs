@@ -1,0 +1,527 @@
+//! `apply`, `rollback` and `status` against temp roots, with real signed
+//! artifacts. The root is judged from outside: a full listing with digests
+//! (`snapshot`) for "nothing changed", and the root as the kernel resolves it
+//! (`view`) for "wholly the old release or wholly the new one". Malicious
+//! archives are made with Python's tarfile, compressed by stock zstd and
+//! signed by stock minisign, so only the extraction checks can refuse them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+
+/// Two releases of profile `p` (1.0.0 and 2.0.0) signed by a trusted key,
+/// a keyring holding that key, and a stranger's key.
+struct Fleet {
+    repo: Repo,
+    keyring: PathBuf,
+    secret: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+}
+
+/// A file of `n` pseudo-random bytes (a "binary").
+fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+const UNIT: &str = "[Unit]\nDescription=app\n\n[Service]\nUser=app\nExecStart=/usr/bin/app-tool\n";
+
+impl Fleet {
+    fn new() -> Fleet {
+        let repo = Repo::new();
+        let (secret, public) = keypair(repo.path(), "release");
+        let keyring = repo.path().join("keyring");
+        fs::create_dir_all(&keyring).unwrap();
+        fs::copy(&public, keyring.join("release.pub")).unwrap();
+        // Release 1.
+        repo.overlay(
+            "app",
+            "[[attr]]\npath = \"usr/bin/app-tool\"\nmode = 0o755\n\n\
+             [[symlink]]\npath = \"etc/app/current.conf\"\ntarget = \"a.conf\"\n",
+        );
+        repo.root_file("app", "etc/app/a.conf", "a = 1\n");
+        repo.root_file("app", "etc/app/old.conf", "old = yes\n");
+        repo.root_file("app", "etc/systemd/system/app.service", UNIT);
+        repo.root_file("app", "usr/bin/app-tool", noise(4096, 1));
+        repo.profile(&["app"], "");
+        let v1 = Fleet::build(&repo, &secret, "d1", "1.0.0");
+        // Release 2: a changed, old gone, new file and directory, a big file.
+        repo.root_file("app", "etc/app/a.conf", "a = 2\n");
+        fs::remove_file(repo.path().join("overlays/app/root/etc/app/old.conf")).unwrap();
+        repo.root_file("app", "etc/app/new.conf", "new = yes\n");
+        repo.root_file("app", "opt/app/data/blob.bin", noise(1 << 20, 2));
+        let v2 = Fleet::build(&repo, &secret, "d2", "2.0.0");
+        Fleet {
+            repo,
+            keyring,
+            secret,
+            v1,
+            v2,
+        }
+    }
+
+    fn build(repo: &Repo, secret: &Path, out: &str, version: &str) -> PathBuf {
+        infrakit(
+            repo.path(),
+            &[
+                "build",
+                PROFILE,
+                "--out",
+                out,
+                "--sign-key",
+                s(secret),
+                "--release-version",
+                version,
+            ],
+        )
+        .ok();
+        repo.path().join(out).join("p.tar.zst")
+    }
+
+    fn dir(&self) -> &Path {
+        self.repo.path()
+    }
+
+    /// `infrakit apply ARTIFACT --root ROOT --keyring KEYRING EXTRA...`.
+    fn apply(&self, artifact: &Path, root: &Path, extra: &[&str]) -> Run {
+        let mut args = vec![
+            "apply",
+            s(artifact),
+            "--root",
+            s(root),
+            "--keyring",
+            s(&self.keyring),
+        ];
+        args.extend_from_slice(extra);
+        infrakit(self.dir(), &args)
+    }
+
+    /// A fresh root with a host `/etc` (mode 0750) and a host file in it.
+    fn root(&self, name: &str) -> PathBuf {
+        let root = self.dir().join(name);
+        fs::create_dir_all(root.join("etc")).unwrap();
+        chmod(&root.join("etc"), 0o750);
+        write(&root.join("etc/hostname"), "host-1\n");
+        root
+    }
+}
+
+fn status(root: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["status", "--root", s(root)];
+    args.extend_from_slice(extra);
+    infrakit(Path::new("/"), &args)
+}
+
+/// Every path under `root`, not following links: type, mode, owner, and the
+/// digest of a file or the target of a link. Two equal snapshots mean the
+/// root is byte-for-byte unchanged.
+fn snapshot(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for item in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let item = item.unwrap();
+        let m = item.path().symlink_metadata().unwrap();
+        let rel = item
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .display()
+            .to_string();
+        let what = if m.file_type().is_symlink() {
+            format!("-> {}", fs::read_link(item.path()).unwrap().display())
+        } else if m.is_file() {
+            sha256_hex(&fs::read(item.path()).unwrap())
+        } else {
+            "dir".into()
+        };
+        out.push(format!(
+            "{rel} {:o} {}:{} {what}",
+            m.mode(),
+            m.uid(),
+            m.gid()
+        ));
+    }
+    out
+}
+
+/// The root as a program on the host sees it, without InfraKit's state: each
+/// non-directory path resolved as the kernel does (a link that dangles is
+/// absent), with the type, mode, owner and digest or target of what it
+/// resolves to.
+fn view(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let walk = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !e.path().ends_with("var/lib/infrakit"));
+    for item in walk {
+        let item = item.unwrap();
+        let path = item.path();
+        let m = path.symlink_metadata().unwrap();
+        if m.is_dir() {
+            continue;
+        }
+        // One hop, as the farm link is one: its target is then taken as is
+        // (a file, or the release's own symlink).
+        let (at, m) = if m.file_type().is_symlink() {
+            let target = path.parent().unwrap().join(fs::read_link(path).unwrap());
+            match target.symlink_metadata() {
+                Ok(tm)
+                    if target.starts_with(root)
+                        && fs::read_link(path)
+                            .unwrap()
+                            .to_string_lossy()
+                            .contains("var/lib/infrakit/current/rootfs/") =>
+                {
+                    (target, tm)
+                }
+                Ok(_) => (path.to_path_buf(), m),
+                Err(_) => continue,
+            }
+        } else {
+            (path.to_path_buf(), m)
+        };
+        let what = if m.file_type().is_symlink() {
+            format!("-> {}", fs::read_link(&at).unwrap().display())
+        } else {
+            sha256_hex(&fs::read(&at).unwrap())
+        };
+        let rel = path.strip_prefix(root).unwrap().display().to_string();
+        out.insert(
+            rel,
+            format!("{:o} {}:{} {what}", m.mode(), m.uid(), m.gid()),
+        );
+    }
+    out
+}
+
+fn state_dir(root: &Path) -> PathBuf {
+    root.join("var/lib/infrakit")
+}
+
+// ---------------------------------------------------------------------------
+// Lay-down, drift, rollback, foreign files.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn apply_lays_down_the_release_and_status_is_clean() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    let run = f.apply(&f.v1, &root, &[]).ok();
+    has(&run.stdout, &["activated p-1.0.0-", "hooks (not run"]);
+    has(&run.stdout, &["systemctl daemon-reload", "app.service"]);
+    // The host's /etc keeps its own mode although the manifest says 0755;
+    // its own file stays.
+    assert_eq!(mode(&root.join("etc")), 0o750);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "host-1\n"
+    );
+    // Every file reads as built, with the manifest's mode.
+    assert_eq!(
+        fs::read_to_string(root.join("etc/app/a.conf")).unwrap(),
+        "a = 1\n"
+    );
+    assert_eq!(
+        fs::read(root.join("usr/bin/app-tool")).unwrap(),
+        noise(4096, 1)
+    );
+    assert_eq!(
+        fs::metadata(root.join("usr/bin/app-tool")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    // Directories the host lacked are created with the manifest's mode.
+    assert_eq!(mode(&root.join("etc/app")), 0o755);
+    let run = status(&root, &[]).ok();
+    has(&run.stdout, &["active: p 1.0.0", "drift: 0 path(s)"]);
+    // The JSON report agrees.
+    let run = status(&root, &["--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["release"]["version"], "1.0.0");
+    assert_eq!(v["drift"].as_array().unwrap().len(), 0);
+    // Applying the same artifact again changes nothing.
+    let before = snapshot(&root);
+    let run = f.apply(&f.v1, &root, &[]).ok();
+    has(&run.stdout, &["already active"]);
+    assert_eq!(snapshot(&root), before);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    let before = snapshot(&root);
+    let run = f.apply(&f.v2, &root, &["--dry-run"]).ok();
+    has(&run.stdout, &["dry run: would activate p-2.0.0-"]);
+    has(
+        &run.stdout,
+        &[
+            "add     etc/app/new.conf",
+            "change  etc/app/a.conf",
+            "remove  etc/app/old.conf",
+        ],
+    );
+    assert_eq!(snapshot(&root), before);
+    // On an empty root too: not even the state directory appears.
+    let empty = f.dir().join("empty");
+    fs::create_dir(&empty).unwrap();
+    f.apply(&f.v1, &empty, &["--dry-run"]).ok();
+    assert_eq!(list_files(&empty), Vec::<String>::new());
+}
+
+#[test]
+fn upgrade_then_rollback_restores_the_previous_release_exactly() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    let v1_view = view(&root);
+    let v1_dirs = list_files(&root);
+    f.apply(&f.v2, &root, &[]).ok();
+    let v2_view = view(&root);
+    assert_ne!(v1_view, v2_view);
+    // Files only the old release had are gone; new ones are there.
+    assert!(root.join("etc/app/old.conf").symlink_metadata().is_err());
+    assert_eq!(
+        fs::read_to_string(root.join("etc/app/new.conf")).unwrap(),
+        "new = yes\n"
+    );
+    assert_eq!(
+        fs::read(root.join("opt/app/data/blob.bin")).unwrap(),
+        noise(1 << 20, 2)
+    );
+    status(&root, &[]).ok();
+    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).ok();
+    has(&run.stdout, &["rolled back p-2.0.0-", "to p-1.0.0-"]);
+    assert_eq!(view(&root), v1_view);
+    // The directories release 2 created are gone again.
+    let now: Vec<String> = list_files(&root)
+        .into_iter()
+        .filter(|p| !p.starts_with("var/lib/infrakit"))
+        .collect();
+    let then: Vec<String> = v1_dirs
+        .into_iter()
+        .filter(|p| !p.starts_with("var/lib/infrakit"))
+        .collect();
+    assert_eq!(now, then);
+    status(&root, &[]).ok();
+    // Nothing older is retained: a second rollback is refused.
+    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).expect_code(1);
+    has(&run.stderr, &["nothing to roll back"]);
+    // And release 2 applies again (it is newer than the active 1.0.0).
+    f.apply(&f.v2, &root, &[]).ok();
+    assert_eq!(view(&root), v2_view);
+}
+
+#[test]
+fn retained_releases_are_configurable() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    f.apply(&f.v2, &root, &["--retain", "2"]).ok();
+    let v3 = Fleet::build(&f.repo, &f.secret, "d3", "3.0.0");
+    f.apply(&v3, &root, &["--retain", "2"]).ok();
+    let mut releases = list_files(&state_dir(&root).join("releases"));
+    releases.retain(|p| !p.contains('/'));
+    assert_eq!(releases.len(), 2, "{releases:?}");
+    assert!(
+        releases.iter().all(|r| !r.starts_with("p-1.0.0")),
+        "{releases:?}"
+    );
+}
+
+#[test]
+fn drift_is_detected_after_edit_delete_and_chmod() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v2, &root, &[]).ok();
+    fs::write(root.join("etc/app/a.conf"), "a = hacked\n").unwrap();
+    fs::remove_file(root.join("etc/app/new.conf")).unwrap();
+    chmod(&root.join("usr/bin/app-tool"), 0o777);
+    let textfile = f.dir().join("metrics/infrakit.prom");
+    fs::create_dir_all(textfile.parent().unwrap()).unwrap();
+    let run = status(&root, &["--textfile", s(&textfile)]).expect_code(1);
+    has(&run.stdout, &["drift: 3 path(s)"]);
+    has(
+        &run.stdout,
+        &[
+            "modified   etc/app/a.conf",
+            "missing    etc/app/new.conf",
+            "mode-owner usr/bin/app-tool",
+        ],
+    );
+    has(&run.stderr, &["3 drifted path(s)"]);
+    // The metrics parse with the Prometheus client library's own parser
+    // (Debian's python3-prometheus-client, for Debian's python3).
+    let py = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+              m = {s.name: s for f in parse(open(sys.argv[1]).read()) for s in f.samples}\n\
+              print(int(m['infrakit_drift_files'].value), m['infrakit_release_info'].labels['version'], int(m['infrakit_missing_secrets'].value), int(m['infrakit_activation_interrupted'].value))\n";
+    let run = tool(f.dir(), "/usr/bin/python3", &["-c", py, s(&textfile)]).ok();
+    assert_eq!(run.stdout.trim(), "3 2.0.0 0 0");
+    // JSON names each kind.
+    let run = status(&root, &["--json"]).expect_code(1);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let kinds: Vec<&str> = v["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["modified", "missing", "mode-owner"]);
+}
+
+#[test]
+fn foreign_files_are_not_replaced_without_adopt() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    write(&root.join("etc/app/a.conf"), "the host's own\n");
+    let before = snapshot(&root);
+    let run = f.apply(&f.v1, &root, &[]).expect_code(1);
+    has(&run.stderr, &["refused", "etc/app/a.conf", "--adopt"]);
+    assert_eq!(snapshot(&root), before);
+    // A host directory where the release has a file is never adopted.
+    let other = f.root("other");
+    fs::create_dir_all(other.join("etc/app/old.conf")).unwrap();
+    let run = f.apply(&f.v1, &other, &["--adopt"]).expect_code(1);
+    has(&run.stderr, &["etc/app/old.conf", "never adopted"]);
+    // With --adopt the host's file is moved aside to a recorded backup.
+    let run = f.apply(&f.v1, &root, &["--adopt"]).ok();
+    has(&run.stdout, &["activated"]);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/app/a.conf")).unwrap(),
+        "a = 1\n"
+    );
+    let backups = state_dir(&root).join("backups");
+    let saved: Vec<String> = list_files(&backups)
+        .into_iter()
+        .filter(|p| p.ends_with("a.conf"))
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(
+        fs::read_to_string(backups.join(&saved[0])).unwrap(),
+        "the host's own\n"
+    );
+    status(&root, &[]).ok();
+}
+
+// ---------------------------------------------------------------------------
+// Refusals before anything is written.
+// ---------------------------------------------------------------------------
+
+/// Applies `artifact` to a root with release 2 active and to an empty root:
+/// it must exit 1 and both roots must be byte-for-byte unchanged.
+fn assert_refused_untouched(f: &Fleet, artifact: &Path, needles: &[&str]) {
+    assert_refused_on(f, artifact, needles, true);
+}
+
+/// Like `assert_refused_untouched`; the empty root only when `empty_too`.
+fn assert_refused_on(f: &Fleet, artifact: &Path, needles: &[&str], empty_too: bool) {
+    let root = f.root(&format!("r-{}", sha256_hex(s(artifact).as_bytes())));
+    f.apply(&f.v2, &root, &[]).ok();
+    let empty = f
+        .dir()
+        .join(format!("e-{}", sha256_hex(s(artifact).as_bytes())));
+    fs::create_dir_all(&empty).unwrap();
+    let roots = if empty_too {
+        vec![&root, &empty]
+    } else {
+        vec![&root]
+    };
+    for r in roots {
+        let before = snapshot(r);
+        let run = f.apply(artifact, r, &[]);
+        let run = run.expect_code(1);
+        has(&run.stderr, needles);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+        assert_eq!(snapshot(r), before, "{} changed", r.display());
+    }
+}
+
+/// Copies the artifact, its manifest and signature into `dir` under `name`.
+fn copy_release(from: &Path, dir: &Path, name: &str) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let src_dir = from.parent().unwrap();
+    let art = dir.join(format!("{name}.tar.zst"));
+    fs::copy(from, &art).unwrap();
+    fs::copy(
+        src_dir.join("p.tar.zst.minisig"),
+        dir.join(format!("{name}.tar.zst.minisig")),
+    )
+    .unwrap();
+    fs::copy(
+        src_dir.join("p.manifest.json"),
+        dir.join(format!("{name}.manifest.json")),
+    )
+    .unwrap();
+    art
+}
+
+#[test]
+fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
+    let f = Fleet::new();
+    // Unsigned: no .minisig beside it.
+    let unsigned = copy_release(&f.v2, &f.dir().join("unsigned"), "p");
+    fs::remove_file(f.dir().join("unsigned/p.tar.zst.minisig")).unwrap();
+    assert_refused_untouched(&f, &unsigned, &["no signature found", "unsigned"]);
+    // Signed by a key the keyring does not hold.
+    let (stranger, _) = keypair(f.dir(), "stranger");
+    let untrusted = Fleet::build(&f.repo, &stranger, "stranger-out", "9.0.0");
+    assert_refused_untouched(&f, &untrusted, &["verification failed"]);
+    // Tampered: one byte of the artifact flipped.
+    let tampered = copy_release(&f.v2, &f.dir().join("tampered"), "p");
+    let mut bytes = fs::read(&tampered).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&tampered, bytes).unwrap();
+    assert_refused_untouched(&f, &tampered, &["verification failed"]);
+    // Downgraded: release 1 onto a root running release 2.
+    // (An empty root runs nothing, so there it is no downgrade.)
+    assert_refused_on(&f, &f.v1, &["not newer", "--allow-downgrade"], false);
+    // Renamed, with its manifest and signature renamed alike.
+    let renamed = copy_release(&f.v2, &f.dir().join("renamed"), "q");
+    assert_refused_untouched(&f, &renamed, &["renamed", "p.tar.zst"]);
+    // Renamed alone: its manifest is not beside it under the new name.
+    let alone = f.dir().join("alone");
+    fs::create_dir_all(&alone).unwrap();
+    fs::copy(&f.v2, alone.join("q.tar.zst")).unwrap();
+    fs::copy(
+        f.v2.with_extension("zst.minisig"),
+        alone.join("q.tar.zst.minisig"),
+    )
+    .unwrap();
+    assert_refused_untouched(&f, &alone.join("q.tar.zst"), &["no manifest", "renamed"]);
+    // An empty keyring refuses everything.
+    let root = f.root("nokeys");
+    let before = snapshot(&root);
+    let nokeys = f.dir().join("nokeys-ring");
+    fs::create_dir_all(&nokeys).unwrap();
+    let run = infrakit(
+        f.dir(),
+        &[
+            "apply",
+            s(&f.v2),
+            "--root",
+            s(&root),
+            "--keyring",
+            s(&nokeys),
+        ],
+    )
+    .expect_code(1);
+    has(&run.stderr, &["no trusted keys"]);
+    assert_eq!(snapshot(&root), before);
+    // --allow-downgrade is the explicit way back.
+    let root = f.root("down");
+    f.apply(&f.v2, &root, &[]).ok();
+    f.apply(&f.v1, &root, &["--allow-downgrade"]).ok();
+    has(&status(&root, &[]).ok().stdout, &["active: p 1.0.0"]);
+}
