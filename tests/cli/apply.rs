@@ -5,6 +5,9 @@
 //! archives are made with Python's tarfile, compressed by stock zstd and
 //! signed by stock minisign, so only the extraction checks can refuse them.
 
+// Test helpers fail loudly: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
