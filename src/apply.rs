@@ -324,28 +324,18 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
 
 /// Writes every member into `rootfs` (which must not exist) as it streams:
 /// new files only (`O_EXCL`, so nothing is followed), each under a directory
-/// this release created; owners and modes from the manifest.
+/// this release created (`Verified::stream` guarantees the order); owners
+/// and modes from the manifest.
 fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
     fs::create_dir(rootfs).map_err(Error::io(rootfs, "creating the release root"))?;
-    let mut dirs: HashSet<RelPath> = HashSet::new();
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
-    let artifact = verified.artifact().display().to_string();
     verified.stream(&mut |want, content| {
-        if let Some(parent) = want.path.parent()
-            && !dirs.contains(&parent)
-        {
-            return Err(Error::check(format!(
-                "{artifact}: {} lies under {parent}, which is not a directory of this release",
-                want.path
-            )));
-        }
         let dest = rootfs.join(want.path.as_str());
         match want.kind {
             EntryType::Dir => {
                 fs::create_dir(&dest).map_err(Error::io(&dest, "creating directory"))?;
                 std::os::unix::fs::lchown(&dest, Some(want.uid), Some(want.gid))
                     .map_err(Error::io(&dest, "setting owner"))?;
-                dirs.insert(want.path.clone());
                 dir_modes.push((dest, want.mode));
             }
             EntryType::File => {

@@ -40,10 +40,11 @@ pub struct Verified {
     file: File,
 }
 
-/// Receives each member after its header matched the manifest entry. For a
-/// file, `content` yields its bytes; their digest is checked once the sink
-/// returns, so a sink that writes them must treat its output as unverified
-/// until `stream` succeeds.
+/// Receives each member after its header matched the manifest entry, and
+/// after its parent was streamed as a directory (no member lies under a
+/// symlink or file). For a file, `content` yields its bytes; their digest is
+/// checked once the sink returns, so a sink that writes them must treat its
+/// output as unverified until `stream` succeeds.
 pub type Sink<'a> = dyn FnMut(&ManifestEntry, &mut dyn Read) -> Result<()> + 'a;
 
 impl Verified {
@@ -256,6 +257,7 @@ fn check_entries(
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
     let mut tar_stream = HashingReader::new(reader);
     let mut expected = manifest.entries.iter();
+    let mut dirs: std::collections::HashSet<&crate::model::RelPath> = Default::default();
     {
         let mut tar = tar::Archive::new(&mut tar_stream);
         let entries = tar
@@ -270,11 +272,27 @@ fn check_entries(
             };
             check_header(&entry, &name, want, manifest.source_date_epoch)
                 .map_err(|m| fail(format!("{name}: {m}")))?;
+            if let Some(parent) = want.path.parent()
+                && !dirs.contains(&parent)
+            {
+                return Err(fail(format!(
+                    "{name}: lies under {parent}, which is not a directory of this release"
+                )));
+            }
+            if want.kind == EntryType::Dir {
+                dirs.insert(&want.path);
+            }
             let mut content = HashingReader::new(&mut entry);
             sink(want, &mut content)?;
             std::io::copy(&mut content, &mut std::io::sink())
                 .map_err(|e| fail(format!("{name}: reading content: {e}")))?;
             let (digest, n) = content.finish();
+            if want.kind == EntryType::File && Some(n) < want.size {
+                return Err(fail(format!(
+                    "{name}: content ends after {n} of {} bytes: the archive is truncated",
+                    want.size.unwrap_or_default()
+                )));
+            }
             if want.kind == EntryType::File && (Some(n) != want.size || Some(digest) != want.sha256)
             {
                 return Err(fail(format!(
@@ -291,8 +309,19 @@ fn check_entries(
             missing.path
         )));
     }
-    std::io::copy(&mut tar_stream, &mut std::io::sink())
-        .map_err(|e| fail(format!("archive corrupt after its end: {e}")))?;
+    // After the end-of-archive blocks only zero padding may follow.
+    let mut rest = [0u8; 8192];
+    loop {
+        let n = tar_stream
+            .read(&mut rest)
+            .map_err(|e| fail(format!("archive corrupt after its end: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        if rest[..n].iter().any(|b| *b != 0) {
+            return Err(fail("data after the end of the archive".to_owned()));
+        }
+    }
     let (tar_sha, tar_size) = tar_stream.finish();
     if (tar_sha, tar_size) != (manifest.archive.tar_sha256, manifest.archive.tar_size) {
         return Err(fail(format!(

@@ -528,3 +528,197 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
     f.apply(&f.v1, &root, &["--allow-downgrade"]).ok();
     has(&status(&root, &[]).ok().stdout, &["active: p 1.0.0"]);
 }
+
+// ---------------------------------------------------------------------------
+// Malicious archives: signed by the trusted key, refused while extracting.
+// ---------------------------------------------------------------------------
+
+/// Rewrites an uncompressed tar (argv 2) into argv 3 for one attack (argv 1),
+/// and edits the manifest (argv 4, in place) to match where the attack needs
+/// the manifest's agreement. Python's tarfile writes what it is told.
+const CRAFT: &str = r#"
+import copy, hashlib, io, json, sys, tarfile
+case, src, dst, man_path = sys.argv[1:5]
+man = json.load(open(man_path))
+members = []
+with tarfile.open(src, format=tarfile.GNU_FORMAT) as t:
+    for m in t.getmembers():
+        data = t.extractfile(m).read() if m.isfile() else None
+        members.append((m, data))
+def find(name):
+    return next(i for i, (m, _) in enumerate(members) if m.name == name)
+def entry(path, kind, **kw):
+    e = {"path": path, "type": kind, "mode": kw.pop("mode", "0644"), "uid": 0, "gid": 0, "layer": "app"}
+    e.update(kw)
+    man["entries"].append(e)
+def add(name, kind, data=None, **kw):
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.mtime = man["source_date_epoch"]
+    ti.mode = kw.get("mode", 0o644)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    if data is not None:
+        ti.size = len(data)
+    members.append((ti, data))
+a = find("etc/app/a.conf")
+empty = hashlib.sha256(b"").hexdigest()
+if case == "absolute":
+    members[a][0].name = "/etc/app/a.conf"
+elif case == "dotdot":
+    members[a][0].name = "etc/app/../app/a.conf"
+elif case == "through-symlink":
+    add("zz", tarfile.SYMTYPE, linkname="etc", mode=0o777)
+    add("zz/evil", tarfile.REGTYPE, b"x\n")
+    entry("zz", "symlink", mode="0777", target="etc")
+    entry("zz/evil", "file", size=2, sha256=hashlib.sha256(b"x\n").hexdigest())
+elif case == "hardlink":
+    add("zz", tarfile.LNKTYPE, linkname="etc/app/a.conf")
+    entry("zz", "file", size=0, sha256=empty)
+elif case == "device":
+    add("zz", tarfile.CHRTYPE, devmajor=1, devminor=3)
+    entry("zz", "file", size=0, sha256=empty)
+elif case == "fifo":
+    add("zz", tarfile.FIFOTYPE)
+    entry("zz", "file", size=0, sha256=empty)
+elif case == "setuid":
+    members[find("usr/bin/app-tool")][0].mode = 0o4755
+elif case == "duplicate":
+    members.insert(a + 1, (copy.copy(members[a][0]), members[a][1]))
+elif case == "size":
+    e = next(e for e in man["entries"] if e["path"] == "etc/app/a.conf")
+    e["size"] += 1
+elif case == "digest":
+    members[a] = (members[a][0], b"a = 9\n")
+elif case == "extra":
+    add("zz", tarfile.REGTYPE, b"surprise\n")
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+    for m, data in members:
+        t.addfile(m, io.BytesIO(data) if data is not None else None)
+raw = buf.getvalue()
+if case == "truncated":
+    raw = raw[: len(raw) // 2]
+elif case == "trailing":
+    end = raw.rstrip(b"\0")
+    raw = end + b"\0" * (1024 + (-len(end)) % 512) + b"garbage after the end\n" + b"\0" * 490
+man["entries"].sort(key=lambda e: e["path"].replace("/", "\0"))
+open(dst, "wb").write(raw)
+man["archive"]["tar_sha256"] = hashlib.sha256(raw).hexdigest()
+man["archive"]["tar_size"] = len(raw)
+json.dump(man, open(man_path, "w"), sort_keys=True, separators=(",", ":"))
+"#;
+
+/// Every refusal class of the extraction, each with what the error says.
+const ATTACKS: [(&str, &str); 13] = [
+    ("absolute", "expected etc/app/a.conf here"),
+    ("dotdot", "expected etc/app/a.conf here"),
+    ("through-symlink", "lies under zz, which is not a directory"),
+    ("hardlink", "never produced"),
+    ("device", "never produced"),
+    ("fifo", "never produced"),
+    ("setuid", "mode/owner 4755"),
+    ("duplicate", "here (archive order follows the manifest)"),
+    ("size", "size 6, the manifest says Some(7)"),
+    ("digest", "content is 6 bytes with sha256"),
+    ("extra", "extra member not in the manifest"),
+    ("truncated", "the archive is truncated"),
+    ("trailing", "after the end of the archive"),
+];
+
+/// Builds the signed malicious artifact for `case` from release 1, as
+/// version 1.5.0, in its own directory; returns its path.
+fn craft(f: &Fleet, case: &str) -> PathBuf {
+    let dir = f.dir().join(format!("attack-{case}"));
+    fs::create_dir_all(&dir).unwrap();
+    let script = f.dir().join("craft.py");
+    fs::write(&script, CRAFT).unwrap();
+    let tar = dir.join("in.tar");
+    let out_tar = dir.join("out.tar");
+    tool(
+        f.dir(),
+        "zstd",
+        &["-q", "-d", "-f", s(&f.v1), "-o", s(&tar)],
+    )
+    .ok();
+    let manifest = dir.join("p.manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.v1.with_file_name("p.manifest.json")).unwrap()).unwrap();
+    m["version"] = "1.5.0".into();
+    fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    tool(
+        f.dir(),
+        "python3",
+        &[s(&script), case, s(&tar), s(&out_tar), s(&manifest)],
+    )
+    .ok();
+    let artifact = dir.join("p.tar.zst");
+    tool(
+        f.dir(),
+        "zstd",
+        &["-q", "-f", "--check", s(&out_tar), "-o", s(&artifact)],
+    )
+    .ok();
+    // The outer digests are made right, so only the member checks can refuse.
+    let bytes = fs::read(&artifact).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    m["archive"]["sha256"] = sha256_hex(&bytes).into();
+    m["archive"]["size"] = bytes.len().into();
+    let text = serde_json::to_vec(&m).unwrap();
+    fs::write(&manifest, &text).unwrap();
+    let comment = format!("name:p version:1.5.0 manifest-sha256:{}", sha256_hex(&text));
+    tool(
+        f.dir(),
+        "minisign",
+        &[
+            "-S",
+            "-s",
+            s(&f.secret),
+            "-m",
+            s(&artifact),
+            "-x",
+            &format!("{}.minisig", s(&artifact)),
+            "-t",
+            &comment,
+        ],
+    )
+    .ok();
+    artifact
+}
+
+#[test]
+fn malicious_archives_are_refused_while_extracting_and_the_root_is_untouched() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    let v1_view = view(&root);
+    for (case, needle) in ATTACKS {
+        let artifact = craft(&f, case);
+        // Authentic: the signature and both digests hold.
+        let run = infrakit(
+            f.dir(),
+            &[
+                "verify",
+                s(&artifact),
+                "--key",
+                s(&f.keyring.join("release.pub")),
+            ],
+        );
+        assert_eq!(
+            run.code, 1,
+            "{case}: verify must fail on the members: {}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("signature"), "{case}: {}", run.stderr);
+        let before = snapshot(&root);
+        let run = f.apply(&artifact, &root, &[]);
+        assert_eq!(run.code, 1, "{case}: {}\n{}", run.stdout, run.stderr);
+        has(&run.stderr, &["verification failed", needle]);
+        assert!(!run.stderr.contains("panicked"), "{case}: {}", run.stderr);
+        assert_eq!(snapshot(&root), before, "{case}: the root changed");
+        assert_eq!(view(&root), v1_view, "{case}");
+        status(&root, &[]).ok();
+    }
+    // Nothing was ever written outside the state directory's staging area.
+    assert!(!f.dir().join("etc").exists() && !Path::new("/zz").exists());
+}
