@@ -44,6 +44,17 @@ impl Report {
 
 /// Reads the state and checks every entry of the active release.
 pub fn status(state: &State) -> Result<Report> {
+    let partial = fs::read_dir(state.releases())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ok())
+        .find(|i| i.file_name().to_string_lossy().starts_with('.'))
+        .map(|i| {
+            format!(
+                "extracting {} was interrupted; the next apply removes it",
+                i.path().display()
+            )
+        });
     let interrupted = state.journal()?.map(|j| {
         let switched = state.current_id().ok().flatten().as_deref() == Some(j.to.as_str());
         format!(
@@ -55,6 +66,7 @@ pub fn status(state: &State) -> Result<Report> {
             if switched { "completes" } else { "reverts" }
         )
     });
+    let interrupted = interrupted.or(partial);
     let record = state.record()?;
     let Some(release) = state.current()? else {
         return Ok(Report {

@@ -722,3 +722,259 @@ fn malicious_archives_are_refused_while_extracting_and_the_root_is_untouched() {
     // Nothing was ever written outside the state directory's staging area.
     assert!(!f.dir().join("etc").exists() && !Path::new("/zz").exists());
 }
+
+// ---------------------------------------------------------------------------
+// Crash consistency and write failures.
+// ---------------------------------------------------------------------------
+
+/// The syscalls through which apply changes anything (and opens files).
+const WRITES: &str = "openat,write,mkdir,mkdirat,symlink,symlinkat,rename,renameat,renameat2,\
+                      unlink,unlinkat,rmdir,fchown,fchownat,fchmod,fchmodat,syncfs,fsync,fdatasync";
+
+/// `cp -a FROM TO`: a root in a given state, to start each run from.
+fn copy_root(from: &Path, to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    tool(Path::new("/"), "cp", &["-a", s(from), s(to)]).ok();
+}
+
+/// The paths under `root` outside InfraKit's state.
+fn host_paths(root: &Path) -> Vec<String> {
+    list_files(root)
+        .into_iter()
+        .filter(|p| !p.starts_with("var/lib/infrakit"))
+        .collect()
+}
+
+#[test]
+fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
+    require_tool("strace");
+    let f = Fleet::new();
+    let base = f.root("base");
+    f.apply(&f.v1, &base, &[]).ok();
+    let old_view = view(&base);
+    let old_paths = host_paths(&base);
+    let done = f.dir().join("done");
+    copy_root(&base, &done);
+    f.apply(&f.v2, &done, &[]).ok();
+    let new_view = view(&done);
+    assert_ne!(old_view, new_view);
+
+    // One traced run lists the syscalls of applying release 2.
+    let traced = f.dir().join("traced");
+    copy_root(&base, &traced);
+    let log = f.dir().join("strace.log");
+    let apply_args = |root: &Path| -> Vec<String> {
+        [
+            s(&crate::support::bin()),
+            "apply",
+            s(&f.v2),
+            "--root",
+            s(root),
+            "--keyring",
+            s(&f.keyring),
+            "-q",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let mut args: Vec<String> = ["-f", "-qq", "-o", s(&log), "-e", &format!("trace={WRITES}")]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(apply_args(&traced));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tool(f.dir(), "strace", &argv).ok();
+    let lines: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // (syscall, its occurrence number) of each call, and where activation
+    // starts: the first call that touches the state directory.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let calls: Vec<(String, usize, &String)> = lines
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let name = rest.split('(').next()?.to_owned();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return None;
+            }
+            let n = seen.entry(name.clone()).or_default();
+            *n += 1;
+            Some((name, *n, l))
+        })
+        .collect();
+    let start = calls
+        .iter()
+        .position(|(_, _, l)| l.contains("var/lib/infrakit") && !l.contains("O_RDONLY"))
+        .expect("apply writes its state");
+    let window = &calls[start..];
+    assert!(window.len() >= 50, "only {} calls to kill at", window.len());
+    let switch = window
+        .iter()
+        .position(|(_, _, l)| l.contains("current.new") && l.contains("rename"))
+        .expect("the switch is a rename");
+    // At least 50 points spread evenly, plus the switch and its neighbours.
+    let mut points: Vec<usize> = (0..60).map(|i| i * (window.len() - 1) / 59).collect();
+    points.extend([switch.saturating_sub(1), switch, switch + 1]);
+    points.sort_unstable();
+    points.dedup();
+    assert!(points.len() >= 50);
+
+    let (mut olds, mut news) = (0, 0);
+    for (i, &p) in points.iter().enumerate() {
+        let (name, nth, line) = &window[p];
+        let root = f.dir().join(format!("crash-{i}"));
+        copy_root(&base, &root);
+        let mut args: Vec<String> = vec![
+            "-f".into(),
+            "-qq".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-e".into(),
+            format!("trace={name}"),
+            "-e".into(),
+            format!("inject={name}:signal=KILL:when={nth}"),
+        ];
+        args.extend(apply_args(&root));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = tool(f.dir(), "strace", &argv);
+        assert_ne!(run.code, 0, "point {p} ({line}) did not kill apply");
+        let now = view(&root);
+        let what = format!("killed before call {p} of {}: {line}", window.len());
+        if now == old_view {
+            olds += 1;
+            // Status tells, then the next apply reverts (or finds nothing
+            // to do), and the root is exactly the old release again.
+            let st = status(&root, &[]);
+            if st.code != 0 {
+                has(&st.stdout, &["interrupted"]);
+            }
+            let run = f.apply(&f.v1, &root, &[]).ok();
+            has(&run.stdout, &["already active"]);
+            assert_eq!(view(&root), old_view, "{what}");
+            assert_eq!(host_paths(&root), old_paths, "{what}");
+            status(&root, &[]).ok();
+        } else {
+            assert_eq!(now, new_view, "{what}: a mix of old and new");
+            news += 1;
+            let st = status(&root, &[]);
+            if st.code != 0 {
+                has(&st.stdout, &["interrupted", "completes"]);
+            }
+        }
+        // Either way, applying release 2 completes the move.
+        f.apply(&f.v2, &root, &[]).ok();
+        assert_eq!(view(&root), new_view, "{what}");
+        assert_eq!(host_paths(&root), host_paths(&done), "{what}");
+        status(&root, &[]).ok();
+        assert!(!state_dir(&root).join("journal.json").exists(), "{what}");
+        let _ = fs::remove_dir_all(&root);
+    }
+    eprintln!(
+        "{} kill points over {} calls: {olds} left release 1, {news} release 2",
+        points.len(),
+        window.len()
+    );
+    assert!(olds > 0 && news > 0, "old {olds}, new {news}");
+}
+
+/// Applies release 2 to a copy of a root running release 1, in `shell`
+/// (`sh -c`, with the root's path as $1 and the command after it), and
+/// checks that it failed and changed nothing.
+fn assert_write_failure_keeps_release_1(f: &Fleet, base: &Path, wrap: &str, needle: &str) {
+    let root = f.dir().join("limited");
+    copy_root(base, &root);
+    let before = snapshot(&root);
+    let old_view = view(&root);
+    let mut args = vec!["-c", wrap, "sh", s(&root)];
+    let bin = crate::support::bin();
+    let cmd = [
+        s(&bin),
+        "apply",
+        s(&f.v2),
+        "--root",
+        s(&root),
+        "--keyring",
+        s(&f.keyring),
+    ];
+    args.extend(cmd);
+    let run = tool(f.dir(), "sh", &args);
+    assert_eq!(run.code, 2, "{}\n{}", run.stdout, run.stderr);
+    has(&run.stderr, &[needle]);
+    assert_eq!(view(&root), old_view);
+    assert_eq!(snapshot(&root), before);
+    status(&root, &[]).ok();
+}
+
+#[test]
+fn a_write_failure_mid_apply_leaves_the_previous_release_active() {
+    let f = Fleet::new();
+    let base = f.root("base");
+    f.apply(&f.v1, &base, &[]).ok();
+    // A file-size limit below release 2's 1 MiB file (SIGXFSZ ignored, so
+    // the write fails with EFBIG instead of killing the process).
+    assert_write_failure_keeps_release_1(
+        &f,
+        &base,
+        "trap '' XFSZ; ulimit -f 512; shift; exec \"$@\"",
+        "File too large",
+    );
+}
+
+#[test]
+fn a_full_filesystem_mid_apply_leaves_the_previous_release_active() {
+    require_tool("unshare");
+    let f = Fleet::new();
+    let base = f.root("base");
+    f.apply(&f.v1, &base, &[]).ok();
+    // The root on its own small tmpfs (in a private mount namespace): room
+    // for release 1 and the copy, not for release 2's 1 MiB file. The
+    // listing before and after is taken inside the namespace.
+    let listing = f.dir().join("listing");
+    let script = format!(
+        "set -e; root=$1; shift; mount -t tmpfs -o size=768k tmpfs \"$root\"; \
+         cp -a {base}/. \"$root\"; \
+         ls() {{ (cd \"$root\" && find . -printf '%p %y %m %U:%G %l\\n' | sort && find . -type f -exec sha256sum {{}} + | sort); }}; \
+         ls > {listing}.before; \
+         set +e; \"$@\"; rc=$?; set -e; \
+         ls > {listing}.after; \
+         {bin} status --root \"$root\" > {listing}.status; \
+         exit $rc",
+        base = s(&base),
+        listing = s(&listing),
+        bin = s(&crate::support::bin()),
+    );
+    let root = f.dir().join("small");
+    fs::create_dir_all(&root).unwrap();
+    let bin = crate::support::bin();
+    let run = tool(
+        f.dir(),
+        "unshare",
+        &[
+            "-m",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            s(&root),
+            s(&bin),
+            "apply",
+            s(&f.v2),
+            "--root",
+            s(&root),
+            "--keyring",
+            s(&f.keyring),
+        ],
+    );
+    assert_eq!(run.code, 2, "{}\n{}", run.stdout, run.stderr);
+    has(&run.stderr, &["No space left on device"]);
+    let before = fs::read_to_string(listing.with_extension("before")).unwrap();
+    let after = fs::read_to_string(listing.with_extension("after")).unwrap();
+    assert!(before.contains("etc/app/old.conf"), "{before}");
+    assert_eq!(after, before);
+    let st = fs::read_to_string(listing.with_extension("status")).unwrap();
+    has(&st, &["active: p 1.0.0", "drift: 0 path(s)"]);
+}
