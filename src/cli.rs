@@ -110,7 +110,7 @@ pub enum Command {
     },
     /// Verify an artifact against the keyring, then lay it down on a root and switch to it atomically.
     Apply {
-        /// The artifact; its .minisig and manifest must lie beside it.
+        /// The artifact (a path or an http(s):// URL); its .minisig and manifest must lie beside it.
         artifact: PathBuf,
         /// The root to lay the release down on.
         #[arg(long, value_name = "DIR", default_value = "/")]

@@ -366,6 +366,12 @@ pub fn apply(
 ) -> Result<()> {
     use crate::apply::Outcome;
     let keys = load_keyring(keyring)?;
+    // A URL is downloaded first (outside the root), then treated as a file.
+    let fetched = match artifact.to_str().filter(|a| crate::fetch::is_url(a)) {
+        Some(url) => Some(crate::fetch::fetch(url)?),
+        None => None,
+    };
+    let artifact = fetched.as_ref().map_or(artifact, |f| f.artifact.as_path());
     let manifest = verify::manifest_beside(artifact);
     if artifact.exists() && manifest.symlink_metadata().is_err() {
         return Err(Error::Refused(format!(

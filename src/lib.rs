@@ -12,6 +12,7 @@ pub mod lint;
 pub mod verify;
 
 pub mod apply;
+pub mod fetch;
 pub mod hooks;
 pub mod state;
 pub mod status;

@@ -978,3 +978,101 @@ fn a_full_filesystem_mid_apply_leaves_the_previous_release_active() {
     let st = fs::read_to_string(listing.with_extension("status")).unwrap();
     has(&st, &["active: p 1.0.0", "drift: 0 path(s)"]);
 }
+
+// ---------------------------------------------------------------------------
+// http(s) artifacts, from a loopback server the test starts and stops.
+// ---------------------------------------------------------------------------
+
+/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed on drop.
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        use std::io::BufRead;
+        require_tool("python3");
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "0",
+                "--directory",
+                s(dir),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+        let port = line
+            .split(" port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Server { child, port }
+    }
+
+    fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn apply_takes_an_http_url_and_verifies_what_it_downloads() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    // A tampered artifact on the server is refused, the root unchanged.
+    let bad = copy_release(&f.v2, &f.dir().join("served-bad"), "p");
+    let mut bytes = fs::read(&bad).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x40;
+    fs::write(&bad, bytes).unwrap();
+    let before = snapshot(&root);
+    {
+        let server = Server::start(&f.dir().join("served-bad"));
+        let run = f
+            .apply(Path::new(&server.url("p.tar.zst")), &root, &[])
+            .expect_code(1);
+        has(&run.stderr, &["verification failed"]);
+        assert_eq!(snapshot(&root), before);
+        // No signature on the server: refused as unsigned.
+        fs::remove_file(f.dir().join("served-bad/p.tar.zst.minisig")).unwrap();
+        let run = f
+            .apply(Path::new(&server.url("p.tar.zst")), &root, &[])
+            .expect_code(1);
+        has(&run.stderr, &["no signature found"]);
+        // A missing artifact is an I/O error naming the URL.
+        let run = f
+            .apply(Path::new(&server.url("q.tar.zst")), &root, &[])
+            .expect_code(2);
+        has(&run.stderr, &["q.tar.zst", "404"]);
+        assert_eq!(snapshot(&root), before);
+    }
+    let server = Server::start(f.v2.parent().unwrap());
+    let run = f
+        .apply(Path::new(&server.url("p.tar.zst")), &root, &[])
+        .ok();
+    has(&run.stdout, &["activated p-2.0.0-"]);
+    has(
+        &status(&root, &[]).ok().stdout,
+        &["active: p 2.0.0", "drift: 0 path(s)"],
+    );
+}
