@@ -409,14 +409,14 @@ impl<W: Write> TarWriter<W> {
 }
 
 /// Opens a compressed tar for streaming, choosing the decoder by magic bytes.
-pub fn open(path: &Path) -> Result<Box<dyn Read>> {
+pub fn open(path: &Path) -> Result<Box<dyn Read + Send>> {
     let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
     decode(file, path)
 }
 
 /// Wraps the compressed tar `file` (read from `path`) in the decoder its
 /// first bytes call for.
-pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read>> {
+pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
     let mut reader = BufReader::with_capacity(COPY_BUF, file);
     let head = reader
         .fill_buf()

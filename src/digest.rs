@@ -152,6 +152,82 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Reads `inner` to its end on a thread of its own, hashing it (SHA-256),
+/// and hands the bytes over in chunks through a bounded channel: reading
+/// (decompression) and hashing overlap with whatever consumes the stream.
+pub struct ReadAhead {
+    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    reader: Option<std::thread::JoinHandle<(Sha256, u64)>>,
+}
+
+impl ReadAhead {
+    const CHUNK: usize = 256 * 1024;
+    const DEPTH: usize = 8;
+
+    pub fn spawn<R: Read + Send + 'static>(mut inner: R) -> ReadAhead {
+        let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
+        let reader = std::thread::spawn(move || {
+            let mut hasher = sha2::Sha256::new();
+            let mut count = 0u64;
+            loop {
+                let mut chunk = vec![0u8; Self::CHUNK];
+                let n = match inner.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                };
+                chunk.truncate(n);
+                hasher.update(&chunk);
+                count += n as u64;
+                if tx.send(Ok(chunk)).is_err() {
+                    break; // the consumer gave up
+                }
+            }
+            (Sha256(hasher.finalize().into()), count)
+        });
+        ReadAhead {
+            chunks: rx,
+            chunk: Vec::new(),
+            pos: 0,
+            reader: Some(reader),
+        }
+    }
+
+    /// The digest and size of everything read, once the stream was read to
+    /// its end.
+    pub fn finish(mut self) -> io::Result<(Sha256, u64)> {
+        let reader = self.reader.take().expect("finish is called once");
+        drop(self);
+        reader
+            .join()
+            .map_err(|_| io::Error::other("the reading thread panicked"))
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.chunks.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // the reader reached the end
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
