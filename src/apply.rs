@@ -293,6 +293,7 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
             .map_err(Error::io(&partial, "removing a stale partial release"))?;
     }
     fs::create_dir(&partial).map_err(Error::io(&partial, "creating the staging directory"))?;
+    state::set_mode(&partial, 0o755)?;
     let result = extract(verified, &partial.join("rootfs")).and_then(|()| {
         let m = verified.manifest();
         let info = ReleaseInfo {
@@ -328,6 +329,7 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
 /// and modes from the manifest.
 fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
     fs::create_dir(rootfs).map_err(Error::io(rootfs, "creating the release root"))?;
+    state::set_mode(rootfs, 0o755)?;
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     verified.stream(&mut |want, content| {
         let dest = rootfs.join(want.path.as_str());
@@ -373,9 +375,36 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Steps 4-6 of the module comment, then the hooks.
+/// Steps 4-6 of the module comment, then the hooks. A failure before the
+/// switch is reverted at once (and would be by the next run otherwise).
 fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
     state.write_journal(journal)?;
+    let live = hooks::is_live(&state.root);
+    let prepared = prepare(state, journal, plan).and_then(|()| {
+        if live {
+            hooks::run(&plan.hooks.before())?;
+        }
+        Ok(())
+    });
+    if let Err(e) = prepared {
+        let _ = revert(state, journal);
+        return Err(e);
+    }
+    state.switch(&journal.to)?;
+    finish(state, journal)?;
+    if live {
+        hooks::run(&plan.hooks.after())?;
+    }
+    Ok(Outcome::Activated {
+        id: journal.to.clone(),
+        from: journal.from.clone(),
+        plan: plan.clone(),
+        hooks_run: live,
+    })
+}
+
+/// Step 4: new directories, adopted files moved aside, farm links, synced.
+fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
     for e in &plan.new_dirs {
         let live = state.live(&e.path);
         match fs::create_dir(&live) {
@@ -406,22 +435,7 @@ fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
         std::os::unix::fs::symlink(State::farm_target(p), &live)
             .map_err(Error::io(&live, "creating link"))?;
     }
-    state::sync_fs(&state.root)?;
-    let live = hooks::is_live(&state.root);
-    if live {
-        hooks::run(&plan.hooks.before())?;
-    }
-    state.switch(&journal.to)?;
-    finish(state, journal)?;
-    if live {
-        hooks::run(&plan.hooks.after())?;
-    }
-    Ok(Outcome::Activated {
-        id: journal.to.clone(),
-        from: journal.from.clone(),
-        plan: plan.clone(),
-        hooks_run: live,
-    })
+    state::sync_fs(&state.root)
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.

@@ -193,11 +193,19 @@ impl State {
         read_json(&path)
     }
 
-    /// Creates the state directories (0755: the release files must be
-    /// reachable through the farm links by unprivileged services).
+    /// Creates the state directories (0755 whatever the umask: the release
+    /// files must be reachable through the farm links by unprivileged
+    /// services).
     pub fn create(&self) -> Result<()> {
-        for d in [&self.dir, &self.releases()] {
-            fs::create_dir_all(d).map_err(Error::io(d, "creating state directory"))?;
+        let releases = self.releases();
+        let mut missing: Vec<&Path> = releases
+            .ancestors()
+            .take_while(|d| *d != self.root && d.symlink_metadata().is_err())
+            .collect();
+        missing.reverse();
+        for d in missing {
+            fs::create_dir(d).map_err(Error::io(d, "creating state directory"))?;
+            set_mode(d, 0o755)?;
         }
         Ok(())
     }
@@ -299,6 +307,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| Error::io(path, "renaming into place")(e.error))?;
     sync_dir(dir)
+}
+
+/// Sets `path`'s permission bits (not subject to the umask).
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(Error::io(path, "setting mode"))
 }
 
 /// fsyncs a directory, so renames and creations in it are durable.

@@ -1076,3 +1076,43 @@ fn apply_takes_an_http_url_and_verifies_what_it_downloads() {
         &["active: p 2.0.0", "drift: 0 path(s)"],
     );
 }
+
+#[test]
+fn services_can_read_their_files_through_the_links_whatever_the_umask() {
+    require_tool("setpriv");
+    let f = Fleet::new();
+    let root = f.root("root");
+    chmod(&root.join("etc"), 0o755);
+    let bin = crate::support::bin();
+    let args = [
+        "-c",
+        "umask 077; exec \"$@\"",
+        "sh",
+        s(&bin),
+        "apply",
+        s(&f.v1),
+        "--root",
+        s(&root),
+        "--keyring",
+        s(&f.keyring),
+    ];
+    tool(f.dir(), "sh", &args).ok();
+    let state = state_dir(&root);
+    for d in [state.clone(), state.join("releases")] {
+        assert_eq!(mode(&d), 0o755, "{}", d.display());
+    }
+    // An unprivileged user reads a 0644 file of the release through its link.
+    let run = tool(
+        f.dir(),
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            s(&root.join("etc/app/a.conf")),
+        ],
+    )
+    .ok();
+    assert_eq!(run.stdout, "a = 1\n");
+}
