@@ -364,7 +364,6 @@ pub fn apply(
     keyring: &Path,
     opts: &crate::apply::ApplyOptions,
 ) -> Result<()> {
-    use crate::apply::Outcome;
     let keys = load_keyring(keyring)?;
     // A URL is downloaded first (outside the root), then treated as a file.
     let fetched = match artifact.to_str().filter(|a| crate::fetch::is_url(a)) {
@@ -395,14 +394,33 @@ pub fn apply(
     bar.finish_and_clear();
     let verified = verified?;
     let state = crate::state::State::new(root);
-    match crate::apply::apply(&state, &verified, opts)? {
+    let outcome = crate::apply::apply(&state, &verified, opts)?;
+    report(
+        ui,
+        &outcome,
+        root,
+        &format!("signed by key {}", verified.key_id()),
+    );
+    Ok(())
+}
+
+pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
+    let state = crate::state::State::new(root);
+    let outcome = crate::apply::rollback(&state, dry_run)?;
+    report(ui, &outcome, root, "rollback");
+    Ok(())
+}
+
+/// What an apply or rollback did (or would do), with how it was vouched for.
+fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
+    use crate::apply::Outcome;
+    match outcome {
         Outcome::DryRun { id, plan } => {
             ui.say(format_args!(
-                "dry run: would activate {id} on {} (signed by key {})",
-                root.display(),
-                verified.key_id()
+                "dry run: would activate {id} on {} ({how})",
+                root.display()
             ));
-            print_plan(ui, &plan);
+            print_plan(ui, plan);
             print_hooks(ui, &plan.hooks, false, root);
         }
         Outcome::AlreadyActive { id } => {
@@ -415,45 +433,16 @@ pub fn apply(
             hooks_run,
         } => {
             ui.say(format_args!(
-                "activated {id} on {} (was {}; signed by key {}): {} added, {} changed, {} removed",
+                "activated {id} on {} (was {}; {how}): {} added, {} changed, {} removed",
                 root.display(),
                 from.as_deref().unwrap_or("nothing"),
-                verified.key_id(),
                 plan.added.len(),
                 plan.changed.len(),
                 plan.removed.len()
             ));
-            print_hooks(ui, &plan.hooks, hooks_run, root);
+            print_hooks(ui, &plan.hooks, *hooks_run, root);
         }
     }
-    Ok(())
-}
-
-pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
-    use crate::apply::Outcome;
-    let state = crate::state::State::new(root);
-    match crate::apply::rollback(&state, dry_run)? {
-        Outcome::DryRun { id, plan } => {
-            ui.say(format_args!("dry run: would roll back to {id}"));
-            print_plan(ui, &plan);
-            print_hooks(ui, &plan.hooks, false, root);
-        }
-        Outcome::AlreadyActive { id } => ui.say(format_args!("{id} is already active")),
-        Outcome::Activated {
-            id,
-            from,
-            plan,
-            hooks_run,
-        } => {
-            ui.say(format_args!(
-                "rolled back {} to {id} on {}",
-                from.as_deref().unwrap_or("nothing"),
-                root.display()
-            ));
-            print_hooks(ui, &plan.hooks, hooks_run, root);
-        }
-    }
-    Ok(())
 }
 
 pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {

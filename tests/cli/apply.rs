@@ -305,7 +305,10 @@ fn upgrade_then_rollback_restores_the_previous_release_exactly() {
     );
     status(&root, &[]).ok();
     let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).ok();
-    has(&run.stdout, &["rolled back p-2.0.0-", "to p-1.0.0-"]);
+    has(
+        &run.stdout,
+        &["activated p-1.0.0-", "(was p-2.0.0-", "rollback)"],
+    );
     assert_eq!(view(&root), v1_view);
     // The directories release 2 created are gone again.
     let now: Vec<String> = list_files(&root)
