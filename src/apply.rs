@@ -160,6 +160,16 @@ fn admit(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<Opti
             m.artifact_file_name()
         )));
     }
+    if let Some(e) = m.entries.iter().find(|e| {
+        let p = e.path.as_str();
+        p == state::STATE_DIR || p.starts_with(&format!("{}/", state::STATE_DIR))
+    }) {
+        return Err(Error::Refused(format!(
+            "the release ships {}, inside InfraKit's own state directory {}; remove it from the profile",
+            e.path,
+            state::STATE_DIR
+        )));
+    }
     let current = state.current()?;
     if let Some(cur) = &current {
         let same = cur.info.id == state::release_id(&m.name, &m.version, &m.archive.sha256);
@@ -206,7 +216,19 @@ pub fn apply(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<
     if current.as_ref().is_some_and(|c| c.info.id == id) {
         return Ok(Outcome::AlreadyActive { id });
     }
-    let plan = plan(state, current.as_ref().map(|r| &r.manifest), m, opts.adopt);
+    let mut plan = plan(state, current.as_ref().map(|r| &r.manifest), m, opts.adopt);
+    for p in &plan.adopt {
+        if state
+            .backup_dir(&id)
+            .join(p.as_str())
+            .symlink_metadata()
+            .is_ok()
+        {
+            plan.conflicts.push(format!(
+                "{p}: a backup of it from an earlier --adopt of {id} exists; move it away first"
+            ));
+        }
+    }
     refuse_conflicts(&plan)?;
     stage(state, verified, &id)?;
     let mut history = state.record()?.history;
@@ -221,12 +243,22 @@ pub fn apply(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<
         created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
         adopted: plan.adopt.clone(),
         history,
+        hooks_after: plan.hooks.after(),
+        stopped: plan.hooks.stop_before.clone(),
     };
     activate(state, &journal, &plan)
 }
 
-/// Reactivates the release before the active one.
+/// Reactivates the release before the active one. Under the lock, after
+/// finishing or reverting an interrupted activation (not for a dry run).
 pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
+    let _lock = if dry_run || state.current_id()?.is_none() {
+        None
+    } else {
+        let lock = state.lock()?;
+        recover(state)?;
+        Some(lock)
+    };
     let record = state.record()?;
     let current = state.current_id()?;
     let Some(from) = current else {
@@ -253,12 +285,6 @@ pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
     if dry_run {
         return Ok(Outcome::DryRun { id: to, plan });
     }
-    let _lock = state.lock()?;
-    if recover(state)?.is_some() {
-        return Err(Error::Refused(
-            "an interrupted activation was just completed or reverted; check `infrakit status` and run rollback again".into(),
-        ));
-    }
     let journal = Journal {
         action: "rollback".into(),
         from: Some(from),
@@ -266,6 +292,8 @@ pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
         created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
         adopted: Vec::new(),
         history: record.history[..pos].to_vec(),
+        hooks_after: plan.hooks.after(),
+        stopped: plan.hooks.stop_before.clone(),
     };
     activate(state, &journal, &plan)
 }
@@ -292,8 +320,10 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
         fs::remove_dir_all(&partial)
             .map_err(Error::io(&partial, "removing a stale partial release"))?;
     }
+    // Private until every member was checked: files get their final modes
+    // (setuid included) before their digests are known.
     fs::create_dir(&partial).map_err(Error::io(&partial, "creating the staging directory"))?;
-    state::set_mode(&partial, 0o755)?;
+    state::set_mode(&partial, 0o700)?;
     let result = extract(verified, &partial.join("rootfs")).and_then(|()| {
         let m = verified.manifest();
         let info = ReleaseInfo {
@@ -313,6 +343,7 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
             let path = partial.join(name);
             fs::write(&path, bytes).map_err(Error::io(&path, "writing release metadata"))?;
         }
+        state::set_mode(&partial, 0o755)?;
         state::sync_fs(&partial)?;
         fs::rename(&partial, &done).map_err(Error::io(&done, "renaming the staged release"))?;
         state::sync_dir(&state.releases())
@@ -348,7 +379,23 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
                     .open(&dest)
                     .map_err(Error::io(&dest, "creating file"))?;
                 let mut out = BufWriter::with_capacity(256 * 1024, file);
-                std::io::copy(content, &mut out).map_err(Error::io(&dest, "writing file"))?;
+                // A failed read is the archive's fault (exit 1), a failed
+                // write the disk's (exit 2).
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = content.read(&mut buf).map_err(|e| {
+                        Error::check(format!(
+                            "{}: {}: reading the archive: {e}",
+                            verified.artifact().display(),
+                            want.path
+                        ))
+                    })?;
+                    if n == 0 {
+                        break;
+                    }
+                    out.write_all(&buf[..n])
+                        .map_err(Error::io(&dest, "writing file"))?;
+                }
                 let file = out
                     .into_inner()
                     .map_err(|e| Error::io(&dest, "writing file")(e.into_error()))?;
@@ -382,7 +429,7 @@ fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
     let live = hooks::is_live(&state.root);
     let prepared = prepare(state, journal, plan).and_then(|()| {
         if live {
-            hooks::run(&plan.hooks.before())?;
+            hooks::run(&plan.hooks.before(), "the activation was reverted")?;
         }
         Ok(())
     });
@@ -392,9 +439,6 @@ fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
     }
     state.switch(&journal.to)?;
     finish(state, journal)?;
-    if live {
-        hooks::run(&plan.hooks.after())?;
-    }
     Ok(Outcome::Activated {
         id: journal.to.clone(),
         from: journal.from.clone(),
@@ -458,14 +502,39 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
             }
         }
     }
+    state::sync_fs(&state.root)?;
     let mut record = state.record()?;
     record
         .created_dirs
         .extend(journal.created_dirs.iter().cloned());
     remove_empty_dirs(state, &mut record.created_dirs, &new_paths);
+    // Host files adopted for paths no active release has any more go back.
+    let gone: Vec<(RelPath, String)> = record
+        .adopted
+        .iter()
+        .filter(|(p, _)| !new_paths.contains(p))
+        .map(|(p, id)| (p.clone(), id.clone()))
+        .collect();
+    for (p, id) in gone {
+        let backup = state.backup_dir(&id).join(p.as_str());
+        let live = state.live(&p);
+        if live.symlink_metadata().is_err() && backup.symlink_metadata().is_ok() {
+            fs::rename(&backup, &live).map_err(Error::io(&live, "restoring an adopted file"))?;
+        }
+        record.adopted.remove(&p);
+    }
+    for p in &journal.adopted {
+        record.adopted.insert(p.clone(), journal.to.clone());
+    }
     record.history = journal.history.clone();
     state.write_record(&record)?;
     prune(state, &record.history)?;
+    if hooks::is_live(&state.root) {
+        hooks::run(
+            &journal.hooks_after,
+            "the release is active; the next apply or rollback runs the hooks again",
+        )?;
+    }
     state.remove_journal()
 }
 
@@ -592,6 +661,17 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
         }
     }
     state::sync_fs(&state.root)?;
+    if hooks::is_live(&state.root) && !journal.stopped.is_empty() {
+        let start: Vec<Vec<String>> = journal
+            .stopped
+            .iter()
+            .map(|u| vec!["systemctl".into(), "start".into(), u.clone()])
+            .collect();
+        hooks::run(
+            &start,
+            "the old release is active but a validator unit did not start",
+        )?;
+    }
     state.remove_journal()
 }
 

@@ -156,9 +156,12 @@ impl<R: Read> Read for HashingReader<R> {
 /// and hands the bytes over in chunks through a bounded channel: reading
 /// (decompression) and hashing overlap with whatever consumes the stream.
 pub struct ReadAhead {
+    /// Chunks; an empty chunk marks the end of the stream.
     chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
+    /// The end, or the reader's error (repeated on every later read).
+    done: Option<Result<(), (io::ErrorKind, String)>>,
     reader: Option<std::thread::JoinHandle<(Sha256, u64)>>,
 }
 
@@ -174,7 +177,10 @@ impl ReadAhead {
             loop {
                 let mut chunk = vec![0u8; Self::CHUNK];
                 let n = match inner.read(&mut chunk) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        let _ = tx.send(Ok(Vec::new()));
+                        break;
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -195,6 +201,7 @@ impl ReadAhead {
             chunks: rx,
             chunk: Vec::new(),
             pos: 0,
+            done: None,
             reader: Some(reader),
         }
     }
@@ -213,12 +220,25 @@ impl ReadAhead {
 impl Read for ReadAhead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.chunk.len() {
+            match &self.done {
+                Some(Ok(())) => return Ok(0),
+                Some(Err((kind, msg))) => return Err(io::Error::new(*kind, msg.clone())),
+                None => {}
+            }
             match self.chunks.recv() {
-                Ok(chunk) => {
-                    self.chunk = chunk?;
+                Ok(Ok(chunk)) if chunk.is_empty() => self.done = Some(Ok(())),
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0), // the reader reached the end
+                Ok(Err(e)) => self.done = Some(Err((e.kind(), e.to_string()))),
+                // Gone without the end marker: the reading thread panicked.
+                Err(_) => {
+                    self.done = Some(Err((
+                        io::ErrorKind::Other,
+                        "the reading thread stopped".to_owned(),
+                    )))
+                }
             }
         }
         let n = buf.len().min(self.chunk.len() - self.pos);

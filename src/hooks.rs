@@ -154,8 +154,9 @@ pub fn is_live(root: &Path) -> bool {
         && Path::new("/run/systemd/system").is_dir()
 }
 
-/// Runs `commands` in order, stopping at the first that fails.
-pub fn run(commands: &[Vec<String>]) -> Result<()> {
+/// Runs `commands` in order, stopping at the first that fails; `then` says
+/// where that leaves the host.
+pub fn run(commands: &[Vec<String>], then: &str) -> Result<()> {
     for argv in commands {
         let status = Command::new(&argv[0])
             .args(&argv[1..])
@@ -163,7 +164,7 @@ pub fn run(commands: &[Vec<String>]) -> Result<()> {
             .map_err(Error::io(Path::new(&argv[0]), "running hook"))?;
         if !status.success() {
             return Err(Error::Refused(format!(
-                "hook `{}` failed ({status}); the release is active, run the rest by hand",
+                "hook `{}` failed ({status}); {then}",
                 argv.join(" ")
             )));
         }

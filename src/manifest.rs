@@ -184,6 +184,29 @@ impl Manifest {
         if Format::parse(&m.archive.format).is_none() {
             return Err(format!("unknown archive format {:?}", m.archive.format));
         }
+        // The order the archive is written in, strictly: no duplicates.
+        for pair in m.entries.windows(2) {
+            if pair[0].path >= pair[1].path {
+                return Err(format!(
+                    "entry {} comes after {}: entries must be sorted and unique",
+                    pair[1].path, pair[0].path
+                ));
+            }
+        }
+        for e in &m.entries {
+            let fields = (e.size.is_some(), e.sha256.is_some(), e.target.is_some());
+            let ok = match e.kind {
+                EntryType::Dir => fields == (false, false, false),
+                EntryType::File => fields == (true, true, false),
+                EntryType::Symlink => fields == (false, false, true),
+            };
+            if !ok {
+                return Err(format!(
+                    "entry {} has the wrong fields for a {:?} (files: size and sha256; symlinks: target; directories: neither)",
+                    e.path, e.kind
+                ));
+            }
+        }
         Ok(m)
     }
 
@@ -287,6 +310,22 @@ mod tests {
         let mut sorted = serde_json::to_vec(&value).unwrap();
         sorted.push(b'\n');
         assert_eq!(json, sorted);
+
+        // Entries out of order or twice, or with another kind's fields: refused.
+        let mut dup = m.clone();
+        dup.entries.push(dup.entries[0].clone());
+        let err = Manifest::parse(&dup.to_canonical_json()).unwrap_err();
+        assert!(err.contains("sorted and unique"), "{err}");
+        let mut odd = m.clone();
+        odd.entries[0].target = Some("x".into());
+        let err = Manifest::parse(&odd.to_canonical_json()).unwrap_err();
+        assert!(err.contains("wrong fields"), "{err}");
+        let mut bare = m;
+        bare.entries[0].kind = EntryType::Symlink;
+        bare.entries[0].size = None;
+        bare.entries[0].sha256 = None;
+        let err = Manifest::parse(&bare.to_canonical_json()).unwrap_err();
+        assert!(err.contains("wrong fields"), "{err}");
     }
 
     #[test]

@@ -69,6 +69,14 @@ pub struct Journal {
     pub adopted: Vec<RelPath>,
     /// The activation history once this activation completes.
     pub history: Vec<String>,
+    /// Hooks still to run after the switch (on a live root); the journal
+    /// stays until they succeeded, so a crash or a failure retries them.
+    #[serde(default)]
+    pub hooks_after: Vec<Vec<String>>,
+    /// Validator units stopped before the switch, started again if the
+    /// activation is reverted.
+    #[serde(default)]
+    pub stopped: Vec<String>,
 }
 
 /// The lasting record.
@@ -80,6 +88,10 @@ pub struct Record {
     /// Directories InfraKit created on the live paths (removed again when no
     /// release has them and they are empty).
     pub created_dirs: BTreeSet<RelPath>,
+    /// Host files moved aside by `--adopt`: path → the release whose
+    /// `backups/` holds it. Restored when no active release has the path.
+    #[serde(default)]
+    pub adopted: std::collections::BTreeMap<RelPath, String>,
 }
 
 /// A retained release: its info and manifest.
@@ -204,8 +216,11 @@ impl State {
             .collect();
         missing.reverse();
         for d in missing {
-            fs::create_dir(d).map_err(Error::io(d, "creating state directory"))?;
-            set_mode(d, 0o755)?;
+            match fs::create_dir(d) {
+                Ok(()) => set_mode(d, 0o755)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(d, "creating state directory")(e)),
+            }
         }
         Ok(())
     }

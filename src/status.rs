@@ -42,8 +42,18 @@ impl Report {
     }
 }
 
-/// Reads the state and checks every entry of the active release.
+/// Reads the state and checks every entry of the active release. Waits for
+/// an apply or rollback in progress (a shared lock), so a running one is not
+/// reported as interrupted.
 pub fn status(state: &State) -> Result<Report> {
+    let lock_path = state.dir.join("lock");
+    let _lock = match File::open(&lock_path) {
+        Ok(f) => {
+            f.lock_shared().map_err(Error::io(&lock_path, "locking"))?;
+            Some(f)
+        }
+        Err(_) => None,
+    };
     let partial = fs::read_dir(state.releases())
         .into_iter()
         .flatten()

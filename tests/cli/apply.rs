@@ -418,6 +418,29 @@ fn foreign_files_are_not_replaced_without_adopt() {
         "the host's own\n"
     );
     status(&root, &[]).ok();
+    // When a release no longer has an adopted path, the host's file returns.
+    let other = f.root("adopt-old");
+    write(&other.join("etc/app/old.conf"), "host old\n");
+    f.apply(&f.v1, &other, &["--adopt"]).ok();
+    assert_eq!(
+        fs::read_to_string(other.join("etc/app/old.conf")).unwrap(),
+        "old = yes\n"
+    );
+    f.apply(&f.v2, &other, &[]).ok();
+    assert_eq!(
+        fs::read_to_string(other.join("etc/app/old.conf")).unwrap(),
+        "host old\n"
+    );
+    status(&other, &[]).ok();
+}
+
+#[test]
+fn a_release_may_not_ship_the_state_directory() {
+    let f = Fleet::new();
+    f.repo
+        .root_file("app", "var/lib/infrakit/current/rootfs/etc/passwd", "x\n");
+    let evil = Fleet::build(&f.repo, &f.secret, "d-evil", "3.0.0");
+    assert_refused_untouched(&f, &evil, &["state directory", "var/lib/infrakit"]);
 }
 
 // ---------------------------------------------------------------------------
