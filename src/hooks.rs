@@ -180,6 +180,78 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
+    fn manifest_with(paths: &[&str]) -> Manifest {
+        let entries: Vec<ManifestEntry> = paths
+            .iter()
+            .map(|path| ManifestEntry {
+                gid: 0,
+                layer: "l".into(),
+                mode: 0o644,
+                path: p(path),
+                sha256: Some(crate::digest::Sha256::of(b"")),
+                size: Some(0),
+                target: None,
+                kind: crate::manifest::EntryType::File,
+                uid: 0,
+            })
+            .collect();
+        let json = format!(
+            r#"{{"archive":{{"format":"tar.zst","sha256":"{0}","size":1,"tar_sha256":"{0}","tar_size":1}},"entries":{1},"layers":[],"name":"n","profile_sha256":"{0}","schema":1,"source_date_epoch":0,"version":"1.0.0"}}"#,
+            crate::digest::Sha256::of(b""),
+            serde_json::to_string(&entries).unwrap()
+        );
+        Manifest::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn validators_stop_before_the_switch_and_start_one_at_a_time_after() {
+        let new = manifest_with(&[
+            "etc/systemd/system/app.service",
+            "etc/systemd/system/eth-validator.service",
+            "etc/systemd/system/monad-validator.service",
+        ]);
+        let hooks = Hooks::plan(
+            &new,
+            &[p("etc/systemd/system/monad-validator.service")],
+            &[
+                p("etc/systemd/system/app.service"),
+                p("etc/systemd/system/eth-validator.service"),
+            ],
+            &[
+                p("etc/systemd/system/old-validator.service"),
+                p("etc/systemd/system/gone.service"),
+            ],
+        );
+        // Every changed or removed validator is down before the switch.
+        assert_eq!(
+            hooks.before(),
+            vec![vec![
+                "systemctl",
+                "stop",
+                "eth-validator.service",
+                "monad-validator.service",
+                "old-validator.service"
+            ]]
+        );
+        let after = hooks.after();
+        let reload = after.iter().position(|c| c[1] == "daemon-reload").unwrap();
+        assert_eq!(after[0], vec!["systemctl", "stop", "gone.service"]);
+        assert!(after.contains(&vec![
+            "systemctl".to_owned(),
+            "try-restart".to_owned(),
+            "app.service".to_owned()
+        ]));
+        // Started after the reload, each on its own.
+        let starts: Vec<_> = after
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c[1] == "start")
+            .collect();
+        assert_eq!(starts.len(), 2);
+        assert!(starts.iter().all(|(i, c)| *i > reload && c.len() == 3));
+        assert!(!hooks.sysctl && !hooks.firewall);
+    }
+
     #[test]
     fn unit_files_and_drop_ins_name_their_unit() {
         assert_eq!(
