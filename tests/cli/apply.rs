@@ -771,6 +771,103 @@ fn host_paths(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `infrakit apply` of release 2 onto `root`, as an argv.
+fn apply_argv(f: &Fleet, root: &Path) -> Vec<String> {
+    let bin = crate::support::bin();
+    [
+        s(&bin),
+        "apply",
+        s(&f.v2),
+        "--root",
+        s(root),
+        "--keyring",
+        s(&f.keyring),
+        "-q",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+/// Applies release 2 onto `root` under strace and returns every traced
+/// call in order: (syscall, its occurrence number, the strace line).
+fn trace_apply(f: &Fleet, root: &Path) -> Vec<(String, usize, String)> {
+    require_tool("strace");
+    let log = f.dir().join("strace.log");
+    let mut args: Vec<String> = ["-f", "-qq", "-o", s(&log), "-e", &format!("trace={WRITES}")]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(apply_argv(f, root));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tool(f.dir(), "strace", &argv).ok();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let name = rest.split('(').next()?.to_owned();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return None;
+            }
+            let n = seen.entry(name.clone()).or_default();
+            *n += 1;
+            Some((name, *n, l.to_owned()))
+        })
+        .collect()
+}
+
+/// Applies release 2 onto `root`, killed with SIGKILL (strace's syscall
+/// injection) on entering the `nth` call of `name`.
+fn kill_apply_at(f: &Fleet, root: &Path, name: &str, nth: usize) -> Run {
+    let mut args: Vec<String> = vec![
+        "-f".into(),
+        "-qq".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-e".into(),
+        format!("trace={name}"),
+        "-e".into(),
+        format!("inject={name}:signal=KILL:when={nth}"),
+    ];
+    args.extend(apply_argv(f, root));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tool(f.dir(), "strace", &argv)
+}
+
+#[test]
+fn rollback_completes_an_activation_interrupted_after_the_switch_first() {
+    let f = Fleet::new();
+    let base = f.root("base");
+    f.apply(&f.v1, &base, &[]).ok();
+    let v1_view = view(&base);
+    let traced = f.dir().join("traced");
+    copy_root(&base, &traced);
+    let calls = trace_apply(&f, &traced);
+    let switch = calls
+        .iter()
+        .position(|(_, _, l)| l.contains("current.new") && l.contains("rename"))
+        .expect("the switch is a rename");
+    // Killed on the first call after the switch: release 2 shows, the
+    // journal is still there, state.json does not list release 2 yet.
+    let (name, nth, line) = &calls[switch + 1];
+    let root = f.dir().join("crashed");
+    copy_root(&base, &root);
+    let run = kill_apply_at(&f, &root, name, *nth);
+    assert_ne!(run.code, 0, "{line}");
+    assert!(state_dir(&root).join("journal.json").exists());
+    has(
+        &status(&root, &[]).expect_code(1).stdout,
+        &["interrupted", "after the switch"],
+    );
+    // rollback completes the activation, then rolls it back to release 1.
+    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).ok();
+    has(&run.stdout, &["activated p-1.0.0-", "(was p-2.0.0-"]);
+    assert_eq!(view(&root), v1_view);
+    status(&root, &[]).ok();
+}
+
 #[test]
 fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
     require_tool("strace");
@@ -788,50 +885,7 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
     // One traced run lists the syscalls of applying release 2.
     let traced = f.dir().join("traced");
     copy_root(&base, &traced);
-    let log = f.dir().join("strace.log");
-    let apply_args = |root: &Path| -> Vec<String> {
-        [
-            s(&crate::support::bin()),
-            "apply",
-            s(&f.v2),
-            "--root",
-            s(root),
-            "--keyring",
-            s(&f.keyring),
-            "-q",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
-    let mut args: Vec<String> = ["-f", "-qq", "-o", s(&log), "-e", &format!("trace={WRITES}")]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    args.extend(apply_args(&traced));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    tool(f.dir(), "strace", &argv).ok();
-    let lines: Vec<String> = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    // (syscall, its occurrence number) of each call, and where activation
-    // starts: the first call that touches the state directory.
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let calls: Vec<(String, usize, &String)> = lines
-        .iter()
-        .filter_map(|l| {
-            let rest = l.split_once(' ')?.1.trim_start();
-            let name = rest.split('(').next()?.to_owned();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return None;
-            }
-            let n = seen.entry(name.clone()).or_default();
-            *n += 1;
-            Some((name, *n, l))
-        })
-        .collect();
+    let calls = trace_apply(&f, &traced);
     let start = calls
         .iter()
         .position(|(_, _, l)| l.contains("var/lib/infrakit") && !l.contains("O_RDONLY"))
@@ -854,19 +908,7 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
         let (name, nth, line) = &window[p];
         let root = f.dir().join(format!("crash-{i}"));
         copy_root(&base, &root);
-        let mut args: Vec<String> = vec![
-            "-f".into(),
-            "-qq".into(),
-            "-o".into(),
-            "/dev/null".into(),
-            "-e".into(),
-            format!("trace={name}"),
-            "-e".into(),
-            format!("inject={name}:signal=KILL:when={nth}"),
-        ];
-        args.extend(apply_args(&root));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = tool(f.dir(), "strace", &argv);
+        let run = kill_apply_at(&f, &root, name, *nth);
         assert_ne!(run.code, 0, "point {p} ({line}) did not kill apply");
         let now = view(&root);
         let what = format!("killed before call {p} of {}: {line}", window.len());
