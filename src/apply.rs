@@ -53,7 +53,8 @@ pub struct ApplyOptions {
     pub dry_run: bool,
     pub allow_downgrade: bool,
     pub adopt: bool,
-    /// How many releases to keep, the active one included (at least 2).
+    /// How many releases to keep, the active one included (at least 2:
+    /// the command line refuses less).
     pub retain: usize,
 }
 

@@ -128,8 +128,8 @@ pub enum Command {
         #[arg(long)]
         adopt: bool,
         /// How many releases to keep for rollback, the active one included (at least 2).
-        #[arg(long, value_name = "N", default_value_t = 3)]
-        retain: usize,
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..))]
+        retain: u16,
     },
     /// Reactivate the previous retained release, atomically.
     Rollback {
@@ -244,7 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 dry_run,
                 allow_downgrade,
                 adopt,
-                retain,
+                retain: usize::from(retain),
             },
         ),
         Command::Rollback { root, dry_run } => commands::rollback(&ui, &root, dry_run),
@@ -265,6 +265,12 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn apply_keeps_at_least_two_releases() {
+        assert!(Cli::try_parse_from(["infrakit", "apply", "a.tar.zst", "--retain", "1"]).is_err());
+        assert!(Cli::try_parse_from(["infrakit", "apply", "a.tar.zst", "--retain", "2"]).is_ok());
     }
 
     #[test]
