@@ -487,21 +487,9 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
 fn finish(state: &State, journal: &Journal) -> Result<()> {
     let new = state.release(&journal.to)?.manifest;
     let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
-    if let Some(from) = &journal.from {
-        // Pruned already if a previous finish got that far.
-        if let Ok(old) = state.release(from) {
-            for e in old
-                .manifest
-                .entries
-                .iter()
-                .filter(|e| e.kind != EntryType::Dir)
-            {
-                if !new_paths.contains(&e.path) && state.is_farm_link(&e.path) {
-                    let live = state.live(&e.path);
-                    fs::remove_file(&live).map_err(Error::io(&live, "removing an old link"))?;
-                }
-            }
-        }
+    // The old release is pruned already if a previous finish got that far.
+    if let Some(Ok(old)) = journal.from.as_deref().map(|from| state.release(from)) {
+        remove_links(state, &old.manifest, |p| new_paths.contains(p))?;
     }
     state::sync_fs(&state.root)?;
     let mut record = state.record()?;
@@ -537,6 +525,18 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
         )?;
     }
     state.remove_journal()
+}
+
+/// Removes the farm links of `manifest`'s files and symlinks unless `keep`
+/// says otherwise (only InfraKit's own links: anything else stays).
+fn remove_links(state: &State, manifest: &Manifest, keep: impl Fn(&RelPath) -> bool) -> Result<()> {
+    for e in manifest.entries.iter().filter(|e| e.kind != EntryType::Dir) {
+        if !keep(&e.path) && state.is_farm_link(&e.path) {
+            let live = state.live(&e.path);
+            fs::remove_file(&live).map_err(Error::io(&live, "removing a link"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes created directories that `keep` does not list and that are empty,
@@ -626,17 +626,7 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
         None => HashSet::new(),
     };
     if let Ok(to) = state.release(&journal.to) {
-        for e in to
-            .manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind != EntryType::Dir)
-        {
-            if !from_paths.contains(&e.path) && state.is_farm_link(&e.path) {
-                let live = state.live(&e.path);
-                fs::remove_file(&live).map_err(Error::io(&live, "removing a new link"))?;
-            }
-        }
+        remove_links(state, &to.manifest, |p| from_paths.contains(p))?;
     }
     for p in &journal.adopted {
         let backup = state.backup_dir(&journal.to).join(p.as_str());
