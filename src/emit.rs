@@ -178,10 +178,8 @@ fn write_outputs(
     };
     let (summary, prehash) = {
         // The signature's BLAKE2b prehash is computed only when signing.
-        let writeback = Writeback::new(artifact_tmp.as_file_mut())
-            .map_err(Error::io(&artifact_path, "opening artifact"))?;
         let mut sink = PrehashWriter {
-            inner: BufWriter::with_capacity(1 << 20, writeback),
+            inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
             prehash: opts.sign_key.map(|_| Prehasher::default()),
         };
         let mut findings = Vec::new();
@@ -315,64 +313,6 @@ fn persist(tmp: NamedTempFile, dest: &Path) -> Result<()> {
 }
 
 /// Passes bytes on while feeding the signature prehash, if there is one.
-/// Starts writing the artifact back to disk while it is still being
-/// written: after every `STEP` bytes a helper thread runs `fdatasync` on the
-/// same file, so the final fsync before the rename has only the tail left.
-/// (Durability still rests on that final fsync; these are only early.)
-struct Writeback<'f> {
-    file: &'f mut File,
-    unsynced: u64,
-    kick: Option<std::sync::mpsc::SyncSender<()>>,
-    helper: Option<std::thread::JoinHandle<()>>,
-}
-
-impl<'f> Writeback<'f> {
-    const STEP: u64 = 64 << 20;
-
-    fn new(file: &'f mut File) -> std::io::Result<Writeback<'f>> {
-        let clone = file.try_clone()?;
-        let (kick, wake) = std::sync::mpsc::sync_channel::<()>(1);
-        let helper = std::thread::spawn(move || {
-            while wake.recv().is_ok() {
-                let _ = clone.sync_data(); // errors surface in the final fsync
-            }
-        });
-        Ok(Writeback {
-            file,
-            unsynced: 0,
-            kick: Some(kick),
-            helper: Some(helper),
-        })
-    }
-}
-
-impl Write for Writeback<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.unsynced += n as u64;
-        if self.unsynced >= Self::STEP {
-            self.unsynced = 0;
-            if let Some(kick) = &self.kick {
-                let _ = kick.try_send(()); // one already pending is enough
-            }
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Drop for Writeback<'_> {
-    fn drop(&mut self) {
-        self.kick = None;
-        if let Some(helper) = self.helper.take() {
-            let _ = helper.join();
-        }
-    }
-}
-
 struct PrehashWriter<W> {
     inner: W,
     prehash: Option<Prehasher>,

@@ -189,55 +189,90 @@ impl Layer {
         Ok(layer)
     }
 
-    /// Walks `root/` in parallel (its top-level entries, and each
-    /// top-level directory's children, are units taken by worker threads),
-    /// then inserts the results in walk order, so errors and outcomes are
-    /// those of one sorted walk.
     fn walk_root(&mut self, root: &Path, values: &BTreeMap<String, Value>) -> Result<()> {
+        let walk = walkdir::WalkDir::new(root)
+            .min_depth(1)
+            .follow_links(false)
+            .sort_by_file_name();
         let shared_root: Arc<Path> = Arc::from(root);
-        let units = walk_units(root)?;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(units.len().max(1));
-        let mut done: Vec<(usize, Result<Vec<Walked>>)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut out = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some((path, recurse)) = units.get(i) else {
-                                break;
-                            };
-                            out.push((i, walk_unit(root, path, *recurse, &shared_root, values)));
-                        }
-                        out
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
-        done.sort_by_key(|(i, _)| *i);
-        if done.len() != units.len() {
-            return Err(Error::io(root, "walking overlay")(std::io::Error::other(
-                "a walking thread stopped",
-            )));
-        }
-        for (_, walked) in done {
-            for (path, kind, mode, template) in walked? {
-                if self.entries.contains_key(&path) {
-                    let name = format!("{path}{}", if template { ".tmpl" } else { "" });
-                    return Err(Error::input(
-                        &root.join(name),
-                        format!("{path} is provided twice (a file and its .tmpl); keep one"),
-                    ));
-                }
-                self.entries.insert(path, self.entry(kind, mode));
+        for item in walk {
+            let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
+            let full = item.path();
+            let rel = full.strip_prefix(root).unwrap_or(full);
+            let Some(rel_str) = rel.to_str() else {
+                return Err(Error::input(
+                    full,
+                    "file name is not valid UTF-8; rename it (artifact paths must be UTF-8)",
+                ));
+            };
+            let template = rel_str
+                .strip_suffix(".tmpl")
+                .filter(|_| item.file_type().is_file());
+            let path =
+                RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
+            let meta = item
+                .metadata()
+                .map_err(|e| walk_error(e, full, "reading metadata"))?;
+            let ft = meta.file_type();
+            let (kind, mode) = if ft.is_dir() {
+                (Kind::Dir, model::DIR_MODE)
+            } else if ft.is_file() {
+                let exec = meta.permissions().mode() & 0o111 != 0;
+                let kind = if template.is_some() {
+                    let bytes = render_template(full, values)?;
+                    Kind::File {
+                        size: bytes.len() as u64,
+                        source: Source::Bytes(bytes.into()),
+                    }
+                } else {
+                    Kind::File {
+                        source: Source::Overlay(Arc::clone(&shared_root)),
+                        size: meta.len(),
+                    }
+                };
+                (
+                    kind,
+                    if exec {
+                        model::EXEC_MODE
+                    } else {
+                        model::FILE_MODE
+                    },
+                )
+            } else if ft.is_symlink() {
+                let target =
+                    std::fs::read_link(full).map_err(Error::io(full, "reading symlink"))?;
+                let Some(target) = target.to_str() else {
+                    return Err(Error::input(full, "symlink target is not valid UTF-8"));
+                };
+                (
+                    Kind::Symlink {
+                        target: target.to_owned(),
+                    },
+                    model::SYMLINK_MODE,
+                )
+            } else {
+                let what = if ft.is_fifo() {
+                    "a fifo"
+                } else if ft.is_socket() {
+                    "a socket"
+                } else {
+                    "a device node"
+                };
+                return Err(Error::input(
+                    full,
+                    format!("{what} cannot be part of an overlay; remove it from root/"),
+                ));
+            };
+            if let Kind::Symlink { target } = &kind {
+                check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
+            if self.entries.contains_key(&path) {
+                return Err(Error::input(
+                    full,
+                    format!("{path} is provided twice (a file and its .tmpl); keep one"),
+                ));
+            }
+            self.entries.insert(path, self.entry(kind, mode));
         }
         Ok(())
     }
@@ -611,134 +646,6 @@ impl Layer {
 }
 
 /// A walkdir error as an I/O error on the path it names (else `fallback`).
-/// One walked path: its path in the tree, kind and mode, and whether it
-/// was rendered from a `.tmpl`.
-type Walked = (RelPath, Kind, u32, bool);
-
-/// The units of a parallel walk of `root`, in sorted walk order: each
-/// top-level entry alone, then (for a directory) each of its children with
-/// everything below it.
-fn walk_units(root: &Path) -> Result<Vec<(std::path::PathBuf, bool)>> {
-    let sorted = |dir: &Path| -> Result<Vec<std::path::PathBuf>> {
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .map_err(Error::io(dir, "walking overlay"))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .map_err(Error::io(dir, "walking overlay"))?;
-        names.sort();
-        Ok(names.into_iter().map(|n| dir.join(n)).collect())
-    };
-    let mut units = Vec::new();
-    for top in sorted(root)? {
-        let is_dir = top.symlink_metadata().is_ok_and(|m| m.is_dir());
-        units.push((top.clone(), false));
-        if is_dir {
-            units.extend(sorted(&top)?.into_iter().map(|child| (child, true)));
-        }
-    }
-    Ok(units)
-}
-
-/// Reads one unit: `path` alone, or with everything below it (sorted).
-fn walk_unit(
-    root: &Path,
-    path: &Path,
-    recurse: bool,
-    shared_root: &Arc<Path>,
-    values: &BTreeMap<String, Value>,
-) -> Result<Vec<Walked>> {
-    let mut walk = walkdir::WalkDir::new(path)
-        .follow_links(false)
-        .follow_root_links(false)
-        .sort_by_file_name();
-    if !recurse {
-        walk = walk.max_depth(0);
-    }
-    let mut out = Vec::new();
-    for item in walk {
-        let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
-        out.push(walk_item(root, &item, shared_root, values)?);
-    }
-    Ok(out)
-}
-
-/// What one path under `root/` becomes.
-fn walk_item(
-    root: &Path,
-    item: &walkdir::DirEntry,
-    shared_root: &Arc<Path>,
-    values: &BTreeMap<String, Value>,
-) -> Result<Walked> {
-    let full = item.path();
-    let rel = full.strip_prefix(root).unwrap_or(full);
-    let Some(rel_str) = rel.to_str() else {
-        return Err(Error::input(
-            full,
-            "file name is not valid UTF-8; rename it (artifact paths must be UTF-8)",
-        ));
-    };
-    let template = rel_str
-        .strip_suffix(".tmpl")
-        .filter(|_| item.file_type().is_file());
-    let path = RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
-    let meta = item
-        .metadata()
-        .map_err(|e| walk_error(e, full, "reading metadata"))?;
-    let ft = meta.file_type();
-    let (kind, mode) = if ft.is_dir() {
-        (Kind::Dir, model::DIR_MODE)
-    } else if ft.is_file() {
-        let exec = meta.permissions().mode() & 0o111 != 0;
-        let kind = if template.is_some() {
-            let bytes = render_template(full, values)?;
-            Kind::File {
-                size: bytes.len() as u64,
-                source: Source::Bytes(bytes.into()),
-            }
-        } else {
-            Kind::File {
-                source: Source::Overlay(Arc::clone(shared_root)),
-                size: meta.len(),
-            }
-        };
-        (
-            kind,
-            if exec {
-                model::EXEC_MODE
-            } else {
-                model::FILE_MODE
-            },
-        )
-    } else if ft.is_symlink() {
-        let target = std::fs::read_link(full).map_err(Error::io(full, "reading symlink"))?;
-        let Some(target) = target.to_str() else {
-            return Err(Error::input(full, "symlink target is not valid UTF-8"));
-        };
-        (
-            Kind::Symlink {
-                target: target.to_owned(),
-            },
-            model::SYMLINK_MODE,
-        )
-    } else {
-        let what = if ft.is_fifo() {
-            "a fifo"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "a device node"
-        };
-        return Err(Error::input(
-            full,
-            format!("{what} cannot be part of an overlay; remove it from root/"),
-        ));
-    };
-    if let Kind::Symlink { target } = &kind {
-        check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
-    }
-    Ok((path, kind, mode, template.is_some()))
-}
-
 fn walk_error(e: walkdir::Error, fallback: &Path, action: &'static str) -> Error {
     let path = e.path().unwrap_or(fallback).to_path_buf();
     let source = e
