@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -83,25 +83,16 @@ pub fn plan(state: &State, old: Option<&Manifest>, new: &Manifest, adopt: bool) 
     for e in &new.entries {
         match old_entries.get(&e.path) {
             None => plan.added.push(e.path.clone()),
-            Some(o) if o != &e && !(o.kind == EntryType::Dir && e.kind == EntryType::Dir) => {
-                plan.changed.push(e.path.clone());
+            // Two directories differ only in mode and owner (not in layer).
+            Some(o) if o.kind == EntryType::Dir && e.kind == EntryType::Dir => {
+                if (o.mode, o.uid, o.gid) != (e.mode, e.uid, e.gid) {
+                    plan.changed.push(e.path.clone());
+                }
             }
-            Some(o) if (o.mode, o.uid, o.gid) != (e.mode, e.uid, e.gid) => {
-                plan.changed.push(e.path.clone());
-            }
+            Some(o) if *o != e => plan.changed.push(e.path.clone()),
             Some(_) => {}
         }
-        let live = state.live(&e.path);
-        let meta = live.symlink_metadata();
-        let host_kind = |m: &fs::Metadata| {
-            if m.is_dir() {
-                "directory"
-            } else if m.file_type().is_symlink() {
-                "symlink"
-            } else {
-                "file"
-            }
-        };
+        let meta = state.live(&e.path).symlink_metadata();
         match (&e.kind, meta) {
             (EntryType::Dir, Err(_)) => plan.new_dirs.push(e.clone()),
             (EntryType::Dir, Ok(m)) if m.is_dir() => {}
@@ -136,6 +127,17 @@ pub fn plan(state: &State, old: Option<&Manifest>, new: &Manifest, adopt: bool) 
         .collect();
     plan.hooks = Hooks::plan(new, &plan.added, &plan.changed, &plan.removed);
     plan
+}
+
+/// What the host has at a path, for conflict messages.
+fn host_kind(m: &fs::Metadata) -> &'static str {
+    if m.is_dir() {
+        "directory"
+    } else if m.file_type().is_symlink() {
+        "symlink"
+    } else {
+        "file"
+    }
 }
 
 fn kind_name(kind: EntryType) -> &'static str {
@@ -334,8 +336,7 @@ fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
             sha256: m.archive.sha256,
             key_id: verified.key_id().to_owned(),
         };
-        let mut info_json = serde_json::to_vec_pretty(&info).expect("release info serialises");
-        info_json.push(b'\n');
+        let info_json = state::to_json(&info);
         for (name, bytes) in [
             ("manifest.json", verified.manifest_bytes()),
             ("artifact.minisig", verified.signature_bytes()),
@@ -363,6 +364,7 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
     fs::create_dir(rootfs).map_err(Error::io(rootfs, "creating the release root"))?;
     state::set_mode(rootfs, 0o755)?;
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
     verified.stream(&mut |want, content| {
         let dest = rootfs.join(want.path.as_str());
         match want.kind {
@@ -373,16 +375,14 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
                 dir_modes.push((dest, want.mode));
             }
             EntryType::File => {
-                let file = File::options()
+                let mut file = File::options()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(&dest)
                     .map_err(Error::io(&dest, "creating file"))?;
-                let mut out = BufWriter::with_capacity(256 * 1024, file);
                 // A failed read is the archive's fault (exit 1), a failed
                 // write the disk's (exit 2).
-                let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = content.read(&mut buf).map_err(|e| {
                         Error::check(format!(
@@ -394,12 +394,9 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
                     if n == 0 {
                         break;
                     }
-                    out.write_all(&buf[..n])
+                    file.write_all(&buf[..n])
                         .map_err(Error::io(&dest, "writing file"))?;
                 }
-                let file = out
-                    .into_inner()
-                    .map_err(|e| Error::io(&dest, "writing file")(e.into_error()))?;
                 // Owner first: chown clears setuid/setgid bits.
                 std::os::unix::fs::fchown(&file, Some(want.uid), Some(want.gid))
                     .map_err(Error::io(&dest, "setting owner"))?;
@@ -505,11 +502,7 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
         .map(|(p, id)| (p.clone(), id.clone()))
         .collect();
     for (p, id) in gone {
-        let backup = state.backup_dir(&id).join(p.as_str());
-        let live = state.live(&p);
-        if live.symlink_metadata().is_err() && backup.symlink_metadata().is_ok() {
-            fs::rename(&backup, &live).map_err(Error::io(&live, "restoring an adopted file"))?;
-        }
+        restore_adopted(state, &id, &p)?;
         record.adopted.remove(&p);
     }
     for p in &journal.adopted {
@@ -562,6 +555,17 @@ fn remove_empty_dirs(state: &State, dirs: &mut BTreeSet<RelPath>, keep: &HashSet
     }
 }
 
+/// Moves the host file adopted at `path` (kept in `backups/<id>/`) back,
+/// unless something is in its place again.
+fn restore_adopted(state: &State, id: &str, path: &RelPath) -> Result<()> {
+    let backup = state.backup_dir(id).join(path.as_str());
+    let live = state.live(path);
+    if live.symlink_metadata().is_err() && backup.symlink_metadata().is_ok() {
+        fs::rename(&backup, &live).map_err(Error::io(&live, "restoring an adopted file"))?;
+    }
+    Ok(())
+}
+
 /// Removes retained releases that the history no longer lists.
 fn prune(state: &State, history: &[String]) -> Result<()> {
     let releases = state.releases();
@@ -582,14 +586,7 @@ fn prune(state: &State, history: &[String]) -> Result<()> {
 /// Finishes (switched already) or reverts (not switched) an interrupted
 /// activation, and removes partial releases. Says what it did.
 pub fn recover(state: &State) -> Result<Option<String>> {
-    let partials: Vec<PathBuf> = fs::read_dir(state.releases())
-        .map(|list| {
-            list.filter_map(|i| i.ok())
-                .filter(|i| i.file_name().to_string_lossy().starts_with('.'))
-                .map(|i| i.path())
-                .collect()
-        })
-        .unwrap_or_default();
+    let partials = state.partials();
     for p in &partials {
         fs::remove_dir_all(p).map_err(Error::io(p, "removing a partial release"))?;
     }
@@ -629,17 +626,13 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
         remove_links(state, &to.manifest, |p| from_paths.contains(p))?;
     }
     for p in &journal.adopted {
-        let backup = state.backup_dir(&journal.to).join(p.as_str());
-        if backup.symlink_metadata().is_err() {
-            continue;
-        }
-        let live = state.live(p);
-        if state.is_farm_link(p) {
+        // The new link stands where the host's file was: it goes first.
+        let saved = state.backup_dir(&journal.to).join(p.as_str());
+        if saved.symlink_metadata().is_ok() && state.is_farm_link(p) {
+            let live = state.live(p);
             fs::remove_file(&live).map_err(Error::io(&live, "removing a new link"))?;
         }
-        if live.symlink_metadata().is_err() {
-            fs::rename(&backup, &live).map_err(Error::io(&live, "restoring an adopted file"))?;
-        }
+        restore_adopted(state, &journal.to, p)?;
     }
     let keep: HashSet<&RelPath> = from_paths.iter().collect();
     let mut created: BTreeSet<RelPath> = journal.created_dirs.iter().cloned().collect();
@@ -652,14 +645,9 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
         }
     }
     state::sync_fs(&state.root)?;
-    if hooks::is_live(&state.root) && !journal.stopped.is_empty() {
-        let start: Vec<Vec<String>> = journal
-            .stopped
-            .iter()
-            .map(|u| vec!["systemctl".into(), "start".into(), u.clone()])
-            .collect();
+    if hooks::is_live(&state.root) {
         hooks::run(
-            &start,
+            &hooks::start_one_by_one(&journal.stopped),
             "the old release is active but a validator unit did not start",
         )?;
     }

@@ -408,12 +408,6 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
-/// Opens a compressed tar for streaming, choosing the decoder by magic bytes.
-pub fn open(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
-    decode(file, path)
-}
-
 /// Wraps the compressed tar `file` (read from `path`) in the decoder its
 /// first bytes call for.
 pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read + Send>> {

@@ -13,8 +13,6 @@ use crate::error::{Error, Result};
 
 /// Signatures larger than this are refused while downloading.
 const SIGNATURE_MAX: u64 = 64 << 10;
-/// Manifests larger than this are refused while downloading (as in verify).
-const MANIFEST_MAX: u64 = 256 << 20;
 
 /// The downloaded files; they are deleted when this is dropped.
 pub struct Fetched {
@@ -61,7 +59,7 @@ pub fn fetch(url: &str) -> Result<Fetched> {
     download(
         &format!("{base}/{manifest}"),
         &dir.path().join(&manifest),
-        Some(MANIFEST_MAX),
+        Some(crate::verify::MANIFEST_MAX),
         false,
     )?;
     Ok(Fetched {

@@ -134,12 +134,18 @@ impl Hooks {
         if !self.restart.is_empty() {
             out.push(systemctl("try-restart", &self.restart));
         }
-        for unit in &self.start {
-            // One at a time, each waited for: never two validators at once.
-            out.push(systemctl("start", std::slice::from_ref(unit)));
-        }
+        out.extend(start_one_by_one(&self.start));
         out
     }
+}
+
+/// `systemctl start` for each unit on its own, each waited for: never two
+/// validators starting at once.
+pub fn start_one_by_one(units: &[String]) -> Vec<Vec<String>> {
+    units
+        .iter()
+        .map(|u| systemctl("start", std::slice::from_ref(u)))
+        .collect()
 }
 
 fn systemctl(verb: &str, units: &[String]) -> Vec<String> {

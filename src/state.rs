@@ -225,9 +225,38 @@ impl State {
         Ok(())
     }
 
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Releases being extracted (`releases/.<id>.partial`), left by a crash
+    /// if no apply is running.
+    pub fn partials(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.releases())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ok())
+            .filter(|i| i.file_name().to_string_lossy().starts_with('.'))
+            .map(|i| i.path())
+            .collect()
+    }
+
+    /// Waits for an `apply` or `rollback` in progress, for a reader that
+    /// must not see it half done; `None` when there is no state yet.
+    pub fn lock_shared(&self) -> Result<Option<File>> {
+        let path = self.lock_path();
+        match File::open(&path) {
+            Ok(f) => {
+                f.lock_shared().map_err(Error::io(&path, "locking"))?;
+                Ok(Some(f))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Takes the state lock, waiting for another `apply` to finish.
     pub fn lock(&self) -> Result<File> {
-        let path = self.dir.join("lock");
+        let path = self.lock_path();
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -295,11 +324,16 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-/// Writes `value` as JSON to `path` atomically and durably.
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+/// A state record as written: pretty JSON and a newline.
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("state serialises");
     bytes.push(b'\n');
-    write_atomic(path, &bytes, 0o644)
+    bytes
+}
+
+/// Writes `value` as JSON to `path` atomically and durably.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, &to_json(value), 0o644)
 }
 
 /// Replaces `path` with `bytes` (mode `mode`) atomically: temp file in the

@@ -46,25 +46,13 @@ impl Report {
 /// an apply or rollback in progress (a shared lock), so a running one is not
 /// reported as interrupted.
 pub fn status(state: &State) -> Result<Report> {
-    let lock_path = state.dir.join("lock");
-    let _lock = match File::open(&lock_path) {
-        Ok(f) => {
-            f.lock_shared().map_err(Error::io(&lock_path, "locking"))?;
-            Some(f)
-        }
-        Err(_) => None,
-    };
-    let partial = fs::read_dir(state.releases())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ok())
-        .find(|i| i.file_name().to_string_lossy().starts_with('.'))
-        .map(|i| {
-            format!(
-                "extracting {} was interrupted; the next apply removes it",
-                i.path().display()
-            )
-        });
+    let _lock = state.lock_shared()?;
+    let partial = state.partials().first().map(|p| {
+        format!(
+            "extracting {} was interrupted; the next apply removes it",
+            p.display()
+        )
+    });
     let interrupted = state.journal()?.map(|j| {
         let switched = state.current_id().ok().flatten().as_deref() == Some(j.to.as_str());
         format!(

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::sign::{Prehasher, PublicKey, Signature};
 
-/// Manifests larger than this are refused before parsing.
-const MANIFEST_MAX: u64 = 256 << 20;
+/// Manifests larger than this are refused before parsing (and downloading).
+pub const MANIFEST_MAX: u64 = 256 << 20;
 
 pub struct VerifyOptions<'a> {
     pub artifact: &'a Path,

@@ -177,17 +177,13 @@ fn view(root: &Path) -> BTreeMap<String, String> {
         // One hop, as the farm link is one: its target is then taken as is
         // (a file, or the release's own symlink).
         let (at, m) = if m.file_type().is_symlink() {
-            let target = path.parent().unwrap().join(fs::read_link(path).unwrap());
+            let link = fs::read_link(path).unwrap();
+            let farm = link
+                .to_string_lossy()
+                .contains("var/lib/infrakit/current/rootfs/");
+            let target = path.parent().unwrap().join(&link);
             match target.symlink_metadata() {
-                Ok(tm)
-                    if target.starts_with(root)
-                        && fs::read_link(path)
-                            .unwrap()
-                            .to_string_lossy()
-                            .contains("var/lib/infrakit/current/rootfs/") =>
-                {
-                    (target, tm)
-                }
+                Ok(tm) if farm && target.starts_with(root) => (target, tm),
                 Ok(_) => (path.to_path_buf(), m),
                 Err(_) => continue,
             }
