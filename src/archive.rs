@@ -5,11 +5,13 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::thread;
 
 use crate::digest::{HashingReader, HashingWriter, Sha256};
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
+use crate::prefetch::{self, Prefetch};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 256 * 1024;
@@ -98,14 +100,16 @@ fn member_name(path: &RelPath, kind: &Kind) -> String {
     }
 }
 
-/// The zstd job size for `level`: 2 MiB up to level 8 (the default), which
+/// The zstd job size for `level`: 3 MiB up to level 8 (the default), which
 /// bounds zstd's buffers to a few MiB per worker (its own default, four
-/// windows, is 8-16 MiB per job, and several jobs are buffered); from level
-/// 9 on, zstd's default, because there 2 MiB jobs cost more time than the
-/// pipeline takes (docs/benchmarks.md) and the match tables dominate memory
-/// anyway. Fixed either way, so the bytes never depend on the worker count.
+/// windows, is 8-16 MiB per job, and several jobs are buffered). 2 MiB jobs
+/// need 9 MiB less memory on two workers but leave the workers idle more
+/// often (each waits for the oldest job before it gets the next). From level
+/// 9 on, zstd's default: there 2 MiB jobs cost more time than the pipeline
+/// takes and the match tables dominate memory anyway (docs/benchmarks.md).
+/// Fixed either way, so the bytes never depend on the worker count.
 fn job_size(level: i32) -> Option<u32> {
-    (level <= 8).then_some(2 << 20)
+    (level <= 8).then_some(3 << 20)
 }
 
 /// The exact size of the tar stream for `tree` (needed by zstd's pledged size).
@@ -215,74 +219,93 @@ fn write_tar<W: Write>(
     let mut buf = vec![0u8; COPY_BUF];
     let mut head = Vec::with_capacity(opts.head);
     let mut done = 0u64;
-    for (path, entry) in &tree.entries {
-        let name = member_name(path, &entry.kind);
-        let werr = |e| artifact_error("writing archive")(e);
-        match &entry.kind {
-            Kind::Dir => tar
-                .header(
-                    &name,
-                    tar::EntryType::Directory,
-                    entry.mode,
-                    entry.uid,
-                    entry.gid,
-                    0,
-                    None,
-                )
-                .map_err(werr)?,
-            Kind::Symlink { target } => tar
-                .header(
-                    &name,
-                    tar::EntryType::Symlink,
-                    entry.mode,
-                    entry.uid,
-                    entry.gid,
-                    0,
-                    Some(target),
-                )
-                .map_err(werr)?,
-            Kind::File { source, size } => {
-                tar.header(
-                    &name,
-                    tar::EntryType::Regular,
-                    entry.mode,
-                    entry.uid,
-                    entry.gid,
-                    *size,
-                    None,
-                )
-                .map_err(werr)?;
-                let digest = match source {
-                    Source::Bytes(bytes) => {
-                        tar.out.write_all(bytes).map_err(werr)?;
-                        inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
-                        Sha256::of(bytes)
-                    }
-                    Source::Overlay(root) => {
-                        let src = root.join(path.as_str());
-                        head.clear();
-                        let copy = Copy {
-                            buf: &mut buf,
-                            head: &mut head,
-                            head_limit: opts.head,
-                        };
-                        let digest = copy_file(&src, *size, &mut tar.out, copy, werr)?;
-                        inspect(path, entry, &head);
-                        digest
-                    }
-                };
-                tar.pad(*size).map_err(werr)?;
-                files.push(digest);
-                done += size;
-                progress(done);
+    thread::scope(|scope| {
+        let prefetch = Prefetch::start(scope, overlay_files(tree));
+        for (path, entry) in &tree.entries {
+            let name = member_name(path, &entry.kind);
+            let werr = |e| artifact_error("writing archive")(e);
+            match &entry.kind {
+                Kind::Dir => tar
+                    .header(
+                        &name,
+                        tar::EntryType::Directory,
+                        entry.mode,
+                        entry.uid,
+                        entry.gid,
+                        0,
+                        None,
+                    )
+                    .map_err(werr)?,
+                Kind::Symlink { target } => tar
+                    .header(
+                        &name,
+                        tar::EntryType::Symlink,
+                        entry.mode,
+                        entry.uid,
+                        entry.gid,
+                        0,
+                        Some(target),
+                    )
+                    .map_err(werr)?,
+                Kind::File { source, size } => {
+                    tar.header(
+                        &name,
+                        tar::EntryType::Regular,
+                        entry.mode,
+                        entry.uid,
+                        entry.gid,
+                        *size,
+                        None,
+                    )
+                    .map_err(werr)?;
+                    let digest = match source {
+                        Source::Bytes(bytes) => {
+                            tar.out.write_all(bytes).map_err(werr)?;
+                            inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
+                            Sha256::of(bytes)
+                        }
+                        Source::Overlay(root) => {
+                            let src = root.join(path.as_str());
+                            head.clear();
+                            let copy = Copy {
+                                buf: &mut buf,
+                                head: &mut head,
+                                head_limit: opts.head,
+                                prefetch: &prefetch,
+                            };
+                            let digest = copy_file(&src, *size, &mut tar.out, copy, werr)?;
+                            prefetch.finished_one();
+                            inspect(path, entry, &head);
+                            digest
+                        }
+                    };
+                    tar.pad(*size).map_err(werr)?;
+                    files.push(digest);
+                    done += size;
+                    progress(done);
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     tar.out
         .write_all(&[0u8; 2 * BLOCK as usize])
         .map_err(artifact_error("writing archive"))?;
     let (out, sha, size) = tar.out.finish();
     Ok((out, files, sha, size))
+}
+
+/// The files `write_tar` reads from overlays, in the order it reads them.
+fn overlay_files(tree: &Tree) -> impl Iterator<Item = (PathBuf, u64)> + Send + '_ {
+    tree.entries
+        .iter()
+        .filter_map(|(path, entry)| match &entry.kind {
+            Kind::File {
+                source: Source::Overlay(root),
+                size,
+            } => Some((root.join(path.as_str()), *size)),
+            _ => None,
+        })
 }
 
 /// Buffers for `copy_file`: the copy buffer, and where the file's first
@@ -291,6 +314,8 @@ struct Copy<'a> {
     buf: &'a mut [u8],
     head: &'a mut Vec<u8>,
     head_limit: usize,
+    /// Told of every chunk copied, to keep reading ahead.
+    prefetch: &'a Prefetch<'a>,
 }
 
 /// Copies exactly `size` bytes of `src` into `out`, hashing them and keeping
@@ -306,8 +331,9 @@ fn copy_file<W: Write>(
         buf,
         head,
         head_limit,
+        prefetch,
     } = copy;
-    let file = File::open(src).map_err(Error::io(src, "opening for reading"))?;
+    let file = prefetch::open(src).map_err(Error::io(src, "opening for reading"))?;
     let mut file = HashingReader::new(file);
     let mut left = size;
     while left > 0 {
@@ -326,6 +352,7 @@ fn copy_file<W: Write>(
             head.extend_from_slice(&buf[..take]);
         }
         out.write_all(&buf[..n]).map_err(&werr)?;
+        prefetch.copied(n);
         left -= n as u64;
     }
     if file
@@ -426,5 +453,71 @@ pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
             "{} is neither zstd nor gzip compressed",
             path.display()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A tree of one overlay file, `name` under `root`, listed with `size`.
+    fn one_file(root: &Path, name: &str, size: u64) -> Tree {
+        let mut tree = Tree::default();
+        tree.entries.insert(
+            RelPath::new(name).expect("valid path"),
+            Entry {
+                kind: Kind::File {
+                    source: Source::Overlay(Arc::from(root)),
+                    size,
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                layer: Arc::from("test"),
+            },
+        );
+        tree
+    }
+
+    fn build(tree: &Tree) -> Result<Summary> {
+        let opts = Options {
+            head: 16,
+            format: Format::TarZst,
+            level: 1,
+            workers: 1,
+            mtime: 0,
+        };
+        write(tree, io::sink(), &opts, &|_| {}, &mut |_, _, _| {})
+    }
+
+    fn message(result: Result<Summary>) -> String {
+        result.expect_err("the build must fail").to_string()
+    }
+
+    #[test]
+    fn a_file_that_changed_since_the_walk_fails_the_build() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("f"), b"0123456789").expect("write");
+        assert!(build(&one_file(dir.path(), "f", 10)).is_ok());
+        let shrank = message(build(&one_file(dir.path(), "f", 11)));
+        assert!(shrank.contains("shrank"), "{shrank}");
+        let grew = message(build(&one_file(dir.path(), "f", 9)));
+        assert!(grew.contains("grew"), "{grew}");
+    }
+
+    #[test]
+    fn a_file_that_became_a_fifo_fails_the_build_instead_of_hanging() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("f"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let err = message(build(&one_file(dir.path(), "f", 10)));
+        assert!(err.contains("shrank") && err.contains("/f"), "{err}");
     }
 }

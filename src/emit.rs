@@ -5,9 +5,11 @@
 
 use std::fs::{self, File, Permissions};
 use std::io::{BufWriter, Write};
+use std::num::NonZeroU64;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Advice, fadvise};
 use tempfile::NamedTempFile;
 
 use crate::archive::{self, Format};
@@ -167,7 +169,7 @@ fn write_outputs(
     let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
-    let mut artifact_tmp = temp_in(opts.out_dir)?;
+    let artifact_tmp = temp_in(opts.out_dir)?;
     let total = archive::content_size(&tree);
     let archive_opts = archive::Options {
         head: lint::scan_limit(),
@@ -179,7 +181,7 @@ fn write_outputs(
     let (summary, prehash) = {
         // The signature's BLAKE2b prehash is computed only when signing.
         let mut sink = PrehashWriter {
-            inner: BufWriter::with_capacity(1 << 20, artifact_tmp.as_file_mut()),
+            inner: BufWriter::with_capacity(1 << 20, Writeback::new(artifact_tmp.as_file())),
             prehash: opts.sign_key.map(|_| Prehasher::default()),
         };
         let mut findings = Vec::new();
@@ -310,6 +312,47 @@ fn persist(tmp: NamedTempFile, dest: &Path) -> Result<()> {
     tmp.persist(dest)
         .map_err(|e| Error::io(dest, "renaming into place")(e.error))?;
     Ok(())
+}
+
+/// Writes the artifact and starts writing it back to disk as it grows, one
+/// `WRITEBACK` chunk at a time (`posix_fadvise(DONTNEED)` starts writeback
+/// without waiting for it). The `fsync` before the rename then waits for the
+/// last chunk, not for the whole artifact.
+struct Writeback<'a> {
+    file: &'a File,
+    written: u64,
+    started: u64,
+}
+
+impl Writeback<'_> {
+    const CHUNK: u64 = 8 << 20;
+
+    fn new(file: &File) -> Writeback<'_> {
+        Writeback {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+}
+
+impl Write for Writeback<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if let Some(len) = NonZeroU64::new(self.written - self.started)
+            && len.get() >= Self::CHUNK
+        {
+            // Only a hint: the fsync before the rename is what counts.
+            let _ = fadvise(self.file, self.started, Some(len), Advice::DontNeed);
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Passes bytes on while feeding the signature prehash, if there is one.

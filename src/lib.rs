@@ -19,6 +19,7 @@ pub mod status;
 
 pub mod archive;
 pub mod manifest;
+pub mod prefetch;
 pub mod sign;
 
 pub mod compose;
