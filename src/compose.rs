@@ -48,6 +48,12 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                 tree.entries.remove(&p);
             }
         }
+        if tree.entries.is_empty() && layer.replace.is_empty() {
+            // The lowest layer (or the first after removals emptied the
+            // tree) meets nothing: its map becomes the tree as it is.
+            tree.entries = layer.entries;
+            continue;
+        }
         for (path, upper) in layer.entries {
             let Some(lower) = tree.entries.get(&path) else {
                 if let Some(at) = layer.replace.get(&path) {

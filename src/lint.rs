@@ -4,10 +4,12 @@
 //! setgid files an overlay did not allow, and services that would run as
 //! root without saying so. Every finding names the path and its layer.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::Read;
 
 use base64::Engine as _;
+use memchr::memmem;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -181,9 +183,11 @@ fn secret_name(path: &RelPath) -> Option<String> {
 }
 
 fn secret_content(head: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(head);
+    // Valid UTF-8 (nearly every file) is borrowed; only the rest is copied.
+    let text = std::str::from_utf8(head).map_or_else(|_| String::from_utf8_lossy(head), Cow::from);
+    let bytes = text.as_bytes();
     // A PEM header anywhere, also inside a config value or a JSON string.
-    for (at, _) in text.match_indices("-----BEGIN ") {
+    for at in memmem::find_iter(bytes, "-----BEGIN ") {
         let rest = &text[at + "-----BEGIN ".len()..];
         let label: String = rest
             .chars()
@@ -193,7 +197,16 @@ fn secret_content(head: &[u8]) -> Option<String> {
             return Some(format!("contains a private key ({})", label.trim()));
         }
     }
-    for line in text.lines() {
+    // Only comment lines and lines of at least a key line's length can
+    // match below: the others are skipped before they are trimmed.
+    let comments = memmem::find(bytes, b"untrusted comment:").is_some();
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes).chain([bytes.len()]) {
+        let line = &text[start..end];
+        start = end + 1;
+        if !comments && line.len() < 140 {
+            continue;
+        }
         let line = line.trim();
         if line.starts_with("untrusted comment:") && line.contains("secret key") {
             return Some("contains a minisign or signify secret key".to_owned());
