@@ -315,7 +315,7 @@ fn persist(tmp: NamedTempFile, dest: &Path) -> Result<()> {
 }
 
 /// Writes the artifact and starts writing it back to disk as it grows, one
-/// `WRITEBACK` chunk at a time (`posix_fadvise(DONTNEED)` starts writeback
+/// `CHUNK` at a time (`posix_fadvise(DONTNEED)` starts writeback
 /// without waiting for it). The `fsync` before the rename then waits for the
 /// last chunk, not for the whole artifact.
 struct Writeback<'a> {

@@ -32,7 +32,8 @@ const STEP: u64 = 4 << 20;
 /// Dropping it stops the helper thread.
 pub struct Prefetch<'scope> {
     shared: Arc<Shared>,
-    helper: ScopedJoinHandle<'scope, ()>,
+    /// None when no thread could be started: the copy then goes without.
+    helper: Option<ScopedJoinHandle<'scope, ()>>,
 }
 
 struct Shared {
@@ -41,8 +42,9 @@ struct Shared {
     /// How many bytes of them it has copied.
     bytes: AtomicU64,
     /// While the helper sleeps on a full window: the counts at which the
-    /// copy should wake it (a quarter of the window free, so that it wakes
-    /// once per batch and not once per file). At most: nobody is waiting.
+    /// copy should wake it (a quarter of both the file and the byte window
+    /// free, so that it wakes once per batch and not once per file). At
+    /// their maximum: nobody is waiting.
     wake_files: AtomicUsize,
     wake_bytes: AtomicU64,
     stop: AtomicBool,
@@ -64,7 +66,12 @@ impl<'scope> Prefetch<'scope> {
         });
         let helper = {
             let shared = Arc::clone(&shared);
-            scope.spawn(move || advise_ahead(&shared, files))
+            // Read-ahead only saves time: a host out of threads (RLIMIT_NPROC,
+            // a pids cgroup) still gets its build.
+            thread::Builder::new()
+                .name("prefetch".into())
+                .spawn_scoped(scope, move || advise_ahead(&shared, files))
+                .ok()
         };
         Prefetch { shared, helper }
     }
@@ -86,7 +93,13 @@ impl<'scope> Prefetch<'scope> {
         if s.files.load(SeqCst) >= s.wake_files.load(SeqCst)
             && s.bytes.load(SeqCst) >= s.wake_bytes.load(SeqCst)
         {
-            self.helper.thread().unpark();
+            self.unpark();
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(helper) = &self.helper {
+            helper.thread().unpark();
         }
     }
 }
@@ -94,7 +107,7 @@ impl<'scope> Prefetch<'scope> {
 impl Drop for Prefetch<'_> {
     fn drop(&mut self) {
         self.shared.stop.store(true, SeqCst);
-        self.helper.thread().unpark();
+        self.unpark();
     }
 }
 
