@@ -239,16 +239,7 @@ pub fn apply(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<
     history.push(id.clone());
     let keep = history.len().saturating_sub(opts.retain.max(2));
     history.drain(..keep);
-    let journal = Journal {
-        action: "apply".into(),
-        from: current.map(|c| c.info.id),
-        to: id.clone(),
-        created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
-        adopted: plan.adopt.clone(),
-        history,
-        hooks_after: plan.hooks.after(),
-        stopped: plan.hooks.stop_before.clone(),
-    };
+    let journal = Journal::new("apply", current.map(|c| c.info.id), id, &plan, history);
     activate(state, &journal, &plan)
 }
 
@@ -288,17 +279,36 @@ pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
     if dry_run {
         return Ok(Outcome::DryRun { id: to, plan });
     }
-    let journal = Journal {
-        action: "rollback".into(),
-        from: Some(from),
+    let journal = Journal::new(
+        "rollback",
+        Some(from),
         to,
-        created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
-        adopted: Vec::new(),
-        history: record.history[..pos].to_vec(),
-        hooks_after: plan.hooks.after(),
-        stopped: plan.hooks.stop_before.clone(),
-    };
+        &plan,
+        record.history[..pos].to_vec(),
+    );
     activate(state, &journal, &plan)
+}
+
+impl Journal {
+    /// The journal of activating `plan`: what it creates, adopts and runs.
+    fn new(
+        action: &str,
+        from: Option<String>,
+        to: String,
+        plan: &Plan,
+        history: Vec<String>,
+    ) -> Journal {
+        Journal {
+            action: action.to_owned(),
+            from,
+            to,
+            created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
+            adopted: plan.adopt.clone(),
+            history,
+            hooks_after: plan.hooks.after(),
+            stopped: plan.hooks.stop_before.clone(),
+        }
+    }
 }
 
 fn refuse_conflicts(plan: &Plan) -> Result<()> {
@@ -414,8 +424,7 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
         Ok(())
     })?;
     for (dir, mode) in dir_modes.iter().rev() {
-        fs::set_permissions(dir, fs::Permissions::from_mode(*mode))
-            .map_err(Error::io(dir, "setting mode"))?;
+        state::set_mode(dir, *mode)?;
     }
     Ok(())
 }
@@ -458,8 +467,7 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
         }
         std::os::unix::fs::lchown(&live, Some(e.uid), Some(e.gid))
             .map_err(Error::io(&live, "setting owner"))?;
-        fs::set_permissions(&live, fs::Permissions::from_mode(e.mode))
-            .map_err(Error::io(&live, "setting mode"))?;
+        state::set_mode(&live, e.mode)?;
     }
     for p in &journal.adopted {
         let live = state.live(p);

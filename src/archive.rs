@@ -222,69 +222,42 @@ fn write_tar<W: Write>(
     thread::scope(|scope| {
         let prefetch = Prefetch::start(scope, overlay_files(tree));
         for (path, entry) in &tree.entries {
-            let name = member_name(path, &entry.kind);
             let werr = |e| artifact_error("writing archive")(e);
-            match &entry.kind {
-                Kind::Dir => tar
-                    .header(
-                        &name,
-                        tar::EntryType::Directory,
-                        entry.mode,
-                        entry.uid,
-                        entry.gid,
-                        0,
-                        None,
-                    )
-                    .map_err(werr)?,
-                Kind::Symlink { target } => tar
-                    .header(
-                        &name,
-                        tar::EntryType::Symlink,
-                        entry.mode,
-                        entry.uid,
-                        entry.gid,
-                        0,
-                        Some(target),
-                    )
-                    .map_err(werr)?,
-                Kind::File { source, size } => {
-                    tar.header(
-                        &name,
-                        tar::EntryType::Regular,
-                        entry.mode,
-                        entry.uid,
-                        entry.gid,
-                        *size,
-                        None,
-                    )
-                    .map_err(werr)?;
-                    let digest = match source {
-                        Source::Bytes(bytes) => {
-                            tar.out.write_all(bytes).map_err(werr)?;
-                            inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
-                            Sha256::of(bytes)
-                        }
-                        Source::Overlay(root) => {
-                            let src = root.join(path.as_str());
-                            head.clear();
-                            let copy = Copy {
-                                buf: &mut buf,
-                                head: &mut head,
-                                head_limit: opts.head,
-                                prefetch: &prefetch,
-                            };
-                            let digest = copy_file(&src, *size, &mut tar.out, copy, werr)?;
-                            prefetch.finished_one();
-                            inspect(path, entry, &head);
-                            digest
-                        }
-                    };
-                    tar.pad(*size).map_err(werr)?;
-                    files.push(digest);
-                    done += size;
-                    progress(done);
+            let (kind, size, link) = match &entry.kind {
+                Kind::Dir => (tar::EntryType::Directory, 0, None),
+                Kind::Symlink { target } => (tar::EntryType::Symlink, 0, Some(target.as_str())),
+                Kind::File { size, .. } => (tar::EntryType::Regular, *size, None),
+            };
+            let name = member_name(path, &entry.kind);
+            tar.header(&name, kind, entry.mode, entry.uid, entry.gid, size, link)
+                .map_err(werr)?;
+            let Kind::File { source, .. } = &entry.kind else {
+                continue;
+            };
+            let digest = match source {
+                Source::Bytes(bytes) => {
+                    tar.out.write_all(bytes).map_err(werr)?;
+                    inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
+                    Sha256::of(bytes)
                 }
-            }
+                Source::Overlay(root) => {
+                    head.clear();
+                    let copy = Copy {
+                        buf: &mut buf,
+                        head: &mut head,
+                        head_limit: opts.head,
+                        prefetch: &prefetch,
+                    };
+                    let digest =
+                        copy_file(&root.join(path.as_str()), size, &mut tar.out, copy, werr)?;
+                    inspect(path, entry, &head);
+                    digest
+                }
+            };
+            tar.pad(size).map_err(werr)?;
+            files.push(digest);
+            done += size;
+            progress(done);
         }
         Ok(())
     })?;
@@ -314,7 +287,8 @@ struct Copy<'a> {
     buf: &'a mut [u8],
     head: &'a mut Vec<u8>,
     head_limit: usize,
-    /// Told of every chunk copied, to keep reading ahead.
+    /// Told of every chunk copied and of the file's end, to keep reading
+    /// ahead.
     prefetch: &'a Prefetch<'a>,
 }
 
@@ -365,6 +339,7 @@ fn copy_file<W: Write>(
             "file grew while the artifact was being built; build again",
         ));
     }
+    prefetch.finished_one();
     Ok(file.finish().0)
 }
 

@@ -20,20 +20,28 @@ pub struct Ui {
 }
 
 impl Ui {
-    /// A byte progress bar on stderr; hidden when quiet or not a terminal.
-    fn bar(&self, what: &str) -> ProgressBar {
-        if self.quiet {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(0);
-        let style = ProgressStyle::with_template(
-            "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_message(what.to_owned());
-        bar
+    /// Runs `work` with a byte progress bar on stderr (hidden when quiet or
+    /// not a terminal), which `work` feeds with `(done, total)`; the bar is
+    /// cleared when it returns.
+    fn with_bar<T>(&self, what: &str, work: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            let style = ProgressStyle::with_template(
+                "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> ");
+            ProgressBar::new(0)
+                .with_style(style)
+                .with_message(what.to_owned())
+        };
+        let out = work(&|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        out
     }
 
     /// A line on stdout; a closed pipe (`| head`) is not an error.
@@ -133,13 +141,7 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
         sign_key: key.as_ref(),
         workers: args.workers,
     };
-    let bar = ui.bar("building");
-    let built = emit::build(&opts, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    let built = built?;
+    let built = ui.with_bar("building", |progress| emit::build(&opts, progress))?;
     let m = &built.manifest;
     ui.say(format_args!(
         "built {} {}: {} entries, {} bytes, sha256 {}",
@@ -173,19 +175,13 @@ pub fn verify(
         .iter()
         .map(|p| PublicKey::load(p))
         .collect::<Result<Vec<_>>>()?;
-    let bar = ui.bar("verifying");
     let opts = VerifyOptions {
         artifact,
         manifest,
         signature,
         keys: &keys,
     };
-    let result = verify::verify(&opts, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    let verified = result?;
+    let verified = ui.with_bar("verifying", |progress| verify::verify(&opts, progress))?;
     let m = verified.manifest();
     if json {
         let value = serde_json::json!({
@@ -378,21 +374,15 @@ pub fn apply(
             manifest.display()
         )));
     }
-    let bar = ui.bar("verifying");
-    let verified = verify::authenticate(
-        &VerifyOptions {
-            artifact,
-            manifest: None,
-            signature: None,
-            keys: &keys,
-        },
-        &|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        },
-    );
-    bar.finish_and_clear();
-    let verified = verified?;
+    let verify_opts = VerifyOptions {
+        artifact,
+        manifest: None,
+        signature: None,
+        keys: &keys,
+    };
+    let verified = ui.with_bar("verifying", |progress| {
+        verify::authenticate(&verify_opts, progress)
+    })?;
     let state = crate::state::State::new(root);
     let outcome = crate::apply::apply(&state, &verified, opts)?;
     report(

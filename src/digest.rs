@@ -169,11 +169,10 @@ impl ReadAhead {
     const CHUNK: usize = 256 * 1024;
     const DEPTH: usize = 8;
 
-    pub fn spawn<R: Read + Send + 'static>(mut inner: R) -> ReadAhead {
+    pub fn spawn<R: Read + Send + 'static>(inner: R) -> ReadAhead {
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
-            let mut hasher = sha2::Sha256::new();
-            let mut count = 0u64;
+            let mut inner = HashingReader::new(inner);
             loop {
                 let mut chunk = vec![0u8; Self::CHUNK];
                 let n = match inner.read(&mut chunk) {
@@ -189,13 +188,11 @@ impl ReadAhead {
                     }
                 };
                 chunk.truncate(n);
-                hasher.update(&chunk);
-                count += n as u64;
                 if tx.send(Ok(chunk)).is_err() {
                     break; // the consumer gave up
                 }
             }
-            (Sha256(hasher.finalize().into()), count)
+            inner.finish()
         });
         ReadAhead {
             chunks: rx,

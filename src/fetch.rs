@@ -79,18 +79,13 @@ fn download(url: &str, dest: &std::path::Path, limit: Option<u64>, required: boo
     };
     let file = File::create(dest).map_err(Error::io(dest, "creating download"))?;
     let mut out = BufWriter::new(file);
-    let reader = response.body_mut().as_reader();
-    let copied = match limit {
-        Some(max) => {
-            let n = std::io::copy(&mut reader.take(max + 1), &mut out);
-            if matches!(n, Ok(n) if n > max) {
-                return Err(Error::check(format!("{url}: larger than {max} bytes")));
-            }
-            n
-        }
-        None => std::io::copy(&mut { reader }, &mut out),
-    };
-    copied.map_err(|e| fail(format!("downloading: {e}")))?;
+    let max = limit.unwrap_or(u64::MAX - 1);
+    let mut reader = response.body_mut().as_reader().take(max + 1);
+    let copied =
+        std::io::copy(&mut reader, &mut out).map_err(|e| fail(format!("downloading: {e}")))?;
+    if copied > max {
+        return Err(Error::check(format!("{url}: larger than {max} bytes")));
+    }
     out.flush().map_err(Error::io(dest, "writing download"))?;
     Ok(())
 }

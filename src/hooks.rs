@@ -46,9 +46,8 @@ pub fn is_validator_unit(unit: &str) -> bool {
 fn unit_of(path: &RelPath) -> Option<String> {
     let p = path.as_str();
     let rest = UNIT_DIRS.iter().find_map(|d| p.strip_prefix(d))?;
-    let first = rest.split('/').next()?;
     let unit = match rest.split_once('/') {
-        None => first,
+        None => rest,
         Some((dir, _)) if !dir.ends_with(".wants") && !dir.ends_with(".requires") => {
             dir.strip_suffix(".d")?
         }

@@ -190,19 +190,11 @@ impl State {
     }
 
     pub fn journal(&self) -> Result<Option<Journal>> {
-        let path = self.journal_path();
-        if path.symlink_metadata().is_err() {
-            return Ok(None);
-        }
-        read_json(&path).map(Some)
+        read_json_if_present(&self.journal_path())
     }
 
     pub fn record(&self) -> Result<Record> {
-        let path = self.record_path();
-        if path.symlink_metadata().is_err() {
-            return Ok(Record::default());
-        }
-        read_json(&path)
+        Ok(read_json_if_present(&self.record_path())?.unwrap_or_default())
     }
 
     /// Creates the state directories (0755 whatever the umask: the release
@@ -315,8 +307,18 @@ impl State {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = fs::read(path).map_err(Error::io(path, "reading state"))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    read_json_if_present(path)?
+        .ok_or_else(|| Error::io(path, "reading state")(std::io::ErrorKind::NotFound.into()))
+}
+
+/// A state file, or `None` when there is none.
+fn read_json_if_present<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, "reading state")(e)),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
         Error::check(format!(
             "{}: state file is malformed ({e}); see docs/operations.md",
             path.display()

@@ -65,28 +65,19 @@ pub fn status(state: &State) -> Result<Report> {
         )
     });
     let interrupted = interrupted.or(partial);
-    let record = state.record()?;
-    let Some(release) = state.current()? else {
-        return Ok(Report {
-            root: state.root.display().to_string(),
-            release: None,
-            retained: record.history,
-            drift: Vec::new(),
-            missing_secrets: Vec::new(),
-            interrupted,
-        });
-    };
-    let rootfs = state.release_dir(&release.info.id).join("rootfs");
-    let mut drift = Vec::new();
-    for e in &release.manifest.entries {
-        if let Some(d) = check(state, &rootfs, e) {
-            drift.push(d);
+    let release = state.current()?;
+    let drift = match &release {
+        Some(r) => {
+            let rootfs = state.release_dir(&r.info.id).join("rootfs");
+            let entries = r.manifest.entries.iter();
+            entries.filter_map(|e| check(state, &rootfs, e)).collect()
         }
-    }
+        None => Vec::new(),
+    };
     Ok(Report {
         root: state.root.display().to_string(),
-        release: Some(release.info),
-        retained: record.history,
+        release: release.map(|r| r.info),
+        retained: state.record()?.history,
         drift,
         missing_secrets: Vec::new(),
         interrupted,
