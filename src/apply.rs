@@ -2,11 +2,14 @@
 //! to it atomically. The order is the safety argument:
 //!
 //! 1. authenticate the artifact (signature, trusted comment, digests) and
-//!    decide (name, anti-rollback, conflicts) with nothing written;
+//!    decide (name, anti-rollback, conflicts, or a repair of the active
+//!    release) with nothing written; a dry run stops here, having made the
+//!    same decision the real run makes;
 //! 2. take the state lock and finish or revert an interrupted activation;
 //! 3. extract into `releases/.<id>.partial/`, checking every member against
 //!    the signed manifest as it streams, then `syncfs` and rename it to
-//!    `releases/<id>/` (a failure removes the partial directory);
+//!    `releases/<id>/` (exchanged atomically with a release directory of
+//!    that name already on disk: nothing on disk is trusted by its name);
 //! 4. write the journal, create the new directories and the farm links of
 //!    new paths (they dangle until the switch: the root still shows the old
 //!    release), move adopted host files aside, `syncfs`;
@@ -17,36 +20,51 @@
 //!    remove the journal.
 //!
 //! A crash before 5 is reverted by the next `apply` (or `rollback`); a crash
-//! after 5 is completed by it. `status` reports either.
+//! after 5 is completed by it. `status` reports either. Every path goes
+//! through `State`'s directory handles, so nothing resolves outside the root.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
+use crate::confined::{Dir, Kind};
+use crate::digest::HashingReader;
 use crate::error::{Error, Result};
 use crate::hooks::{self, Hooks};
 use crate::manifest::{EntryType, Manifest, ManifestEntry};
 use crate::model::RelPath;
-use crate::state::{self, Journal, Release, ReleaseInfo, State};
+use crate::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
+use crate::status::{self, Drift};
 use crate::verify::Verified;
 
 /// What to change on the live paths, computed without writing anything.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Plan {
     pub added: Vec<RelPath>,
     pub changed: Vec<RelPath>,
     pub removed: Vec<RelPath>,
     /// Directories to create (they are missing on the host).
+    #[serde(serialize_with = "entry_paths")]
     pub new_dirs: Vec<ManifestEntry>,
     /// Farm links to create.
     pub links: Vec<RelPath>,
-    /// Host files to move aside (`--adopt`).
+    /// Host files to move aside (`--adopt`, identical files, or drift a
+    /// repair replaces).
     pub adopt: Vec<RelPath>,
+    /// Of `adopt`: host files identical to what the release puts there.
+    pub identical: Vec<RelPath>,
+    /// Drift of the active release that this activation repairs.
+    pub repairs: Vec<Drift>,
+    /// Whether the release is extracted (afresh) before the switch.
+    pub stage: bool,
     /// Paths the release cannot take without `--adopt` (or at all).
     pub conflicts: Vec<String>,
     pub hooks: Hooks,
+}
+
+fn entry_paths<S: serde::Serializer>(entries: &[ManifestEntry], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(entries.iter().map(|e| &e.path))
 }
 
 pub struct ApplyOptions {
@@ -56,26 +74,202 @@ pub struct ApplyOptions {
     /// How many releases to keep, the active one included (at least 2:
     /// the command line refuses less).
     pub retain: usize,
+    /// The time of this activation (seconds since 1970), recorded for
+    /// `status`; the caller reads the clock.
+    pub now: u64,
 }
 
-/// What `apply` or `rollback` did.
-#[derive(Debug)]
+/// What `apply` or `rollback` did, or, for a dry run, would do.
+#[derive(Debug, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum Outcome {
-    /// Nothing was written; this is what would happen.
-    DryRun { id: String, plan: Plan },
-    /// The release was already active.
-    AlreadyActive { id: String },
-    /// Activated; `hooks_run` says whether the hooks ran or are only a plan.
+    /// The release is active and the root matches it: nothing to do.
+    AlreadyActive { id: ReleaseId },
+    /// `dry_run` false: activated, and `hooks_run` says whether the hooks
+    /// ran or are only a plan. `dry_run` true: nothing was written; this is
+    /// what the real run would do.
     Activated {
-        id: String,
-        from: Option<String>,
-        plan: Plan,
+        action: Action,
+        id: ReleaseId,
+        from: Option<ReleaseId>,
+        plan: Box<Plan>,
+        dry_run: bool,
         hooks_run: bool,
+        /// An interrupted activation finished or reverted first (or, in a
+        /// dry run, that would be).
+        recovered: Option<String>,
     },
 }
 
-/// Compares two manifests and the live paths of `state`'s root.
-pub fn plan(state: &State, old: Option<&Manifest>, new: &Manifest, adopt: bool) -> Plan {
+/// The decision of step 1, made the same way by a dry run and a real run.
+struct Decision {
+    action: Action,
+    current: Option<Release>,
+    plan: Plan,
+}
+
+/// Verifies, stages and activates `verified` on `state`'s root.
+pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Result<Outcome> {
+    let m = verified.manifest();
+    let id = ReleaseId::new(&m.name, &m.version, &m.archive.sha256).map_err(|e| {
+        Error::Refused(format!(
+            "{}: {e}; a release must have a safe name and version",
+            verified.artifact().display()
+        ))
+    })?;
+    refuse_state_paths(m)?;
+    let file_name = verified
+        .artifact()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if file_name != m.artifact_file_name() {
+        return Err(Error::Refused(format!(
+            "{}: the signed artifact is {}: it was renamed; apply it under its signed name",
+            verified.artifact().display(),
+            m.artifact_file_name()
+        )));
+    }
+    if opts.dry_run {
+        if !state.writable() {
+            return Err(Error::io(&state.root, "checking write access")(
+                std::io::ErrorKind::PermissionDenied.into(),
+            ));
+        }
+        let recovered = describe_recovery(state)?;
+        return match decide(state, verified, &id, opts)? {
+            None => Ok(Outcome::AlreadyActive { id }),
+            Some(d) => Ok(Outcome::Activated {
+                action: d.action,
+                id,
+                from: d.current.map(|c| c.info.id),
+                plan: Box::new(d.plan),
+                dry_run: true,
+                hooks_run: false,
+                recovered,
+            }),
+        };
+    }
+    let created = state.create()?;
+    let result = (|| {
+        let _lock = state.lock()?;
+        let recovered = recover(state)?;
+        let Some(d) = decide(state, verified, &id, opts)? else {
+            return Ok(Outcome::AlreadyActive { id: id.clone() });
+        };
+        if d.plan.stage {
+            stage(state, verified, &id)?;
+        }
+        let mut history = state.record()?.history;
+        if d.action != Action::Repair {
+            history.retain(|h| *h != id);
+            history.push(id.clone());
+            let keep = history.len().saturating_sub(opts.retain.max(2));
+            history.drain(..keep);
+        }
+        let from = d.current.map(|c| c.info.id);
+        let journal = Journal::new(d.action, from, id.clone(), &d.plan, history, opts.now);
+        activate(state, &journal, d.plan, recovered)
+    })();
+    if result.is_err() {
+        state.discard(created);
+    }
+    result
+}
+
+/// The release may not ship InfraKit's own state directory.
+fn refuse_state_paths(m: &Manifest) -> Result<()> {
+    let inside =
+        |p: &str| p == state::STATE_DIR || p.starts_with(&format!("{}/", state::STATE_DIR));
+    match m.entries.iter().find(|e| inside(e.path.as_str())) {
+        Some(e) => Err(Error::Refused(format!(
+            "the release ships {}, inside InfraKit's own state directory {}; remove it from the profile",
+            e.path,
+            state::STATE_DIR
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Decides what applying `id` means for `state`'s root, reading only:
+/// `None` when it is active and the root matches it.
+fn decide(
+    state: &State,
+    verified: &Verified,
+    id: &ReleaseId,
+    opts: &ApplyOptions,
+) -> Result<Option<Decision>> {
+    let m = verified.manifest();
+    let current = admit(state, m, id, opts)?;
+    let (action, plan) = match &current {
+        Some(cur) if cur.info.id == *id => {
+            let drift = status::drift(state, cur)?;
+            if drift.is_empty() {
+                return Ok(None);
+            }
+            (Action::Repair, repair_plan(state, id, m, drift)?)
+        }
+        _ => {
+            let old = current.as_ref().map(|r| &r.manifest);
+            let mut plan = plan(state, id, old, m, opts.adopt)?;
+            plan.stage = true;
+            (Action::Apply, plan)
+        }
+    };
+    refuse_conflicts(&plan)?;
+    Ok(Some(Decision {
+        action,
+        current,
+        plan,
+    }))
+}
+
+/// Decides whether release `id` may replace what `state` runs; reads only.
+fn admit(
+    state: &State,
+    m: &Manifest,
+    id: &ReleaseId,
+    opts: &ApplyOptions,
+) -> Result<Option<Release>> {
+    let current = state.current()?;
+    if let Some(cur) = &current
+        && cur.info.id != *id
+        && !opts.allow_downgrade
+    {
+        if cur.info.name != m.name {
+            return Err(Error::Refused(format!(
+                "the root runs {} {}, not {}: replacing a different release needs --allow-downgrade",
+                cur.info.name, cur.info.version, m.name
+            )));
+        }
+        let newer = match (
+            semver::Version::parse(&m.version),
+            semver::Version::parse(&cur.info.version),
+        ) {
+            (Ok(new), Ok(old)) => new > old,
+            _ => false,
+        };
+        if !newer {
+            return Err(Error::Refused(format!(
+                "{} {} is not newer than the installed {}: refusing a downgrade (--allow-downgrade overrides)",
+                m.name, m.version, cur.info.version
+            )));
+        }
+    }
+    Ok(current)
+}
+
+/// Compares two manifests and the live paths of `state`'s root. Host files
+/// identical to what the release puts there are adopted without `--adopt`;
+/// so are all others with it. A backup of an adopted path that already
+/// exists is never overwritten: that is a conflict.
+pub fn plan(
+    state: &State,
+    id: &ReleaseId,
+    old: Option<&Manifest>,
+    new: &Manifest,
+    adopt: bool,
+) -> Result<Plan> {
     let old_entries: BTreeMap<&RelPath, &ManifestEntry> = old
         .map(|m| m.entries.iter().map(|e| (&e.path, e)).collect())
         .unwrap_or_default();
@@ -92,31 +286,44 @@ pub fn plan(state: &State, old: Option<&Manifest>, new: &Manifest, adopt: bool) 
             Some(o) if *o != e => plan.changed.push(e.path.clone()),
             Some(_) => {}
         }
-        let meta = state.live(&e.path).symlink_metadata();
-        match (&e.kind, meta) {
-            (EntryType::Dir, Err(_)) => plan.new_dirs.push(e.clone()),
-            (EntryType::Dir, Ok(m)) if m.is_dir() => {}
-            (EntryType::Dir, Ok(m)) => plan.conflicts.push(format!(
+        let host = state.live_meta(&e.path)?.map(|m| m.kind);
+        match (e.kind, host) {
+            (EntryType::Dir, None) => plan.new_dirs.push(e.clone()),
+            (EntryType::Dir, Some(Kind::Dir)) => {}
+            (EntryType::Dir, Some(k)) => plan.conflicts.push(format!(
                 "{}: the host has a {} where the release has a directory (never adopted)",
                 e.path,
-                host_kind(&m)
+                host_kind(k)
             )),
-            (_, Err(_)) => plan.links.push(e.path.clone()),
-            (_, Ok(_)) if state.is_farm_link(&e.path) => {}
-            (_, Ok(m)) if m.is_dir() => plan.conflicts.push(format!(
+            (_, None) => plan.links.push(e.path.clone()),
+            (_, Some(_)) if state.is_farm_link(&e.path) => {}
+            (_, Some(Kind::Dir)) => plan.conflicts.push(format!(
                 "{}: the host has a directory where the release has a {} (never adopted)",
                 e.path,
                 kind_name(e.kind)
             )),
-            (_, Ok(_)) if adopt => {
-                plan.adopt.push(e.path.clone());
-                plan.links.push(e.path.clone());
+            (_, Some(k)) => {
+                let identical = identical(state, e)?;
+                if !(identical || adopt) {
+                    plan.conflicts.push(format!(
+                        "{}: a host {} InfraKit does not own (--adopt moves it aside)",
+                        e.path,
+                        host_kind(k)
+                    ));
+                } else if state.has_backup(id, &e.path)? {
+                    plan.conflicts.push(format!(
+                        "{}: a backup of it from an earlier adoption by {id} exists in {}; move it away first",
+                        e.path,
+                        state.path("backups").join(id.as_str()).display()
+                    ));
+                } else {
+                    if identical {
+                        plan.identical.push(e.path.clone());
+                    }
+                    plan.adopt.push(e.path.clone());
+                    plan.links.push(e.path.clone());
+                }
             }
-            (_, Ok(m)) => plan.conflicts.push(format!(
-                "{}: a host {} InfraKit does not own (--adopt moves it aside)",
-                e.path,
-                host_kind(&m)
-            )),
         }
     }
     let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
@@ -126,17 +333,60 @@ pub fn plan(state: &State, old: Option<&Manifest>, new: &Manifest, adopt: bool) 
         .map(|p| (*p).clone())
         .collect();
     plan.hooks = Hooks::plan(new, &plan.added, &plan.changed, &plan.removed);
-    plan
+    Ok(plan)
+}
+
+/// The plan that brings a drifted root back to its active release `id`:
+/// links and directories restored, whatever replaced a link moved aside
+/// (kept, never deleted), the release extracted afresh when its own files
+/// drifted, and the units whose files were repaired restarted.
+fn repair_plan(state: &State, id: &ReleaseId, m: &Manifest, drift: Vec<Drift>) -> Result<Plan> {
+    let mut plan = plan(state, id, Some(m), m, true)?;
+    let repaired: Vec<RelPath> = m
+        .entries
+        .iter()
+        .filter(|e| drift.iter().any(|d| d.path == e.path.as_str()))
+        .map(|e| e.path.clone())
+        .collect();
+    plan.hooks = Hooks::plan(m, &[], &repaired, &[]);
+    plan.stage = drift.iter().any(|d| d.in_release);
+    plan.repairs = drift;
+    Ok(plan)
+}
+
+/// Whether the host's file or symlink at `e.path` is what the release puts
+/// there: same type, and the same content or link target.
+fn identical(state: &State, e: &ManifestEntry) -> Result<bool> {
+    let live = state.live_dir();
+    let path = e.path.as_str();
+    match e.kind {
+        EntryType::Dir => Ok(false),
+        EntryType::Symlink => Ok(live
+            .read_link(path)
+            .is_ok_and(|t| Some(t.as_os_str()) == e.target.as_deref().map(std::ffi::OsStr::new))),
+        EntryType::File => {
+            let Ok(file) = live.open_file(path) else {
+                return Ok(false);
+            };
+            if file.metadata().map(|m| m.len()).ok() != e.size {
+                return Ok(false);
+            }
+            let mut reader = HashingReader::new(file);
+            std::io::copy(&mut reader, &mut std::io::sink())
+                .map_err(Error::io(&state.live(&e.path), "reading"))?;
+            let (sha, n) = reader.finish();
+            Ok(Some(sha) == e.sha256 && Some(n) == e.size)
+        }
+    }
 }
 
 /// What the host has at a path, for conflict messages.
-fn host_kind(m: &fs::Metadata) -> &'static str {
-    if m.is_dir() {
-        "directory"
-    } else if m.file_type().is_symlink() {
-        "symlink"
-    } else {
-        "file"
+fn host_kind(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Dir => "directory",
+        Kind::Symlink => "symlink",
+        Kind::File => "file",
+        Kind::Other => "special file",
     }
 }
 
@@ -148,114 +398,30 @@ fn kind_name(kind: EntryType) -> &'static str {
     }
 }
 
-/// Decides whether `verified` may replace what `state` runs; reads only.
-fn admit(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<Option<Release>> {
-    let m = verified.manifest();
-    let file_name = verified
-        .artifact()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if file_name != m.artifact_file_name() {
+/// Reactivates the release before the active one, after re-checking that
+/// its files on disk still match its manifest. Under the lock, after
+/// finishing or reverting an interrupted activation (a dry run says it
+/// would).
+pub fn rollback(state: &State, dry_run: bool, now: u64) -> Result<Outcome> {
+    if !state.exists() {
         return Err(Error::Refused(format!(
-            "{}: the signed artifact is {}: it was renamed; apply it under its signed name",
-            verified.artifact().display(),
-            m.artifact_file_name()
+            "{}: no release was ever applied; nothing to roll back",
+            state.root.display()
         )));
     }
-    if let Some(e) = m.entries.iter().find(|e| {
-        let p = e.path.as_str();
-        p == state::STATE_DIR || p.starts_with(&format!("{}/", state::STATE_DIR))
-    }) {
-        return Err(Error::Refused(format!(
-            "the release ships {}, inside InfraKit's own state directory {}; remove it from the profile",
-            e.path,
-            state::STATE_DIR
-        )));
+    if dry_run && !state.writable() {
+        return Err(Error::io(&state.root, "checking write access")(
+            std::io::ErrorKind::PermissionDenied.into(),
+        ));
     }
-    let current = state.current()?;
-    if let Some(cur) = &current {
-        let same = cur.info.id == state::release_id(&m.name, &m.version, &m.archive.sha256);
-        if !same && !opts.allow_downgrade {
-            if cur.info.name != m.name {
-                return Err(Error::Refused(format!(
-                    "the root runs {} {}, not {}: replacing a different release needs --allow-downgrade",
-                    cur.info.name, cur.info.version, m.name
-                )));
-            }
-            let newer = match (
-                semver::Version::parse(&m.version),
-                semver::Version::parse(&cur.info.version),
-            ) {
-                (Ok(new), Ok(old)) => new > old,
-                _ => false,
-            };
-            if !newer {
-                return Err(Error::Refused(format!(
-                    "{} {} is not newer than the installed {}: refusing a downgrade (--allow-downgrade overrides)",
-                    m.name, m.version, cur.info.version
-                )));
-            }
-        }
-    }
-    Ok(current)
-}
-
-/// Verifies, stages and activates `verified` on `state`'s root.
-pub fn apply(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<Outcome> {
-    let m = verified.manifest();
-    let id = state::release_id(&m.name, &m.version, &m.archive.sha256);
-    let current = admit(state, verified, opts)?;
-    let first = plan(state, current.as_ref().map(|r| &r.manifest), m, opts.adopt);
-    refuse_conflicts(&first)?;
-    if opts.dry_run {
-        return Ok(Outcome::DryRun { id, plan: first });
-    }
-    state.create()?;
-    let _lock = state.lock()?;
-    recover(state)?;
-    // Decide again under the lock: recovery or another apply may have moved.
-    let current = admit(state, verified, opts)?;
-    if current.as_ref().is_some_and(|c| c.info.id == id) {
-        return Ok(Outcome::AlreadyActive { id });
-    }
-    let mut plan = plan(state, current.as_ref().map(|r| &r.manifest), m, opts.adopt);
-    for p in &plan.adopt {
-        if state
-            .backup_dir(&id)
-            .join(p.as_str())
-            .symlink_metadata()
-            .is_ok()
-        {
-            plan.conflicts.push(format!(
-                "{p}: a backup of it from an earlier --adopt of {id} exists; move it away first"
-            ));
-        }
-    }
-    refuse_conflicts(&plan)?;
-    stage(state, verified, &id)?;
-    let mut history = state.record()?.history;
-    history.retain(|h| h != &id);
-    history.push(id.clone());
-    let keep = history.len().saturating_sub(opts.retain.max(2));
-    history.drain(..keep);
-    let journal = Journal::new("apply", current.map(|c| c.info.id), id, &plan, history);
-    activate(state, &journal, &plan)
-}
-
-/// Reactivates the release before the active one. Under the lock, after
-/// finishing or reverting an interrupted activation (not for a dry run).
-pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
-    let _lock = if dry_run || state.current_id()?.is_none() {
-        None
+    let _lock = if dry_run { None } else { Some(state.lock()?) };
+    let recovered = if dry_run {
+        describe_recovery(state)?
     } else {
-        let lock = state.lock()?;
-        recover(state)?;
-        Some(lock)
+        recover(state)?
     };
     let record = state.record()?;
-    let current = state.current_id()?;
-    let Some(from) = current else {
+    let Some(from) = state.current_id()? else {
         return Err(Error::Refused(format!(
             "{}: no release is active; nothing to roll back",
             state.root.display()
@@ -264,7 +430,7 @@ pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
     let Some(pos) = record.history.iter().rposition(|h| *h == from) else {
         return Err(Error::Refused(format!(
             "the active release {from} is not in the history of {}",
-            state.record_path().display()
+            state.path("state.json").display()
         )));
     };
     let Some(to) = pos.checked_sub(1).map(|i| record.history[i].clone()) else {
@@ -274,39 +440,52 @@ pub fn rollback(state: &State, dry_run: bool) -> Result<Outcome> {
     };
     let old = state.release(&from)?;
     let target = state.release(&to)?;
-    let plan = plan(state, Some(&old.manifest), &target.manifest, false);
+    let drift = status::release_drift(state, &target)?;
+    if let Some(d) = drift.first() {
+        return Err(Error::Refused(format!(
+            "the retained release {to} no longer matches its manifest ({} path(s), first {}: {}); apply its artifact again instead",
+            drift.len(),
+            d.path,
+            d.detail
+        )));
+    }
+    let plan = plan(state, &to, Some(&old.manifest), &target.manifest, false)?;
     refuse_conflicts(&plan)?;
     if dry_run {
-        return Ok(Outcome::DryRun { id: to, plan });
+        return Ok(Outcome::Activated {
+            action: Action::Rollback,
+            id: to,
+            from: Some(from),
+            plan: Box::new(plan),
+            dry_run: true,
+            hooks_run: false,
+            recovered,
+        });
     }
-    let journal = Journal::new(
-        "rollback",
-        Some(from),
-        to,
-        &plan,
-        record.history[..pos].to_vec(),
-    );
-    activate(state, &journal, &plan)
+    let history = record.history[..pos].to_vec();
+    let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
+    activate(state, &journal, plan, recovered)
 }
 
 impl Journal {
     /// The journal of activating `plan`: what it creates, adopts and runs.
     fn new(
-        action: &str,
-        from: Option<String>,
-        to: String,
+        action: Action,
+        from: Option<ReleaseId>,
+        to: ReleaseId,
         plan: &Plan,
-        history: Vec<String>,
+        history: Vec<ReleaseId>,
+        applied_at: u64,
     ) -> Journal {
         Journal {
-            action: action.to_owned(),
+            action,
             from,
             to,
             created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
             adopted: plan.adopt.clone(),
             history,
-            hooks_after: plan.hooks.after(),
-            stopped: plan.hooks.stop_before.clone(),
+            applied_at,
+            hooks: plan.hooks.clone(),
         }
     }
 }
@@ -322,75 +501,103 @@ fn refuse_conflicts(plan: &Plan) -> Result<()> {
     )))
 }
 
-/// Extracts `verified` into `releases/<id>/` (via a partial directory).
-fn stage(state: &State, verified: &Verified, id: &str) -> Result<()> {
-    let done = state.release_dir(id);
-    if done.is_dir() {
-        return Ok(());
-    }
-    let partial = state.partial_dir(id);
-    if partial.symlink_metadata().is_ok() {
-        fs::remove_dir_all(&partial)
-            .map_err(Error::io(&partial, "removing a stale partial release"))?;
-    }
+/// Extracts `verified` into `releases/<id>/`, via a private partial
+/// directory; a release directory of that name already there is replaced
+/// atomically (`RENAME_EXCHANGE`), never trusted.
+fn stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
+    let releases = state.releases()?;
+    let partial = format!(".{id}.partial");
+    let partial_path = state.path("releases").join(&partial);
+    let io = |action| Error::io(&partial_path, action);
+    releases
+        .remove_tree(&partial)
+        .map_err(io("removing a stale partial release"))?;
     // Private until every member was checked: files get their final modes
     // (setuid included) before their digests are known.
-    fs::create_dir(&partial).map_err(Error::io(&partial, "creating the staging directory"))?;
-    state::set_mode(&partial, 0o700)?;
-    let result = extract(verified, &partial.join("rootfs")).and_then(|()| {
-        let m = verified.manifest();
-        let info = ReleaseInfo {
-            id: id.to_owned(),
-            name: m.name.clone(),
-            version: m.version.clone(),
-            sha256: m.archive.sha256,
-            key_id: verified.key_id().to_owned(),
-        };
-        let info_json = state::to_json(&info);
-        for (name, bytes) in [
-            ("manifest.json", verified.manifest_bytes()),
-            ("artifact.minisig", verified.signature_bytes()),
-            ("release.json", &info_json[..]),
-        ] {
-            let path = partial.join(name);
-            fs::write(&path, bytes).map_err(Error::io(&path, "writing release metadata"))?;
-        }
-        state::set_mode(&partial, 0o755)?;
-        state::sync_fs(&partial)?;
-        fs::rename(&partial, &done).map_err(Error::io(&done, "renaming the staged release"))?;
-        state::sync_dir(&state.releases())
-    });
+    releases
+        .create_dir(&partial, 0o700)
+        .and_then(|()| releases.set_mode(&partial, 0o700))
+        .map_err(io("creating the staging directory"))?;
+    let result = releases
+        .open_dir(&partial)
+        .map_err(io("opening the staging directory"))
+        .and_then(|dir| {
+            extract(verified, &dir)?;
+            write_metadata(verified, id, &dir)
+        })
+        .and_then(|()| {
+            releases
+                .set_mode(&partial, 0o755)
+                .and_then(|()| releases.sync_fs())
+                .map_err(io("syncing the staged release"))?;
+            match crate::confined::optional(releases.stat(id.as_str())) {
+                Ok(Some(_)) => {
+                    releases
+                        .exchange(&partial, id.as_str())
+                        .map_err(io("replacing the release directory"))?;
+                    releases
+                        .remove_tree(&partial)
+                        .map_err(io("removing the replaced release directory"))?;
+                }
+                Ok(None) => releases
+                    .rename(&partial, &releases, id.as_str())
+                    .map_err(io("renaming the staged release"))?,
+                Err(e) => return Err(io("inspecting the release directory")(e)),
+            }
+            releases.sync().map_err(io("syncing releases"))
+        });
     if result.is_err() {
-        let _ = fs::remove_dir_all(&partial);
+        let _ = releases.remove_tree(&partial);
     }
     result
 }
 
-/// Writes every member into `rootfs` (which must not exist) as it streams:
-/// new files only (`O_EXCL`, so nothing is followed), each under a directory
-/// this release created (`Verified::stream` guarantees the order); owners
-/// and modes from the manifest.
-fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
-    fs::create_dir(rootfs).map_err(Error::io(rootfs, "creating the release root"))?;
-    state::set_mode(rootfs, 0o755)?;
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+/// `manifest.json`, `artifact.minisig` and `release.json` of a staged release.
+fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> {
+    let m = verified.manifest();
+    let info = ReleaseInfo {
+        id: id.clone(),
+        name: m.name.clone(),
+        version: m.version.clone(),
+        sha256: m.archive.sha256,
+        key_id: verified.key_id().to_owned(),
+    };
+    let info_json = state::to_json(&info);
+    for (name, bytes) in [
+        ("manifest.json", verified.manifest_bytes()),
+        ("artifact.minisig", verified.signature_bytes()),
+        ("release.json", &info_json[..]),
+    ] {
+        dir.create_file(name, 0o644)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(Error::io(&dir.display(name), "writing release metadata"))?;
+    }
+    Ok(())
+}
+
+/// Writes every member into `dir/rootfs` (which must not exist) as it
+/// streams: new files only (`O_EXCL`, nothing followed), each under a
+/// directory this release created (`Verified::stream` guarantees the
+/// order); owners and modes from the manifest.
+fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
+    let rootfs = std::path::Path::new("rootfs");
+    dir.create_dir(rootfs, 0o755)
+        .and_then(|()| dir.set_mode(rootfs, 0o755))
+        .map_err(Error::io(&dir.display(rootfs), "creating the release root"))?;
+    let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     verified.stream(&mut |want, content| {
-        let dest = rootfs.join(want.path.as_str());
+        let rel = rootfs.join(want.path.as_str());
+        let io = |action| Error::io(&dir.display(&rel), action);
         match want.kind {
             EntryType::Dir => {
-                fs::create_dir(&dest).map_err(Error::io(&dest, "creating directory"))?;
-                std::os::unix::fs::lchown(&dest, Some(want.uid), Some(want.gid))
-                    .map_err(Error::io(&dest, "setting owner"))?;
-                dir_modes.push((dest, want.mode));
+                dir.create_dir(&rel, 0o700)
+                    .and_then(|()| dir.set_owner_mode(&rel, want.uid, want.gid, None))
+                    .map_err(io("creating directory"))?;
+                dir_modes.push((rel, want.mode));
             }
             EntryType::File => {
-                let mut file = File::options()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&dest)
-                    .map_err(Error::io(&dest, "creating file"))?;
+                let mut file = dir.create_file(&rel, 0o600).map_err(io("creating file"))?;
                 // A failed read is the archive's fault (exit 1), a failed
                 // write the disk's (exit 2).
                 loop {
@@ -404,37 +611,42 @@ fn extract(verified: &Verified, rootfs: &Path) -> Result<()> {
                     if n == 0 {
                         break;
                     }
-                    file.write_all(&buf[..n])
-                        .map_err(Error::io(&dest, "writing file"))?;
+                    file.write_all(&buf[..n]).map_err(io("writing file"))?;
                 }
                 // Owner first: chown clears setuid/setgid bits.
                 std::os::unix::fs::fchown(&file, Some(want.uid), Some(want.gid))
-                    .map_err(Error::io(&dest, "setting owner"))?;
-                file.set_permissions(fs::Permissions::from_mode(want.mode))
-                    .map_err(Error::io(&dest, "setting mode"))?;
+                    .map_err(io("setting owner"))?;
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(want.mode))
+                    .map_err(io("setting mode"))?;
             }
             EntryType::Symlink => {
                 let target = want.target.as_deref().unwrap_or_default();
-                std::os::unix::fs::symlink(target, &dest)
-                    .map_err(Error::io(&dest, "creating symlink"))?;
-                std::os::unix::fs::lchown(&dest, Some(want.uid), Some(want.gid))
-                    .map_err(Error::io(&dest, "setting owner"))?;
+                dir.symlink(target, &rel)
+                    .and_then(|()| dir.set_owner_mode(&rel, want.uid, want.gid, None))
+                    .map_err(io("creating symlink"))?;
             }
         }
         Ok(())
     })?;
-    for (dir, mode) in dir_modes.iter().rev() {
-        state::set_mode(dir, *mode)?;
+    for (rel, mode) in dir_modes.iter().rev() {
+        dir.set_mode(rel, *mode)
+            .map_err(Error::io(&dir.display(rel), "setting mode"))?;
     }
     Ok(())
 }
 
 /// Steps 4-6 of the module comment, then the hooks. A failure before the
 /// switch is reverted at once (and would be by the next run otherwise).
-fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
+fn activate(
+    state: &State,
+    journal: &Journal,
+    plan: Plan,
+    recovered: Option<String>,
+) -> Result<Outcome> {
     state.write_journal(journal)?;
     let live = hooks::is_live(&state.root);
-    let prepared = prepare(state, journal, plan).and_then(|()| {
+    let prepared = prepare(state, journal, &plan).and_then(|()| {
         if live {
             hooks::run(&plan.hooks.before(), "the activation was reverted")?;
         }
@@ -447,45 +659,30 @@ fn activate(state: &State, journal: &Journal, plan: &Plan) -> Result<Outcome> {
     state.switch(&journal.to)?;
     finish(state, journal)?;
     Ok(Outcome::Activated {
+        action: journal.action,
         id: journal.to.clone(),
         from: journal.from.clone(),
-        plan: plan.clone(),
+        plan: Box::new(plan),
+        dry_run: false,
         hooks_run: live,
+        recovered,
     })
 }
 
 /// Step 4: new directories, adopted files moved aside, farm links, synced.
 fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
     for e in &plan.new_dirs {
-        let live = state.live(&e.path);
-        match fs::create_dir(&live) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && live.is_dir() => {
-                continue;
-            }
-            Err(err) => return Err(Error::io(&live, "creating directory")(err)),
-        }
-        std::os::unix::fs::lchown(&live, Some(e.uid), Some(e.gid))
-            .map_err(Error::io(&live, "setting owner"))?;
-        state::set_mode(&live, e.mode)?;
+        state.create_live_dir(e)?;
     }
     for p in &journal.adopted {
-        let live = state.live(p);
-        let backup = state.backup_dir(&journal.to).join(p.as_str());
-        if let Some(parent) = backup.parent() {
-            fs::create_dir_all(parent).map_err(Error::io(parent, "creating backup directory"))?;
-        }
-        fs::rename(&live, &backup).map_err(Error::io(&live, "moving a host file aside"))?;
+        state.move_aside(&journal.to, p)?;
     }
     for p in &plan.links {
-        if state.is_farm_link(p) {
-            continue;
+        if !state.is_farm_link(p) {
+            state.link(p)?;
         }
-        let live = state.live(p);
-        std::os::unix::fs::symlink(State::farm_target(p), &live)
-            .map_err(Error::io(&live, "creating link"))?;
     }
-    state::sync_fs(&state.root)
+    state.sync_fs()
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
@@ -493,35 +690,41 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
     let new = state.release(&journal.to)?.manifest;
     let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
     // The old release is pruned already if a previous finish got that far.
-    if let Some(Ok(old)) = journal.from.as_deref().map(|from| state.release(from)) {
+    if let Some(Ok(old)) = journal.from.as_ref().map(|from| state.release(from)) {
         remove_links(state, &old.manifest, |p| new_paths.contains(p))?;
     }
-    state::sync_fs(&state.root)?;
+    state.sync_fs()?;
     let mut record = state.record()?;
     record
         .created_dirs
         .extend(journal.created_dirs.iter().cloned());
     remove_empty_dirs(state, &mut record.created_dirs, &new_paths);
     // Host files adopted for paths no active release has any more go back.
-    let gone: Vec<(RelPath, String)> = record
+    let gone: Vec<(RelPath, ReleaseId)> = record
         .adopted
         .iter()
         .filter(|(p, _)| !new_paths.contains(p))
         .map(|(p, id)| (p.clone(), id.clone()))
         .collect();
     for (p, id) in gone {
-        restore_adopted(state, &id, &p)?;
+        state.restore(&id, &p)?;
         record.adopted.remove(&p);
     }
     for p in &journal.adopted {
         record.adopted.insert(p.clone(), journal.to.clone());
     }
     record.history = journal.history.clone();
+    record
+        .applied_at
+        .insert(journal.to.clone(), journal.applied_at);
+    record
+        .applied_at
+        .retain(|id, _| journal.history.contains(id));
     state.write_record(&record)?;
     prune(state, &record.history)?;
     if hooks::is_live(&state.root) {
         hooks::run(
-            &journal.hooks_after,
+            &journal.hooks.after(),
             "the release is active; the next apply or rollback runs the hooks again",
         )?;
     }
@@ -533,8 +736,7 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
 fn remove_links(state: &State, manifest: &Manifest, keep: impl Fn(&RelPath) -> bool) -> Result<()> {
     for e in manifest.entries.iter().filter(|e| e.kind != EntryType::Dir) {
         if !keep(&e.path) && state.is_farm_link(&e.path) {
-            let live = state.live(&e.path);
-            fs::remove_file(&live).map_err(Error::io(&live, "removing a link"))?;
+            state.unlink(&e.path)?;
         }
     }
     Ok(())
@@ -550,7 +752,7 @@ fn remove_empty_dirs(state: &State, dirs: &mut BTreeSet<RelPath>, keep: &HashSet
         .cloned()
         .collect();
     for d in candidates {
-        match fs::remove_dir(state.live(&d)) {
+        match state.remove_live_dir(&d) {
             Ok(()) => {
                 dirs.remove(&d);
             }
@@ -563,45 +765,43 @@ fn remove_empty_dirs(state: &State, dirs: &mut BTreeSet<RelPath>, keep: &HashSet
     }
 }
 
-/// Moves the host file adopted at `path` (kept in `backups/<id>/`) back,
-/// unless something is in its place again.
-fn restore_adopted(state: &State, id: &str, path: &RelPath) -> Result<()> {
-    let backup = state.backup_dir(id).join(path.as_str());
-    let live = state.live(path);
-    if live.symlink_metadata().is_err() && backup.symlink_metadata().is_ok() {
-        fs::rename(&backup, &live).map_err(Error::io(&live, "restoring an adopted file"))?;
+/// Removes retained releases that the history no longer lists.
+fn prune(state: &State, history: &[ReleaseId]) -> Result<()> {
+    for name in state.release_names()? {
+        if name.starts_with('.') || history.iter().any(|h| h.as_str() == name) {
+            continue;
+        }
+        state.remove_release(&name)?;
     }
     Ok(())
 }
 
-/// Removes retained releases that the history no longer lists.
-fn prune(state: &State, history: &[String]) -> Result<()> {
-    let releases = state.releases();
-    let list = fs::read_dir(&releases).map_err(Error::io(&releases, "listing releases"))?;
-    for item in list {
-        let item = item.map_err(Error::io(&releases, "listing releases"))?;
-        let name = item.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || history.iter().any(|h| *h == name) {
-            continue;
-        }
-        let dir = item.path();
-        fs::remove_dir_all(&dir).map_err(Error::io(&dir, "removing an old release"))?;
-    }
-    Ok(())
+/// What `recover` would do, writing nothing (for a dry run).
+fn describe_recovery(state: &State) -> Result<Option<String>> {
+    let Some(journal) = state.journal()? else {
+        return Ok((!state.partials()?.is_empty())
+            .then(|| "would remove a partly extracted release".to_owned()));
+    };
+    let switched = state.current_id()?.as_ref() == Some(&journal.to);
+    Ok(Some(format!(
+        "would first {} the interrupted {} to {}",
+        if switched { "complete" } else { "revert" },
+        journal.action,
+        journal.to
+    )))
 }
 
 /// Finishes (switched already) or reverts (not switched) an interrupted
 /// activation, and removes partial releases. Says what it did.
 pub fn recover(state: &State) -> Result<Option<String>> {
-    let partials = state.partials();
+    let partials = state.partials()?;
     for p in &partials {
-        fs::remove_dir_all(p).map_err(Error::io(p, "removing a partial release"))?;
+        state.remove_release(p)?;
     }
     let Some(journal) = state.journal()? else {
         return Ok((!partials.is_empty()).then(|| "removed a partly extracted release".to_owned()));
     };
-    if state.current_id()?.as_deref() == Some(journal.to.as_str()) {
+    if state.current_id()?.as_ref() == Some(&journal.to) {
         finish(state, &journal)?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",
@@ -613,12 +813,15 @@ pub fn recover(state: &State) -> Result<Option<String>> {
             "reverted the interrupted {} to {}; {} stays active",
             journal.action,
             journal.to,
-            journal.from.as_deref().unwrap_or("no release")
+            journal
+                .from
+                .as_ref()
+                .map_or("no release", ReleaseId::as_str)
         )))
     }
 }
 
-/// Undoes steps 4 (the switch did not happen).
+/// Undoes step 4 (the switch did not happen).
 fn revert(state: &State, journal: &Journal) -> Result<()> {
     let from_paths: HashSet<RelPath> = match &journal.from {
         Some(from) => state
@@ -635,40 +838,48 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
     }
     for p in &journal.adopted {
         // The new link stands where the host's file was: it goes first.
-        let saved = state.backup_dir(&journal.to).join(p.as_str());
-        if saved.symlink_metadata().is_ok() && state.is_farm_link(p) {
-            let live = state.live(p);
-            fs::remove_file(&live).map_err(Error::io(&live, "removing a new link"))?;
+        if state.has_backup(&journal.to, p)? && state.is_farm_link(p) {
+            state.unlink(p)?;
         }
-        restore_adopted(state, &journal.to, p)?;
+        state.restore(&journal.to, p)?;
     }
     let keep: HashSet<&RelPath> = from_paths.iter().collect();
     let mut created: BTreeSet<RelPath> = journal.created_dirs.iter().cloned().collect();
     remove_empty_dirs(state, &mut created, &keep);
     let record = state.record()?;
     if !record.history.contains(&journal.to) {
-        let dir = state.release_dir(&journal.to);
-        if dir.symlink_metadata().is_ok() {
-            fs::remove_dir_all(&dir).map_err(Error::io(&dir, "removing the unused release"))?;
-        }
+        state.remove_release(journal.to.as_str())?;
     }
-    state::sync_fs(&state.root)?;
+    state.sync_fs()?;
     if hooks::is_live(&state.root) {
         hooks::run(
-            &hooks::start_one_by_one(&journal.stopped),
+            &hooks::start_one_by_one(&journal.hooks.stop_before),
             "the old release is active but a validator unit did not start",
         )?;
     }
     state.remove_journal()
 }
 
-/// One line per added, changed, removed and adopted path.
+/// One line per added, changed, removed, adopted and repaired path.
 pub fn describe(plan: &Plan, out: &mut impl Write) -> std::io::Result<()> {
+    for d in &plan.repairs {
+        writeln!(out, "  repair  {}: {} ({})", d.path, d.kind, d.detail)?;
+    }
+    let adopted: Vec<RelPath> = plan
+        .adopt
+        .iter()
+        .filter(|p| !plan.identical.contains(p))
+        .cloned()
+        .collect();
     for (label, paths) in [
         ("add", &plan.added),
         ("change", &plan.changed),
         ("remove", &plan.removed),
-        ("adopt (move the host's file aside)", &plan.adopt),
+        (
+            "adopt (identical to the release; moved aside, restored when no release has it)",
+            &plan.identical,
+        ),
+        ("adopt (move the host's file aside)", &adopted),
     ] {
         for p in paths {
             writeln!(out, "  {label:<7} {p}")?;

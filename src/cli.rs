@@ -245,6 +245,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 allow_downgrade,
                 adopt,
                 retain: usize::from(retain),
+                now: 0,
             },
         ),
         Command::Rollback { root, dry_run } => commands::rollback(&ui, &root, dry_run),

@@ -345,12 +345,16 @@ fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path) {
     }
 }
 
-fn print_plan(ui: &Ui, plan: &crate::apply::Plan) {
-    if ui.quiet {
-        return;
-    }
+fn print_plan(plan: &crate::apply::Plan) {
     let mut out = std::io::stdout().lock();
     let _ = crate::apply::describe(plan, &mut out);
+}
+
+/// The time now, for the records of an activation.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub fn apply(
@@ -383,8 +387,12 @@ pub fn apply(
     let verified = ui.with_bar("verifying", |progress| {
         verify::authenticate(&verify_opts, progress)
     })?;
-    let state = crate::state::State::new(root);
-    let outcome = crate::apply::apply(&state, &verified, opts)?;
+    let mut state = crate::state::State::open(root)?;
+    let opts = crate::apply::ApplyOptions {
+        now: now(),
+        ..*opts
+    };
+    let outcome = crate::apply::apply(&mut state, &verified, &opts)?;
     report(
         ui,
         &outcome,
@@ -395,49 +403,69 @@ pub fn apply(
 }
 
 pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
-    let state = crate::state::State::new(root);
-    let outcome = crate::apply::rollback(&state, dry_run)?;
+    let state = crate::state::State::open(root)?;
+    let outcome = crate::apply::rollback(&state, dry_run, now())?;
     report(ui, &outcome, root, "rollback");
     Ok(())
 }
 
 /// What an apply or rollback did (or would do), with how it was vouched for.
+/// A dry run's plan is printed even with `--quiet`: it is the answer.
 fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
     use crate::apply::Outcome;
+    use crate::state::Action;
     match outcome {
-        Outcome::DryRun { id, plan } => {
+        Outcome::AlreadyActive { id } => {
             ui.say(format_args!(
-                "dry run: would activate {id} on {} ({how})",
+                "{id} is already active on {} and the root matches it: nothing to do",
                 root.display()
             ));
-            print_plan(ui, plan);
-            print_hooks(ui, &plan.hooks, false, root);
-        }
-        Outcome::AlreadyActive { id } => {
-            ui.say(format_args!("{id} is already active on {}", root.display()));
         }
         Outcome::Activated {
+            action,
             id,
             from,
             plan,
+            dry_run,
             hooks_run,
+            recovered,
         } => {
-            ui.say(format_args!(
-                "activated {id} on {} (was {}; {how}): {} added, {} changed, {} removed",
+            let say = |line: std::fmt::Arguments<'_>| {
+                if *dry_run {
+                    println!("{line}");
+                } else {
+                    ui.say(line);
+                }
+            };
+            if let Some(r) = recovered {
+                say(format_args!("{r}"));
+            }
+            let verb = match (action, dry_run) {
+                (Action::Repair, true) => "would repair",
+                (Action::Repair, false) => "repaired",
+                (_, true) => "would activate",
+                (_, false) => "activated",
+            };
+            say(format_args!(
+                "{}{verb} {id} on {} (was {}; {how}): {} added, {} changed, {} removed, {} repaired",
+                if *dry_run { "dry run: " } else { "" },
                 root.display(),
-                from.as_deref().unwrap_or("nothing"),
+                from.as_ref().map_or("nothing", |f| f.as_str()),
                 plan.added.len(),
                 plan.changed.len(),
-                plan.removed.len()
+                plan.removed.len(),
+                plan.repairs.len()
             ));
+            if *dry_run || !ui.quiet {
+                print_plan(plan);
+            }
             print_hooks(ui, &plan.hooks, *hooks_run, root);
         }
     }
 }
 
 pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
-    let state = crate::state::State::new(root);
-    let report = crate::status::status(&state)?;
+    let report = crate::status::status(root);
     if let Some(path) = textfile {
         crate::status::write_textfile(path, &report)?;
     }
@@ -452,7 +480,16 @@ pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
             )),
             None => ui.say(format_args!("active: no release on {}", root.display())),
         }
-        ui.say(format_args!("retained: {}", report.retained.join(", ")));
+        ui.say("retained:");
+        for r in &report.retained {
+            ui.say(format_args!(
+                "  {}{}  applied {}",
+                r.id,
+                if r.active { " (active)" } else { "" },
+                r.applied_at
+                    .map_or_else(|| "at an unrecorded time".to_owned(), crate::status::utc)
+            ));
+        }
         if let Some(i) = &report.interrupted {
             ui.say(format_args!("interrupted: {i}"));
         }
@@ -461,19 +498,35 @@ pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
             ui.say(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
         }
         ui.say("secret slots: none declared");
-    }
-    if report.healthy() {
-        return Ok(());
-    }
-    Err(Error::Unhealthy(format!(
-        "{}: {} drifted path(s), {} missing secret(s){}",
-        root.display(),
-        report.drift.len(),
-        report.missing_secrets.len(),
-        if report.interrupted.is_some() {
-            ", an interrupted activation"
-        } else {
-            ""
+        for e in &report.errors {
+            ui.say(format_args!("could not check: {e}"));
         }
-    )))
+    }
+    if report.failed() {
+        return Err(Error::Unhealthy(format!(
+            "{}: {} drifted path(s), {} missing secret(s){}{}",
+            root.display(),
+            report.drift.len(),
+            report.missing_secrets.len(),
+            if report.interrupted.is_some() {
+                ", an interrupted activation"
+            } else {
+                ""
+            },
+            if report.errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} thing(s) could not be checked", report.errors.len())
+            }
+        )));
+    }
+    if !report.errors.is_empty() {
+        return Err(Error::Unchecked(format!(
+            "{}: {} thing(s) could not be checked, first: {}",
+            root.display(),
+            report.errors.len(),
+            report.errors[0]
+        )));
+    }
+    Ok(())
 }

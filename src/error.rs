@@ -32,6 +32,10 @@ pub enum Error {
     /// interrupted activation).
     #[error("{0}")]
     Unhealthy(String),
+    /// A check could not be made (unreadable state or files): not a
+    /// failure, and never a success.
+    #[error("could not check: {0}")]
+    Unchecked(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -41,7 +45,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Check(_) | Error::Lint(_) | Error::Refused(_) | Error::Unhealthy(_) => 1,
-            Error::Io { .. } | Error::Input { .. } => 2,
+            Error::Io { .. } | Error::Input { .. } | Error::Unchecked(_) => 2,
         }
     }
 

@@ -18,7 +18,8 @@ const UNIT_DIRS: [&str; 2] = ["etc/systemd/system/", "usr/lib/systemd/system/"];
 const UNIT_SUFFIXES: [&str; 4] = [".service", ".socket", ".timer", ".path"];
 
 /// The commands of one activation, in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Hooks {
     /// Validator units stopped before the switch.
     pub stop_before: Vec<String>,
@@ -39,6 +40,16 @@ pub struct Hooks {
 /// Until adapters declare roles, the rule is the name.
 pub fn is_validator_unit(unit: &str) -> bool {
     unit.contains("validator")
+}
+
+/// `[A-Za-z0-9:_.@\\-]+` with a unit suffix, not starting with `-`.
+fn is_unit_name(unit: &str) -> bool {
+    !unit.starts_with('-')
+        && unit.len() <= 256
+        && unit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.@\\-".contains(&b))
+        && UNIT_SUFFIXES.iter().any(|s| unit.ends_with(s))
 }
 
 /// The unit a path belongs to: a unit file or a file in its `.d/` drop-in
@@ -97,6 +108,21 @@ impl Hooks {
             }
         }
         hooks
+    }
+
+    /// Whether every unit name is one systemd could load (read back from a
+    /// journal on disk, they become `systemctl` arguments).
+    pub fn check(&self) -> Result<(), String> {
+        let units = [
+            &self.stop_before,
+            &self.stop_after,
+            &self.restart,
+            &self.start,
+        ];
+        match units.into_iter().flatten().find(|u| !is_unit_name(u)) {
+            Some(bad) => Err(format!("{bad:?} is not a systemd unit name")),
+            None => Ok(()),
+        }
     }
 
     /// The commands run before the switch.

@@ -31,6 +31,7 @@ pub mod overlay;
 pub mod params;
 pub mod profile;
 
+pub mod confined;
 pub mod digest;
 pub mod error;
 pub mod model;

@@ -22,31 +22,109 @@
 //! relative symlink to `var/lib/infrakit/current/rootfs/<path>` (a "farm
 //! link"): switching `current` switches all of them at once.
 
-use std::collections::BTreeSet;
-use std::fs::{self, File};
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::confined::{self, Dir, Meta, Resolve};
 use crate::digest::Sha256;
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::hooks::Hooks;
+use crate::manifest::{Manifest, ManifestEntry};
 use crate::model::RelPath;
 
 /// Where the state lives, relative to the root.
 pub const STATE_DIR: &str = "var/lib/infrakit";
+/// State records larger than this are refused unread.
+const RECORD_MAX: u64 = 64 << 20;
 
 /// How a release is named on disk: `<name>-<version>-<first 12 hex digits>`.
-pub fn release_id(name: &str, version: &str, sha256: &Sha256) -> String {
-    format!("{name}-{version}-{}", &sha256.to_string()[..12])
+/// Always a safe single path component: built from a checked name and
+/// version, or parsed (from disk) with the same rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ReleaseId(String);
+
+impl ReleaseId {
+    /// The id of release `name` `version` whose artifact has `sha256`;
+    /// refuses a name or version that would not make a safe path component.
+    pub fn new(name: &str, version: &str, sha256: &Sha256) -> Result<ReleaseId, String> {
+        check_name(name)?;
+        check_version(version)?;
+        Ok(ReleaseId(format!(
+            "{name}-{version}-{}",
+            &sha256.to_string()[..12]
+        )))
+    }
+
+    pub fn parse(s: &str) -> Result<ReleaseId, String> {
+        if is_safe_component(s) {
+            Ok(ReleaseId(s.to_owned()))
+        } else {
+            Err(format!("{s:?} is not a release id"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ReleaseId {
+    type Error = String;
+    fn try_from(s: String) -> Result<ReleaseId, String> {
+        ReleaseId::parse(&s)
+    }
+}
+
+impl From<ReleaseId> for String {
+    fn from(id: ReleaseId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for ReleaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One path component made only of `[A-Za-z0-9._+-]`, not starting with a
+/// dot (so never `.`, `..` or a partial release).
+fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+}
+
+/// A release name: `[a-z0-9-]+`, as profiles require.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ok.then_some(())
+        .ok_or_else(|| format!("release name {name:?} is not [a-z0-9-]+"))
+}
+
+/// A release version: semver, and a safe path component.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let ok = semver::Version::parse(version).is_ok() && is_safe_component(version);
+    ok.then_some(())
+        .ok_or_else(|| format!("release version {version:?} is not a plain semver version"))
 }
 
 /// What `release.json` records about a retained release.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseInfo {
-    pub id: String,
+    pub id: ReleaseId,
     pub name: String,
     pub version: String,
     /// The artifact's sha256.
@@ -54,29 +132,65 @@ pub struct ReleaseInfo {
     pub key_id: String,
 }
 
+impl ReleaseInfo {
+    /// Whether this record, read from `releases/<id>/`, is well-formed and
+    /// names the release `id` and no other.
+    fn check(&self, id: &ReleaseId) -> Result<(), String> {
+        let own = ReleaseId::new(&self.name, &self.version, &self.sha256)?;
+        if own != self.id || own != *id {
+            return Err(format!(
+                "describes {own}, but lies in the directory of {id}"
+            ));
+        }
+        let hex = !self.key_id.is_empty()
+            && self.key_id.len() <= 16
+            && self.key_id.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then_some(())
+            .ok_or_else(|| format!("key id {:?} is not a minisign key id", self.key_id))
+    }
+}
+
+/// What an activation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Apply,
+    Rollback,
+    /// Re-applying the active release to a drifted root.
+    Repair,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Apply => "apply",
+            Action::Rollback => "rollback",
+            Action::Repair => "repair",
+        })
+    }
+}
+
 /// An activation in progress: written before the first change to the live
 /// paths, removed after the last.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Journal {
-    /// `apply` or `rollback`.
-    pub action: String,
-    pub from: Option<String>,
-    pub to: String,
+    pub action: Action,
+    pub from: Option<ReleaseId>,
+    pub to: ReleaseId,
     /// Directories this activation creates on the live paths.
     pub created_dirs: Vec<RelPath>,
-    /// Host files moved aside to `backups/<to>/` (`--adopt`).
+    /// Host files moved aside to `backups/<to>/`.
     pub adopted: Vec<RelPath>,
     /// The activation history once this activation completes.
-    pub history: Vec<String>,
-    /// Hooks still to run after the switch (on a live root); the journal
-    /// stays until they succeeded, so a crash or a failure retries them.
-    #[serde(default)]
-    pub hooks_after: Vec<Vec<String>>,
-    /// Validator units stopped before the switch, started again if the
-    /// activation is reverted.
-    #[serde(default)]
-    pub stopped: Vec<String>,
+    pub history: Vec<ReleaseId>,
+    /// When the activation started (seconds since 1970, from the caller).
+    pub applied_at: u64,
+    /// What to ask of the running system (on a live root). The journal stays
+    /// until the after-switch hooks succeeded, so a crash or a failure
+    /// retries them; the validator units stopped before the switch are
+    /// started again if the activation is reverted.
+    pub hooks: Hooks,
 }
 
 /// The lasting record.
@@ -84,14 +198,17 @@ pub struct Journal {
 #[serde(deny_unknown_fields)]
 pub struct Record {
     /// Activated releases, oldest first; the last is `current`.
-    pub history: Vec<String>,
+    pub history: Vec<ReleaseId>,
     /// Directories InfraKit created on the live paths (removed again when no
     /// release has them and they are empty).
     pub created_dirs: BTreeSet<RelPath>,
-    /// Host files moved aside by `--adopt`: path → the release whose
-    /// `backups/` holds it. Restored when no active release has the path.
+    /// Host files moved aside: path → the release whose `backups/` holds it.
+    /// Restored when no active release has the path.
     #[serde(default)]
-    pub adopted: std::collections::BTreeMap<RelPath, String>,
+    pub adopted: BTreeMap<RelPath, ReleaseId>,
+    /// When each retained release was last activated (seconds since 1970).
+    #[serde(default)]
+    pub applied_at: BTreeMap<ReleaseId, u64>,
 }
 
 /// A retained release: its info and manifest.
@@ -101,86 +218,223 @@ pub struct Release {
     pub manifest: Manifest,
 }
 
-/// The state directory of one root.
-#[derive(Clone, Debug)]
+/// The state directories `State::create` made, to be removed again when
+/// the operation that needed them is refused.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Created(Vec<PathBuf>);
+
+/// One root and its state directory, both held as directory handles: the
+/// live paths resolve inside the root (`Resolve::InRoot`), everything under
+/// `var/lib/infrakit` without any symlink (`Resolve::Strict`).
+#[derive(Debug)]
 pub struct State {
     pub root: PathBuf,
-    pub dir: PathBuf,
+    live: Dir,
+    dir: Option<Dir>,
+}
+
+/// Maps an I/O error under the state directory: a symlink in the way is the
+/// state's fault (exit 2, with what to do), anything else an I/O error.
+fn state_error(path: PathBuf, action: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |e| {
+        if confined::is_escape(&e) {
+            Error::input(
+                &path,
+                "is or lies under a symlink; InfraKit never follows links in its state directory: move it away (docs/operations.md)",
+            )
+        } else {
+            Error::io(&path, action)(e)
+        }
+    }
 }
 
 impl State {
-    pub fn new(root: &Path) -> State {
-        State {
+    /// Opens `root` (which must be an existing directory) and its state
+    /// directory, if there is one.
+    pub fn open(root: &Path) -> Result<State> {
+        let live = Dir::open(root, Resolve::InRoot).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Error::input(
+                root,
+                "is not an existing directory: give the root to manage with --root",
+            ),
+            _ => Error::io(root, "opening the root")(e),
+        })?;
+        let mut state = State {
             root: root.to_path_buf(),
-            dir: root.join(STATE_DIR),
+            live,
+            dir: None,
+        };
+        state.dir = state.open_dir()?;
+        Ok(state)
+    }
+
+    fn open_dir(&self) -> Result<Option<Dir>> {
+        let strict = self
+            .live
+            .with_policy(Resolve::Strict)
+            .map_err(Error::io(&self.root, "opening the root"))?;
+        match confined::optional(strict.open_dir(STATE_DIR)) {
+            Ok(dir) => Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => Err(Error::input(
+                &self.path(""),
+                "is not a directory: move it away (docs/operations.md)",
+            )),
+            Err(e) => Err(state_error(self.path(""), "opening the state directory")(e)),
         }
     }
 
-    pub fn releases(&self) -> PathBuf {
-        self.dir.join("releases")
+    /// `<root>/var/lib/infrakit/<rel>`, for messages.
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let base = self.root.join(STATE_DIR);
+        if rel.as_ref().as_os_str().is_empty() {
+            base
+        } else {
+            base.join(rel)
+        }
     }
 
-    pub fn release_dir(&self, id: &str) -> PathBuf {
-        self.releases().join(id)
+    /// Whether the root has a state directory.
+    pub fn exists(&self) -> bool {
+        self.dir.is_some()
     }
 
-    pub fn partial_dir(&self, id: &str) -> PathBuf {
-        self.releases().join(format!(".{id}.partial"))
+    fn dir(&self) -> Result<&Dir> {
+        self.dir.as_ref().ok_or_else(|| {
+            Error::io(&self.path(""), "opening the state directory")(io::ErrorKind::NotFound.into())
+        })
     }
 
-    pub fn current_link(&self) -> PathBuf {
-        self.dir.join("current")
+    /// Whether the caller may write to the root and its state directory.
+    pub fn writable(&self) -> bool {
+        self.live.writable() && self.dir.as_ref().is_none_or(Dir::writable)
     }
 
-    pub fn journal_path(&self) -> PathBuf {
-        self.dir.join("journal.json")
-    }
-
-    pub fn record_path(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-
-    pub fn backup_dir(&self, id: &str) -> PathBuf {
-        self.dir.join("backups").join(id)
-    }
-
-    /// The live path of `path`.
-    pub fn live(&self, path: &RelPath) -> PathBuf {
-        self.root.join(path.as_str())
-    }
-
-    /// The id `current` points at, if any.
-    pub fn current_id(&self) -> Result<Option<String>> {
-        let link = self.current_link();
-        match fs::read_link(&link) {
-            Ok(target) => {
-                let id = target
-                    .strip_prefix("releases")
-                    .ok()
-                    .and_then(|p| p.to_str())
-                    .filter(|s| !s.is_empty() && !s.contains('/'))
-                    .ok_or_else(|| {
-                        Error::check(format!(
-                            "{}: points at {}, not at a release in releases/",
-                            link.display(),
-                            target.display()
-                        ))
-                    })?;
-                Ok(Some(id.to_owned()))
+    /// Creates the state directories that are missing (0755 whatever the
+    /// umask: unprivileged services read release files through the farm
+    /// links). Says what it made, for `discard`.
+    pub fn create(&mut self) -> Result<Created> {
+        let strict = self
+            .live
+            .with_policy(Resolve::Strict)
+            .map_err(Error::io(&self.root, "opening the root"))?;
+        let mut made = Vec::new();
+        let mut rel = PathBuf::new();
+        for part in STATE_DIR.split('/').chain(["releases"]) {
+            rel.push(part);
+            match strict.create_dir(&rel, 0o755) {
+                Ok(()) => {
+                    made.push(rel.clone());
+                    strict
+                        .set_mode(&rel, 0o755)
+                        .map_err(Error::io(&self.root.join(&rel), "setting mode"))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    let created = Created(made);
+                    self.discard(created);
+                    return Err(state_error(
+                        self.root.join(&rel),
+                        "creating state directory",
+                    )(e));
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(&link, "reading the current release link")(e)),
+        }
+        match self.open_dir() {
+            Ok(dir) => self.dir = dir,
+            Err(e) => {
+                self.discard(Created(made));
+                return Err(e);
+            }
+        }
+        Ok(Created(made))
+    }
+
+    /// Removes the directories `create` made (and the lock file in them), so
+    /// a refused operation leaves the root as it found it.
+    pub fn discard(&mut self, created: Created) {
+        if created.0.is_empty() {
+            return;
+        }
+        let Ok(strict) = self.live.with_policy(Resolve::Strict) else {
+            return;
+        };
+        if created.0.iter().any(|p| p == Path::new(STATE_DIR)) {
+            let _ = strict.remove_file(Path::new(STATE_DIR).join("lock"));
+        }
+        for rel in created.0.iter().rev() {
+            let _ = strict.remove_dir(rel);
+        }
+        if !created.0.is_empty() {
+            self.dir = self.open_dir().ok().flatten();
         }
     }
 
-    /// A retained release, read back.
-    pub fn release(&self, id: &str) -> Result<Release> {
-        let dir = self.release_dir(id);
-        let info: ReleaseInfo = read_json(&dir.join("release.json"))?;
-        let path = dir.join("manifest.json");
-        let bytes = fs::read(&path).map_err(Error::io(&path, "reading release manifest"))?;
-        let manifest = Manifest::parse(&bytes)
-            .map_err(|m| Error::check(format!("{}: {m}", path.display())))?;
+    /// The id `current` points at, if any. `current` is read as a link and
+    /// must name a release in `releases/`; it is never followed.
+    pub fn current_id(&self) -> Result<Option<ReleaseId>> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let path = self.path("current");
+        let target = match confined::optional(dir.read_link("current")) {
+            Ok(None) => return Ok(None),
+            Ok(Some(t)) => t,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                return Err(Error::input(
+                    &path,
+                    "is not a symlink: InfraKit's current release link was replaced; see docs/operations.md",
+                ));
+            }
+            Err(e) => return Err(Error::io(&path, "reading the current release link")(e)),
+        };
+        target
+            .strip_prefix("releases")
+            .ok()
+            .and_then(|p| p.to_str())
+            .and_then(|s| ReleaseId::parse(s).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::input(
+                    &path,
+                    format!(
+                        "points at {}, not at a release in releases/; see docs/operations.md",
+                        target.display()
+                    ),
+                )
+            })
+    }
+
+    /// A retained release, read back as untrusted: `release.json` must name
+    /// this release, and the manifest must be the one it describes.
+    pub fn release(&self, id: &ReleaseId) -> Result<Release> {
+        let dir = self.dir()?;
+        let base = Path::new("releases").join(id.as_str());
+        let info_rel = base.join("release.json");
+        let info: ReleaseInfo = read_json(dir, &info_rel)?.ok_or_else(|| {
+            Error::io(&dir.display(&info_rel), "reading release record")(
+                io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        info.check(id)
+            .map_err(|m| Error::input(&dir.display(&info_rel), m))?;
+        let manifest_rel = base.join("manifest.json");
+        let bytes = dir
+            .read(&manifest_rel, crate::verify::MANIFEST_MAX)
+            .map_err(state_error(
+                dir.display(&manifest_rel),
+                "reading release manifest",
+            ))?;
+        let manifest =
+            Manifest::parse(&bytes).map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
+        if (&manifest.name, &manifest.version, manifest.archive.sha256)
+            != (&info.name, &info.version, info.sha256)
+        {
+            return Err(Error::input(
+                &dir.display(&manifest_rel),
+                format!("is not the manifest of {id}"),
+            ));
+        }
         Ok(Release { info, manifest })
     }
 
@@ -190,101 +444,134 @@ impl State {
     }
 
     pub fn journal(&self) -> Result<Option<Journal>> {
-        read_json_if_present(&self.journal_path())
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let journal: Option<Journal> = read_json(dir, Path::new("journal.json"))?;
+        if let Some(j) = &journal {
+            j.hooks
+                .check()
+                .map_err(|m| Error::input(&self.path("journal.json"), m))?;
+        }
+        Ok(journal)
     }
 
     pub fn record(&self) -> Result<Record> {
-        Ok(read_json_if_present(&self.record_path())?.unwrap_or_default())
+        let Some(dir) = &self.dir else {
+            return Ok(Record::default());
+        };
+        Ok(read_json(dir, Path::new("state.json"))?.unwrap_or_default())
     }
 
-    /// Creates the state directories (0755 whatever the umask: the release
-    /// files must be reachable through the farm links by unprivileged
-    /// services).
-    pub fn create(&self) -> Result<()> {
-        let releases = self.releases();
-        let mut missing: Vec<&Path> = releases
-            .ancestors()
-            .take_while(|d| *d != self.root && d.symlink_metadata().is_err())
-            .collect();
-        missing.reverse();
-        for d in missing {
-            match fs::create_dir(d) {
-                Ok(()) => set_mode(d, 0o755)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(d, "creating state directory")(e)),
-            }
+    pub fn write_journal(&self, journal: &Journal) -> Result<()> {
+        self.write_json("journal.json", journal)
+    }
+
+    pub fn remove_journal(&self) -> Result<()> {
+        let dir = self.dir()?;
+        let path = self.path("journal.json");
+        dir.remove_file("journal.json")
+            .and_then(|()| dir.sync())
+            .map_err(Error::io(&path, "removing the journal"))
+    }
+
+    pub fn write_record(&self, record: &Record) -> Result<()> {
+        self.write_json("state.json", record)
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        self.dir()?
+            .write_atomic(name, &to_json(value), 0o644)
+            .map_err(state_error(self.path(name), "writing"))
+    }
+
+    /// `releases/` as a handle.
+    pub fn releases(&self) -> Result<Dir> {
+        self.dir()?
+            .open_dir("releases")
+            .map_err(state_error(self.path("releases"), "opening"))
+    }
+
+    /// The names in `releases/` (partial releases start with a dot).
+    pub fn release_names(&self) -> Result<Vec<String>> {
+        if self.dir.is_none() {
+            return Ok(Vec::new());
         }
-        Ok(())
-    }
-
-    fn lock_path(&self) -> PathBuf {
-        self.dir.join("lock")
+        let names = self
+            .releases()?
+            .names()
+            .map_err(Error::io(&self.path("releases"), "listing releases"))?;
+        Ok(names
+            .into_iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect())
     }
 
     /// Releases being extracted (`releases/.<id>.partial`), left by a crash
     /// if no apply is running.
-    pub fn partials(&self) -> Vec<PathBuf> {
-        fs::read_dir(self.releases())
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ok())
-            .filter(|i| i.file_name().to_string_lossy().starts_with('.'))
-            .map(|i| i.path())
-            .collect()
+    pub fn partials(&self) -> Result<Vec<String>> {
+        let mut names = self.release_names()?;
+        names.retain(|n| n.starts_with('.'));
+        Ok(names)
+    }
+
+    /// Removes `releases/<name>` and everything in it, following nothing.
+    pub fn remove_release(&self, name: &str) -> Result<()> {
+        self.releases()?.remove_tree(name).map_err(state_error(
+            self.path("releases").join(name),
+            "removing a release",
+        ))
+    }
+
+    /// The extracted tree of release `id`, as a handle.
+    pub fn release_root(&self, id: &ReleaseId) -> Result<Dir> {
+        let rel = Path::new("releases").join(id.as_str()).join("rootfs");
+        self.dir()?
+            .open_dir(&rel)
+            .map_err(state_error(self.path(&rel), "opening the release"))
     }
 
     /// Waits for an `apply` or `rollback` in progress, for a reader that
     /// must not see it half done; `None` when there is no state yet.
     pub fn lock_shared(&self) -> Result<Option<File>> {
-        let path = self.lock_path();
-        match File::open(&path) {
-            Ok(f) => {
-                f.lock_shared().map_err(Error::io(&path, "locking"))?;
-                Ok(Some(f))
-            }
-            Err(_) => Ok(None),
-        }
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let path = self.path("lock");
+        let file = match confined::optional(dir.open_file("lock")) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(state_error(path, "opening lock file")(e)),
+        };
+        file.lock_shared().map_err(Error::io(&path, "locking"))?;
+        Ok(Some(file))
     }
 
     /// Takes the state lock, waiting for another `apply` to finish.
     pub fn lock(&self) -> Result<File> {
-        let path = self.lock_path();
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Error::io(&path, "opening lock file"))?;
+        let path = self.path("lock");
+        let file = self
+            .dir()?
+            .open_lock("lock")
+            .map_err(state_error(path.clone(), "opening lock file"))?;
         file.lock().map_err(Error::io(&path, "locking"))?;
         Ok(file)
     }
 
     /// Points `current` at `id` atomically (a new symlink renamed over the
     /// old one), then makes the rename durable.
-    pub fn switch(&self, id: &str) -> Result<()> {
-        let tmp = self.dir.join("current.new");
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(Path::new("releases").join(id), &tmp)
-            .map_err(Error::io(&tmp, "creating the new current link"))?;
-        fs::rename(&tmp, self.current_link()).map_err(Error::io(
-            &self.current_link(),
-            "switching the current release",
-        ))?;
-        sync_dir(&self.dir)
-    }
-
-    pub fn write_journal(&self, journal: &Journal) -> Result<()> {
-        write_json(&self.journal_path(), journal)
-    }
-
-    pub fn remove_journal(&self) -> Result<()> {
-        let path = self.journal_path();
-        fs::remove_file(&path).map_err(Error::io(&path, "removing the journal"))?;
-        sync_dir(&self.dir)
-    }
-
-    pub fn write_record(&self, record: &Record) -> Result<()> {
-        write_json(&self.record_path(), record)
+    pub fn switch(&self, id: &ReleaseId) -> Result<()> {
+        let dir = self.dir()?;
+        let path = self.path("current");
+        let _ = dir.remove_file("current.new");
+        dir.symlink(Path::new("releases").join(id.as_str()), "current.new")
+            .map_err(Error::io(
+                &self.path("current.new"),
+                "creating the new current link",
+            ))?;
+        dir.rename("current.new", dir, "current")
+            .and_then(|()| dir.sync())
+            .map_err(Error::io(&path, "switching the current release"))
     }
 
     /// The target of the farm link at `path`: up to the root, then through
@@ -300,29 +587,139 @@ impl State {
         target
     }
 
+    /// The live path of `path`, for messages.
+    pub fn live(&self, path: &RelPath) -> PathBuf {
+        self.root.join(path.as_str())
+    }
+
+    /// The root as a handle (paths resolve inside it).
+    pub fn live_dir(&self) -> &Dir {
+        &self.live
+    }
+
+    /// What is at the live path (`None`: nothing).
+    pub fn live_meta(&self, path: &RelPath) -> Result<Option<Meta>> {
+        confined::optional(self.live.stat(path.as_str()))
+            .map_err(Error::io(&self.live(path), "inspecting"))
+    }
+
     /// Whether the live path of `path` is InfraKit's farm link.
     pub fn is_farm_link(&self, path: &RelPath) -> bool {
-        fs::read_link(self.live(path)).is_ok_and(|t| t == State::farm_target(path))
+        self.live
+            .read_link(path.as_str())
+            .is_ok_and(|t| t == State::farm_target(path))
+    }
+
+    /// Creates the farm link of `path`.
+    pub fn link(&self, path: &RelPath) -> Result<()> {
+        self.live
+            .symlink(State::farm_target(path), path.as_str())
+            .map_err(Error::io(&self.live(path), "creating link"))
+    }
+
+    /// Removes the farm link (or file) at `path`.
+    pub fn unlink(&self, path: &RelPath) -> Result<()> {
+        self.live
+            .remove_file(path.as_str())
+            .map_err(Error::io(&self.live(path), "removing a link"))
+    }
+
+    /// Creates the live directory of `entry` with its mode and owner;
+    /// `false` when a directory is there already.
+    pub fn create_live_dir(&self, e: &ManifestEntry) -> Result<bool> {
+        let live = self.live(&e.path);
+        match self.live.create_dir(e.path.as_str(), e.mode) {
+            Ok(()) => {}
+            Err(err)
+                if err.kind() == io::ErrorKind::AlreadyExists
+                    && self
+                        .live_meta(&e.path)?
+                        .is_some_and(|m| m.kind == confined::Kind::Dir) =>
+            {
+                return Ok(false);
+            }
+            Err(err) => return Err(Error::io(&live, "creating directory")(err)),
+        }
+        self.live
+            .set_owner_mode(e.path.as_str(), e.uid, e.gid, Some(e.mode))
+            .map_err(Error::io(&live, "setting owner and mode"))?;
+        Ok(true)
+    }
+
+    /// Removes an empty live directory.
+    pub fn remove_live_dir(&self, path: &RelPath) -> io::Result<()> {
+        self.live.remove_dir(path.as_str())
+    }
+
+    fn backup_rel(id: &ReleaseId, path: &RelPath) -> PathBuf {
+        Path::new("backups").join(id.as_str()).join(path.as_str())
+    }
+
+    /// Whether `backups/<id>/<path>` holds something.
+    pub fn has_backup(&self, id: &ReleaseId, path: &RelPath) -> Result<bool> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let rel = State::backup_rel(id, path);
+        confined::optional(dir.stat(&rel))
+            .map(|m| m.is_some())
+            .map_err(state_error(self.path(&rel), "inspecting a backup"))
+    }
+
+    /// Moves the host's file at `path` to `backups/<id>/<path>`.
+    pub fn move_aside(&self, id: &ReleaseId, path: &RelPath) -> Result<()> {
+        let dir = self.dir()?;
+        let rel = State::backup_rel(id, path);
+        let mut parent = PathBuf::new();
+        for part in rel.parent().into_iter().flat_map(Path::components) {
+            parent.push(part);
+            match dir.create_dir(&parent, 0o700) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(state_error(self.path(&parent), "creating backup directory")(e));
+                }
+            }
+        }
+        self.live
+            .rename(path.as_str(), dir, &rel)
+            .map_err(state_error(self.live(path), "moving a host file aside"))
+    }
+
+    /// Moves the host file kept in `backups/<id>/<path>` back, unless
+    /// something is in its place again or there is none.
+    pub fn restore(&self, id: &ReleaseId, path: &RelPath) -> Result<()> {
+        if self.live_meta(path)?.is_some() || !self.has_backup(id, path)? {
+            return Ok(());
+        }
+        self.dir()?
+            .rename(State::backup_rel(id, path), &self.live, path.as_str())
+            .map_err(Error::io(&self.live(path), "restoring an adopted file"))
+    }
+
+    /// Flushes the filesystem of the root (one `syncfs`).
+    pub fn sync_fs(&self) -> Result<()> {
+        self.live
+            .sync_fs()
+            .map_err(Error::io(&self.root, "syncing the filesystem"))
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    read_json_if_present(path)?
-        .ok_or_else(|| Error::io(path, "reading state")(std::io::ErrorKind::NotFound.into()))
-}
-
-/// A state file, or `None` when there is none.
-fn read_json_if_present<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, "reading state")(e)),
+/// A state record, or `None` when there is none. Records are untrusted:
+/// size-limited, strictly typed (ids, paths), and a malformed one stops the
+/// command with exit 2, naming the file.
+fn read_json<T: serde::de::DeserializeOwned>(dir: &Dir, rel: &Path) -> Result<Option<T>> {
+    let path = dir.display(rel);
+    let bytes = match confined::optional(dir.read(rel, RECORD_MAX)) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(state_error(path, "reading state")(e)),
     };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        Error::check(format!(
-            "{}: state file is malformed ({e}); see docs/operations.md",
-            path.display()
-        ))
+        Error::input(
+            &path,
+            format!("state file is malformed ({e}); see docs/operations.md"),
+        )
     })
 }
 
@@ -333,52 +730,20 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     bytes
 }
 
-/// Writes `value` as JSON to `path` atomically and durably.
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    write_atomic(path, &to_json(value), 0o644)
-}
-
 /// Replaces `path` with `bytes` (mode `mode`) atomically: temp file in the
 /// same directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating a temp file"))?;
-    tmp.write_all(bytes).map_err(Error::io(path, "writing"))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(Error::io(path, "setting permissions"))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(Error::io(path, "syncing"))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(path, "renaming into place")(e.error))?;
-    sync_dir(dir)
-}
-
-/// Sets `path`'s permission bits (not subject to the umask).
-pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(Error::io(path, "setting mode"))
-}
-
-/// fsyncs a directory, so renames and creations in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io(dir, "syncing directory"))
-}
-
-/// Flushes the whole filesystem holding `path` (one `syncfs`, instead of an
-/// fsync per extracted file).
-pub fn sync_fs(path: &Path) -> Result<()> {
-    let dir = File::open(path).map_err(Error::io(path, "opening for sync"))?;
-    rustix::fs::syncfs(&dir).map_err(|e| Error::io(path, "syncing the filesystem")(e.into()))
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::input(path, "needs a UTF-8 file name"))?;
+    Dir::open(dir, Resolve::Strict)
+        .and_then(|d| d.write_atomic(name, bytes, mode))
+        .map_err(Error::io(path, "writing"))
 }
 
 #[cfg(test)]

@@ -3,17 +3,20 @@
 //! must exist (their mode and owner are the host's), every other path must be
 //! InfraKit's farm link, and the file behind it must still have the signed
 //! type, mode, owner, size, digest or link target.
+//!
+//! "Could not check" is never "clean": a root or state that cannot be read,
+//! a `current` that is missing or dangles, a file the caller may not read —
+//! each is an error of the report (exit 2), kept apart from drift (exit 1).
 
-use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::io;
 
 use serde::Serialize;
 
-use crate::digest::{HashingReader, Sha256};
+use crate::confined::{self, Dir, Kind};
+use crate::digest::HashingReader;
 use crate::error::{Error, Result};
 use crate::manifest::{EntryType, ManifestEntry};
-use crate::state::{ReleaseInfo, State};
+use crate::state::{Release, ReleaseId, ReleaseInfo, State};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Drift {
@@ -21,149 +24,243 @@ pub struct Drift {
     /// `missing`, `replaced`, `modified` or `mode-owner`.
     pub kind: &'static str,
     pub detail: String,
+    /// Whether the release's own copy (under `releases/<id>/rootfs`)
+    /// drifted, rather than the live path.
+    pub in_release: bool,
+}
+
+/// A retained release and when it was last activated.
+#[derive(Clone, Debug, Serialize)]
+pub struct Retained {
+    pub id: ReleaseId,
+    /// Seconds since 1970; `None` for releases applied by an infrakit that
+    /// did not record it.
+    pub applied_at: Option<u64>,
+    pub active: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub root: String,
     pub release: Option<ReleaseInfo>,
-    pub retained: Vec<String>,
+    pub retained: Vec<Retained>,
     pub drift: Vec<Drift>,
     /// Secret slots missing or with the wrong owner or mode (artifacts do not
     /// declare secret slots yet, so this is empty).
     pub missing_secrets: Vec<String>,
     /// An activation that was interrupted and not yet completed or reverted.
     pub interrupted: Option<String>,
+    /// What could not be checked, and why: the report is incomplete.
+    pub errors: Vec<String>,
 }
 
 impl Report {
+    /// Drift, missing secrets or an interrupted activation: a failed check.
+    pub fn failed(&self) -> bool {
+        !self.drift.is_empty() || !self.missing_secrets.is_empty() || self.interrupted.is_some()
+    }
+
+    /// Checked completely and nothing failed.
     pub fn healthy(&self) -> bool {
-        self.drift.is_empty() && self.missing_secrets.is_empty() && self.interrupted.is_none()
+        !self.failed() && self.errors.is_empty()
     }
 }
 
 /// Reads the state and checks every entry of the active release. Waits for
 /// an apply or rollback in progress (a shared lock), so a running one is not
-/// reported as interrupted.
-pub fn status(state: &State) -> Result<Report> {
+/// reported as interrupted. What cannot be read becomes an error of the
+/// report, never a clean result.
+pub fn status(root: &std::path::Path) -> Report {
+    let mut report = Report {
+        root: root.display().to_string(),
+        release: None,
+        retained: Vec::new(),
+        drift: Vec::new(),
+        missing_secrets: Vec::new(),
+        interrupted: None,
+        errors: Vec::new(),
+    };
+    if let Err(e) = State::open(root).and_then(|state| check_into(&state, &mut report)) {
+        report.errors.push(e.to_string());
+    }
+    report
+}
+
+fn check_into(state: &State, report: &mut Report) -> Result<()> {
     let _lock = state.lock_shared()?;
-    let partial = state.partials().first().map(|p| {
+    let partial = state.partials()?.first().map(|p| {
         format!(
             "extracting {} was interrupted; the next apply removes it",
-            p.display()
+            state.path("releases").join(p).display()
         )
     });
+    let current = state.current_id()?;
     let interrupted = state.journal()?.map(|j| {
-        let switched = state.current_id().ok().flatten().as_deref() == Some(j.to.as_str());
+        let switched = current.as_ref() == Some(&j.to);
         format!(
             "{} from {} to {} was interrupted {} the switch; the next apply or rollback {} it",
             j.action,
-            j.from.as_deref().unwrap_or("nothing"),
+            j.from.as_ref().map_or("nothing", ReleaseId::as_str),
             j.to,
             if switched { "after" } else { "before" },
             if switched { "completes" } else { "reverts" }
         )
     });
-    let interrupted = interrupted.or(partial);
-    let release = state.current()?;
-    let drift = match &release {
-        Some(r) => {
-            let rootfs = state.release_dir(&r.info.id).join("rootfs");
-            let entries = r.manifest.entries.iter();
-            entries.filter_map(|e| check(state, &rootfs, e)).collect()
+    report.interrupted = interrupted.or(partial);
+    let record = state.record()?;
+    report.retained = record
+        .history
+        .iter()
+        .map(|id| Retained {
+            id: id.clone(),
+            applied_at: record.applied_at.get(id).copied(),
+            active: current.as_ref() == Some(id),
+        })
+        .collect();
+    let Some(id) = current else {
+        if let Some(last) = record.history.last() {
+            return Err(Error::input(
+                &state.path("current"),
+                format!(
+                    "is missing, but state.json records {last} as active; re-apply its artifact"
+                ),
+            ));
         }
-        None => Vec::new(),
+        return Ok(());
     };
-    Ok(Report {
-        root: state.root.display().to_string(),
-        release: release.map(|r| r.info),
-        retained: state.record()?.history,
-        drift,
-        missing_secrets: Vec::new(),
-        interrupted,
-    })
+    let release = state.release(&id)?;
+    report.release = Some(release.info.clone());
+    let rootfs = state.release_root(&id)?;
+    for e in &release.manifest.entries {
+        match check(state, &rootfs, e) {
+            Ok(Some(d)) => report.drift.push(d),
+            Ok(None) => {}
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
-fn check(state: &State, rootfs: &Path, e: &ManifestEntry) -> Option<Drift> {
-    let drift = |kind, detail: String| {
-        Some(Drift {
-            path: e.path.to_string(),
-            kind,
-            detail,
-        })
-    };
-    let live = state.live(&e.path);
-    let Ok(meta) = live.symlink_metadata() else {
-        return drift("missing", "not on the host".into());
+/// Drift of the active `release`: its live paths and its own files. An
+/// entry that cannot be checked is an error, never "no drift".
+pub fn drift(state: &State, release: &Release) -> Result<Vec<Drift>> {
+    let rootfs = state.release_root(&release.info.id)?;
+    let mut out = Vec::new();
+    for e in &release.manifest.entries {
+        out.extend(check(state, &rootfs, e)?);
+    }
+    Ok(out)
+}
+
+/// Drift of a retained release's own files against its manifest.
+pub fn release_drift(state: &State, release: &Release) -> Result<Vec<Drift>> {
+    let rootfs = state.release_root(&release.info.id)?;
+    let mut out = Vec::new();
+    for e in &release.manifest.entries {
+        out.extend(check_release_file(&rootfs, e)?);
+    }
+    Ok(out)
+}
+
+fn drift_of(e: &ManifestEntry, kind: &'static str, detail: String, in_release: bool) -> Drift {
+    Drift {
+        path: e.path.to_string(),
+        kind,
+        detail,
+        in_release,
+    }
+}
+
+/// One entry: `Ok(None)` matches, `Ok(Some)` drifted, `Err` could not check.
+fn check(state: &State, rootfs: &Dir, e: &ManifestEntry) -> Result<Option<Drift>> {
+    let live = |kind, detail: String| Ok(Some(drift_of(e, kind, detail, false)));
+    let Some(meta) = state.live_meta(&e.path)? else {
+        return live("missing", "not on the host".into());
     };
     if e.kind == EntryType::Dir {
-        return if meta.is_dir() {
-            None
+        return if meta.kind == Kind::Dir {
+            // The directory's own copy in the release matters too.
+            check_release_file(rootfs, e)
         } else {
-            drift("replaced", "no longer a directory".into())
+            live("replaced", "no longer a directory".into())
         };
     }
     if !state.is_farm_link(&e.path) {
-        return drift(
+        return live(
             "replaced",
             "no longer InfraKit's link into the release".into(),
         );
     }
-    let file = rootfs.join(e.path.as_str());
-    let Ok(meta) = file.symlink_metadata() else {
-        return drift("missing", format!("{} is gone", file.display()));
+    check_release_file(rootfs, e)
+}
+
+/// The release's own copy of an entry (under `rootfs`), never following a
+/// link: `Err` when it cannot be read by the caller.
+fn check_release_file(rootfs: &Dir, e: &ManifestEntry) -> Result<Option<Drift>> {
+    let drift = |kind, detail: String| Ok(Some(drift_of(e, kind, detail, true)));
+    let path = e.path.as_str();
+    let unreadable =
+        |err: io::Error| Error::io(&rootfs.display(path), "checking (run status as root)")(err);
+    let meta = match confined::optional(rootfs.stat(path)) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return drift(
+                "missing",
+                format!("{} is gone", rootfs.display(path).display()),
+            );
+        }
+        Err(err) if confined::is_escape(&err) => {
+            return drift("modified", "lies under a symlink in the release".into());
+        }
+        Err(err) => return Err(unreadable(err)),
     };
     let kind_ok = match e.kind {
-        EntryType::File => meta.is_file(),
-        EntryType::Symlink => meta.file_type().is_symlink(),
-        EntryType::Dir => false,
+        EntryType::File => meta.kind == Kind::File,
+        EntryType::Symlink => meta.kind == Kind::Symlink,
+        EntryType::Dir => meta.kind == Kind::Dir,
     };
     if !kind_ok {
         return drift("modified", "has another type".into());
     }
-    if e.kind == EntryType::File {
-        let mode = meta.mode() & 0o7777;
-        if (mode, meta.uid(), meta.gid()) != (e.mode, e.uid, e.gid) {
-            return drift(
-                "mode-owner",
-                format!(
-                    "{mode:04o} {}:{}, the release says {:04o} {}:{}",
-                    meta.uid(),
-                    meta.gid(),
-                    e.mode,
-                    e.uid,
-                    e.gid
-                ),
-            );
-        }
-        match digest(&file) {
-            Ok((sha, size)) if Some(sha) == e.sha256 && Some(size) == e.size => None,
-            Ok((sha, size)) => drift(
+    if e.kind != EntryType::Symlink && (meta.mode, meta.uid, meta.gid) != (e.mode, e.uid, e.gid) {
+        return drift(
+            "mode-owner",
+            format!(
+                "{:04o} {}:{}, the release says {:04o} {}:{}",
+                meta.mode, meta.uid, meta.gid, e.mode, e.uid, e.gid
+            ),
+        );
+    }
+    match e.kind {
+        EntryType::Dir => Ok(None),
+        EntryType::File => {
+            let file = rootfs.open_file(path).map_err(unreadable)?;
+            let mut reader = HashingReader::new(file);
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(unreadable)?;
+            let (sha, size) = reader.finish();
+            if Some(sha) == e.sha256 && Some(size) == e.size {
+                return Ok(None);
+            }
+            drift(
                 "modified",
                 format!(
                     "content is {size} bytes with sha256 {sha}, the release says {} bytes",
                     e.size.unwrap_or_default()
                 ),
-            ),
-            Err(err) => drift("modified", format!("unreadable: {err}")),
+            )
         }
-    } else {
-        let target = fs::read_link(&file).ok();
-        let want = e.target.as_deref().map(Path::new);
-        if target.as_deref() != want {
-            return drift(
+        EntryType::Symlink => {
+            let target = rootfs.read_link(path).map_err(unreadable)?;
+            let want = e.target.as_deref().map(std::path::Path::new);
+            if Some(target.as_path()) == want {
+                return Ok(None);
+            }
+            drift(
                 "modified",
                 format!("links to {target:?}, the release says {want:?}"),
-            );
+            )
         }
-        None
     }
-}
-
-fn digest(path: &Path) -> std::io::Result<(Sha256, u64)> {
-    let mut reader = HashingReader::new(File::open(path)?);
-    std::io::copy(&mut reader, &mut std::io::sink())?;
-    Ok(reader.finish())
 }
 
 /// Prometheus node_exporter textfile metrics for `report`.
@@ -207,6 +304,12 @@ pub fn textfile(report: &Report) -> String {
         String::new(),
         usize::from(report.interrupted.is_some()),
     );
+    metric(
+        "infrakit_status_error",
+        "1 when status could not check everything (the other metrics are then incomplete).",
+        String::new(),
+        usize::from(!report.errors.is_empty()),
+    );
     out
 }
 
@@ -217,9 +320,44 @@ fn escape(s: &str) -> String {
 }
 
 /// Writes the textfile atomically (node_exporter must never read half).
-pub fn write_textfile(path: &Path, report: &Report) -> Result<()> {
+pub fn write_textfile(path: &std::path::Path, report: &Report) -> Result<()> {
     if path.file_name().is_none() {
         return Err(Error::usage("--textfile", "needs a file path"));
     }
     crate::state::write_atomic(path, textfile(report).as_bytes(), 0o644)
+}
+
+/// `seconds` since 1970 as an RFC 3339 UTC time (`2026-12-05T07:03:00Z`).
+pub fn utc(seconds: u64) -> String {
+    let days = i64::try_from(seconds / 86_400).unwrap_or(i64::MAX / 2);
+    let rest = seconds % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_767_225_600), "2026-01-01T00:00:00Z");
+        assert_eq!(utc(1_796_454_183), "2026-12-05T07:03:03Z");
+    }
 }

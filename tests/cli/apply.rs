@@ -736,7 +736,7 @@ fn malicious_archives_are_refused_while_extracting_and_the_root_is_untouched() {
 // ---------------------------------------------------------------------------
 
 /// The syscalls through which apply changes anything (and opens files).
-const WRITES: &str = "openat,write,mkdir,mkdirat,symlink,symlinkat,rename,renameat,renameat2,\
+const WRITES: &str = "openat,openat2,write,mkdir,mkdirat,symlink,symlinkat,rename,renameat,renameat2,\
                       unlink,unlinkat,rmdir,fchown,fchownat,fchmod,fchmodat,syncfs,fsync,fdatasync";
 
 /// `cp -a FROM TO`: a root in a given state, to start each run from.
@@ -869,8 +869,8 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
     let calls = trace_apply(&f, &traced);
     let start = calls
         .iter()
-        .position(|(_, _, l)| l.contains("var/lib/infrakit") && !l.contains("O_RDONLY"))
-        .expect("apply writes its state");
+        .position(|(_, _, l)| l.contains("\"lock\"") && l.contains("O_CREAT"))
+        .expect("apply takes its lock before it writes");
     let window = &calls[start..];
     assert!(window.len() >= 50, "only {} calls to kill at", window.len());
     let switch = window
