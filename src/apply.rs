@@ -200,6 +200,9 @@ fn decide(
     opts: &ApplyOptions,
 ) -> Result<Option<Decision>> {
     let m = verified.manifest();
+    // Every record is read and checked, needed or not: broken state stops
+    // the command before it builds on it.
+    state.record()?;
     let current = admit(state, m, id, opts)?;
     let (action, plan) = match &current {
         Some(cur) if cur.info.id == *id => {

@@ -493,7 +493,14 @@ pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
         if let Some(i) = &report.interrupted {
             ui.say(format_args!("interrupted: {i}"));
         }
-        ui.say(format_args!("drift: {} path(s)", report.drift.len()));
+        if report.errors.is_empty() {
+            ui.say(format_args!("drift: {} path(s)", report.drift.len()));
+        } else {
+            ui.say(format_args!(
+                "drift: {} path(s) found, but the check is incomplete (see below)",
+                report.drift.len()
+            ));
+        }
         for d in &report.drift {
             ui.say(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
         }

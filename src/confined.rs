@@ -182,13 +182,25 @@ impl Dir {
 
     /// A subdirectory as a handle with the same policy (never through a
     /// final symlink).
+    /// A symlink there fails with `ELOOP` (not `ENOTDIR`), so callers can
+    /// say what stood in the way.
     pub fn open_dir(&self, rel: impl AsRef<Path>) -> io::Result<Dir> {
         let rel = rel.as_ref();
-        let fd = self.open_at(
-            rel,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
-            Mode::empty(),
-        )?;
+        let fd = self
+            .open_at(
+                rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(|e| {
+                let link = e.kind() == io::ErrorKind::NotADirectory
+                    && self.stat(rel).is_ok_and(|m| m.kind == Kind::Symlink);
+                if link {
+                    io::Error::from(rustix::io::Errno::LOOP)
+                } else {
+                    e
+                }
+            })?;
         Ok(Dir {
             fd,
             path: self.path.join(rel),
@@ -265,7 +277,7 @@ impl Dir {
         let fd = self.open_at(
             rel.as_ref(),
             OFlags::RDWR | OFlags::CREATE | OFlags::NONBLOCK | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
+            Mode::from_raw_mode(0o644),
         )?;
         let file = File::from(fd);
         if !file.metadata()?.is_file() {

@@ -310,9 +310,10 @@ impl State {
         self.live.writable() && self.dir.as_ref().is_none_or(Dir::writable)
     }
 
-    /// Creates the state directories that are missing (0755 whatever the
-    /// umask: unprivileged services read release files through the farm
-    /// links). Says what it made, for `discard`.
+    /// Creates the state directories and the lock file that are missing
+    /// (0755 whatever the umask: unprivileged services read release files
+    /// through the farm links; the lock 0644, so `status` can take it
+    /// shared without root). Says what it made, for `discard`.
     pub fn create(&mut self) -> Result<Created> {
         let strict = self
             .live
@@ -340,6 +341,15 @@ impl State {
                 }
             }
         }
+        let lock = Path::new(STATE_DIR).join("lock");
+        match strict.create_file(&lock, 0o644) {
+            Ok(_) => made.push(lock.clone()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                self.discard(Created(made));
+                return Err(state_error(self.root.join(&lock), "creating the lock file")(e));
+            }
+        }
         match self.open_dir() {
             Ok(dir) => self.dir = dir,
             Err(e) => {
@@ -350,8 +360,8 @@ impl State {
         Ok(Created(made))
     }
 
-    /// Removes the directories `create` made (and the lock file in them), so
-    /// a refused operation leaves the root as it found it.
+    /// Removes what `create` made (directories, if still empty, and the lock
+    /// file), so a refused operation leaves the root as it found it.
     pub fn discard(&mut self, created: Created) {
         if created.0.is_empty() {
             return;
@@ -359,15 +369,14 @@ impl State {
         let Ok(strict) = self.live.with_policy(Resolve::Strict) else {
             return;
         };
-        if created.0.iter().any(|p| p == Path::new(STATE_DIR)) {
-            let _ = strict.remove_file(Path::new(STATE_DIR).join("lock"));
-        }
         for rel in created.0.iter().rev() {
-            let _ = strict.remove_dir(rel);
+            if rel.ends_with("lock") {
+                let _ = strict.remove_file(rel);
+            } else {
+                let _ = strict.remove_dir(rel);
+            }
         }
-        if !created.0.is_empty() {
-            self.dir = self.open_dir().ok().flatten();
-        }
+        self.dir = self.open_dir().ok().flatten();
     }
 
     /// The id `current` points at, if any. `current` is read as a link and

@@ -1125,3 +1125,5 @@ fn services_can_read_their_files_through_the_links_whatever_the_umask() {
     .ok();
     assert_eq!(run.stdout, "a = 1\n");
 }
+
+mod untrusted_state;
