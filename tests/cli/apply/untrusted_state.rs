@@ -547,3 +547,13 @@ fn dry_run_exits_as_the_real_run_would() {
     has(&real.stderr, &["read-only", "ermission denied"]);
     assert_eq!(snapshot(&ro), before);
 }
+
+#[test]
+fn a_refusal_while_extracting_leaves_an_empty_root_empty() {
+    let f = Fleet::new();
+    let artifact = craft(&f, "digest");
+    let scene = Scene::new(&f, "empty-extract", false);
+    let run = refused(&f, &scene, &["apply", s(&artifact)], 1, &["content is 6 bytes"]);
+    assert!(!run.stdout.contains("activated"));
+    assert!(!scene.state().exists());
+}
