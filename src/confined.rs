@@ -309,15 +309,10 @@ impl Dir {
             Some(rustix::fs::Gid::from_raw(gid)),
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
-        if let Some(mode) = mode {
-            rustix::fs::chmodat(
-                parent.fd(),
-                name.as_os_str(),
-                Mode::from_raw_mode(mode),
-                AtFlags::empty(),
-            )?;
+        match mode {
+            Some(mode) => self.set_mode(rel, mode),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn set_mode(&self, rel: impl AsRef<Path>, mode: u32) -> io::Result<()> {

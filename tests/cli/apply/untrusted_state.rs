@@ -65,18 +65,24 @@ fn refused(f: &Fleet, scene: &Scene, args: &[&str], code: i32, needles: &[&str])
     run
 }
 
+/// A journal as apply writes it, activating `to` and stopping `stop_before`.
+fn planted_journal(to: &str, stop_before: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "action": "apply", "from": null, "to": to,
+        "created_dirs": [], "adopted": [], "history": [], "applied_at": 0,
+        "hooks": {"stop_before": stop_before, "stop_after": [], "daemon_reload": false,
+                  "sysusers": false, "tmpfiles": false, "sysctl": false, "firewall": false,
+                  "restart": [], "start": []}
+    })
+}
+
 #[test]
 fn a_planted_journal_cannot_lead_apply_out_of_the_root() {
     let f = Fleet::new();
     let scene = Scene::new(&f, "journal", true);
     // The attack of the issue: a journal whose target climbs out of the root
     // made the next apply remove `outside/victim` recursively.
-    let journal = serde_json::json!({
-        "action": "apply", "from": null, "to": scene.climb() + "/victim",
-        "created_dirs": [], "adopted": [], "history": [], "applied_at": 0,
-        "hooks": {"stop_before": [], "stop_after": [], "daemon_reload": false, "sysusers": false,
-                  "tmpfiles": false, "sysctl": false, "firewall": false, "restart": [], "start": []}
-    });
+    let journal = planted_journal(&(scene.climb() + "/victim"), &[]);
     write(&scene.state().join("journal.json"), journal.to_string());
     refused(
         &f,
@@ -89,13 +95,7 @@ fn a_planted_journal_cannot_lead_apply_out_of_the_root() {
     let run = status(&scene.root, &[]).expect_code(2);
     has(&run.stderr, &["could not check", "journal.json"]);
     // A hook smuggled in as a unit name is refused the same way.
-    let journal = serde_json::json!({
-        "action": "apply", "from": null, "to": "p-9.0.0-000000000000",
-        "created_dirs": [], "adopted": [], "history": [], "applied_at": 0,
-        "hooks": {"stop_before": ["--now; rm -rf /"], "stop_after": [], "daemon_reload": false,
-                  "sysusers": false, "tmpfiles": false, "sysctl": false, "firewall": false,
-                  "restart": [], "start": []}
-    });
+    let journal = planted_journal("p-9.0.0-000000000000", &["--now; rm -rf /"]);
     write(&scene.state().join("journal.json"), journal.to_string());
     refused(
         &f,
@@ -553,7 +553,13 @@ fn a_refusal_while_extracting_leaves_an_empty_root_empty() {
     let f = Fleet::new();
     let artifact = craft(&f, "digest");
     let scene = Scene::new(&f, "empty-extract", false);
-    let run = refused(&f, &scene, &["apply", s(&artifact)], 1, &["content is 6 bytes"]);
+    let run = refused(
+        &f,
+        &scene,
+        &["apply", s(&artifact)],
+        1,
+        &["content is 6 bytes"],
+    );
     assert!(!run.stdout.contains("activated"));
     assert!(!scene.state().exists());
 }
