@@ -293,7 +293,7 @@ impl Dir {
     }
 
     /// Owner (and then mode, which chown may clear) of `rel`, not following
-    /// a final symlink; `mode` is ignored for symlinks.
+    /// a final symlink; give no mode for a symlink (chmod would follow it).
     pub fn set_owner_mode(
         &self,
         rel: impl AsRef<Path>,
