@@ -151,18 +151,6 @@ fn kind_name(kind: EntryType) -> &'static str {
 /// Decides whether `verified` may replace what `state` runs; reads only.
 fn admit(state: &State, verified: &Verified, opts: &ApplyOptions) -> Result<Option<Release>> {
     let m = verified.manifest();
-    let file_name = verified
-        .artifact()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if file_name != m.artifact_file_name() {
-        return Err(Error::Refused(format!(
-            "{}: the signed artifact is {}: it was renamed; apply it under its signed name",
-            verified.artifact().display(),
-            m.artifact_file_name()
-        )));
-    }
     if let Some(e) = m.entries.iter().find(|e| {
         let p = e.path.as_str();
         p == state::STATE_DIR || p.starts_with(&format!("{}/", state::STATE_DIR))

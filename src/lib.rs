@@ -2,8 +2,9 @@
 //!
 //! The modules read as the pipeline, top to bottom; imports run one way
 //! (ARCHITECTURE.md has the whole order): `cli → commands → {emit, apply,
-//! status, fetch} → {verify, state, hooks} → {lint, archive, manifest, sign}
-//! → prefetch → compose → {profile, overlay} → model → digest`. Only `cli`
+//! status, fetch, keyring, diff} → {verify, state, hooks} → {lint, archive,
+//! manifest, sign} → prefetch → compose → {profile, overlay} → model →
+//! digest`. Only `cli`
 //! knows clap; nothing below `commands` reads the environment, the clock or
 //! the terminal.
 
@@ -14,8 +15,10 @@ pub mod lint;
 pub mod verify;
 
 pub mod apply;
+pub mod diff;
 pub mod fetch;
 pub mod hooks;
+pub mod keyring;
 pub mod state;
 pub mod status;
 
