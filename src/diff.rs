@@ -168,19 +168,19 @@ impl Diff {
             "artifact:  {} {} bytes sha256 {} -> {} {} bytes sha256 {}",
             art.a.format, art.a.size, art.a.sha256, art.b.format, art.b.size, art.b.sha256
         )?;
-        let same = |changed: bool| if changed { "" } else { " (same)" };
         let p = &self.profile_sha256;
-        if p.changed {
-            writeln!(out, "profile:   sha256 {} -> {}", p.a, p.b)?;
+        let profile = if p.changed {
+            format!("profile sha256 {} -> {}", p.a, p.b)
         } else {
-            writeln!(out, "profile:   sha256 {} (same)", p.a)?;
-        }
+            format!("profile sha256 {} (same)", p.a)
+        };
         let d = &self.source_date_epoch;
-        if d.changed {
-            writeln!(out, "source date: {} -> {}", d.a, d.b)?;
+        let date = if d.changed {
+            format!("source date {} -> {}", d.a, d.b)
         } else {
-            writeln!(out, "source date: {}{}", d.a, same(d.changed))?;
-        }
+            format!("source date {} (same)", d.a)
+        };
+        writeln!(out, "inputs:    {profile}; {date}")?;
         if self.layers.is_empty() {
             writeln!(out, "layers:    same names and entry counts")?;
         }

@@ -432,6 +432,17 @@ fn diff_of_two_builds_agrees_with_tarfile_in_json_and_in_words() {
         "{}",
         run.stdout
     );
+    let inputs = format!(
+        "inputs:    profile sha256 {} -> {}; source date {} (same)",
+        doc["profile_sha256"]["a"].as_str().unwrap(),
+        doc["profile_sha256"]["b"].as_str().unwrap(),
+        doc["source_date_epoch"]["a"]
+    );
+    assert!(
+        lines.contains(&inputs.as_str()),
+        "{inputs:?} in:\n{}",
+        run.stdout
+    );
     // -q does not hide what diff is run to show.
     assert_eq!(
         t.run(&["-q", "diff", s(&t.v1), s(&t.v2)]).ok().stdout,
