@@ -118,18 +118,6 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
         ))
     })?;
     refuse_state_paths(m)?;
-    let file_name = verified
-        .artifact()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if file_name != m.artifact_file_name() {
-        return Err(Error::Refused(format!(
-            "{}: the signed artifact is {}: it was renamed; apply it under its signed name",
-            verified.artifact().display(),
-            m.artifact_file_name()
-        )));
-    }
     if opts.dry_run {
         if !state.writable() {
             return Err(Error::io(&state.root, "checking write access")(

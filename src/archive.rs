@@ -431,6 +431,86 @@ pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
     }
 }
 
+/// One member of an archive as its header and content say, trusting
+/// neither (`inspect` without a key).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    /// The member's name, without a directory's trailing `/`.
+    pub path: String,
+    /// `dir`, `file`, `symlink`, `hardlink`, `char`, `block`, `fifo` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(serialize_with = "octal_mode")]
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+fn octal_mode<S: serde::Serializer>(mode: &u32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
+}
+
+/// Every member of the compressed tar `file` (read from `path`), in order,
+/// with each regular file's size and SHA-256 as read.
+pub fn members(file: File, path: &Path) -> Result<Vec<Member>> {
+    let fail = |m: String| Error::check(format!("{}: {m}", path.display()));
+    let mut tar = tar::Archive::new(decode(file, path)?);
+    let entries = tar
+        .entries()
+        .map_err(|e| fail(format!("archive unreadable: {e}")))?;
+    let mut out = Vec::new();
+    for item in entries {
+        let entry = item.map_err(|e| fail(format!("archive corrupt: {e}")))?;
+        let header = entry.header();
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = match header.entry_type() {
+            tar::EntryType::Directory => "dir",
+            tar::EntryType::Regular => "file",
+            tar::EntryType::Symlink => "symlink",
+            tar::EntryType::Link => "hardlink",
+            tar::EntryType::Char => "char",
+            tar::EntryType::Block => "block",
+            tar::EntryType::Fifo => "fifo",
+            _ => "other",
+        };
+        let field = |r: io::Result<u64>, what: &str| {
+            r.map_err(|e| fail(format!("{name}: bad {what} field: {e}")))
+        };
+        let mode = field(header.mode().map(u64::from), "mode")? as u32;
+        let uid = field(header.uid(), "uid")?;
+        let gid = field(header.gid(), "gid")?;
+        let target = entry
+            .link_name_bytes()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let (size, sha256) = if kind == "file" {
+            let mut content = HashingReader::new(entry);
+            io::copy(&mut content, &mut io::sink())
+                .map_err(|e| fail(format!("{name}: reading content: {e}")))?;
+            let (digest, n) = content.finish();
+            (Some(n), Some(digest))
+        } else {
+            (None, None)
+        };
+        out.push(Member {
+            path: name.trim_end_matches('/').to_owned(),
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            sha256,
+            target,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,21 @@
 //! The command line: clap definitions and the one place that reads the
 //! environment (`SOURCE_DATE_EPOCH`, `INFRAKIT_SIGN_KEY`,
-//! `INFRAKIT_PASSWORD_FILE`) and the terminal. Only this module knows clap.
+//! `INFRAKIT_PASSWORD_FILE`) and the arguments. Only this module knows clap:
+//! shell completions (clap_complete) and man pages (clap_mangen) are
+//! generated from these definitions here.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::archive::Format;
-use crate::commands;
+use crate::commands::{self, Ui};
 use crate::error::{Error, Result};
+use crate::keyring::Trusted;
+
+/// The host's keyring, used by `apply` and `verify` unless told otherwise.
+pub const DEFAULT_KEYRING: &str = "/etc/infrakit/keys";
 
 /// Signed, byte-reproducible host artifacts for validator fleets.
 ///
@@ -19,10 +26,10 @@ use crate::error::{Error, Result};
     version,
     about,
     long_about = None,
-    after_help = "Exit codes: 0 success, 1 a check failed (signature, manifest, lint), 2 usage or I/O error."
+    after_help = "Exit codes: 0 success, 1 a check failed or was refused (signature, manifest, lint, drift, downgrade, conflict), 2 usage, bad input or I/O error."
 )]
 pub struct Cli {
-    /// Print no progress and no summaries (errors still go to stderr).
+    /// No progress bars and no lines that only confirm success; what a command is run to show (a dry-run plan, status, inspect, diff, lint findings, --json) and errors are still printed.
     #[arg(long, short, global = true)]
     pub quiet: bool,
 
@@ -46,6 +53,52 @@ impl From<FormatArg> for Format {
             FormatArg::TarZst => Format::TarZst,
             FormatArg::TarGz => Format::TarGz,
         }
+    }
+}
+
+/// The shells `completions` writes for.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl From<ShellArg> for clap_complete::Shell {
+    fn from(s: ShellArg) -> clap_complete::Shell {
+        match s {
+            ShellArg::Bash => clap_complete::Shell::Bash,
+            ShellArg::Zsh => clap_complete::Shell::Zsh,
+            ShellArg::Fish => clap_complete::Shell::Fish,
+        }
+    }
+}
+
+/// Trusted keys given on the command line: key files or a keyring.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// A trusted minisign public key file; repeat for several (instead of --keyring).
+    #[arg(long = "key", value_name = "PUB", conflicts_with = "keyring")]
+    pub keys: Vec<PathBuf>,
+    /// Directory of trusted minisign public keys (*.pub), as for apply.
+    #[arg(long, value_name = "DIR")]
+    pub keyring: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The keys given, if any.
+    fn given(self) -> Option<Trusted> {
+        match (self.keys.is_empty(), self.keyring) {
+            (false, _) => Some(Trusted::Files(self.keys)),
+            (true, Some(dir)) => Some(Trusted::Dir(dir)),
+            (true, None) => None,
+        }
+    }
+
+    /// The keys given, else the host's keyring.
+    fn or_host_keyring(self) -> Trusted {
+        self.given()
+            .unwrap_or_else(|| Trusted::Dir(PathBuf::from(DEFAULT_KEYRING)))
     }
 }
 
@@ -83,20 +136,19 @@ pub enum Command {
         #[arg(long, value_name = "VERSION")]
         release_version: Option<String>,
     },
-    /// Check an artifact's signature, manifest and every entry; exit 1 if anything is off.
+    /// Check an artifact's signature, name, manifest and every entry; exit 1 if anything is off.
     Verify {
-        /// The artifact (.tar.zst or .tar.gz).
+        /// The artifact (a path or an http(s):// URL; .tar.zst or .tar.gz).
         artifact: PathBuf,
-        /// A trusted minisign public key; repeat for several.
-        #[arg(long = "key", value_name = "PUB", required = true)]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// The manifest; default: <name>.manifest.json beside the artifact.
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
         /// The signature; default: the artifact's path plus .minisig.
         #[arg(long, value_name = "FILE")]
         signature: Option<PathBuf>,
-        /// Print the result as JSON.
+        /// Print the result as JSON (docs/json.md), also on failure.
         #[arg(long)]
         json: bool,
     },
@@ -104,7 +156,7 @@ pub enum Command {
     Lint {
         /// The profile, e.g. profiles/base.toml.
         profile: PathBuf,
-        /// Print findings as JSON.
+        /// Print findings as JSON (docs/json.md), also on failure.
         #[arg(long)]
         json: bool,
     },
@@ -116,7 +168,7 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
         /// Directory of trusted minisign public keys (*.pub).
-        #[arg(long, value_name = "DIR", default_value = "/etc/infrakit/keys")]
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_KEYRING)]
         keyring: PathBuf,
         /// Print what would change (files, units, hooks) and write nothing.
         #[arg(long)]
@@ -130,6 +182,9 @@ pub enum Command {
         /// How many releases to keep for rollback, the active one included (at least 2).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..))]
         retain: u16,
+        /// Print the outcome (or the dry run's plan) as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
     },
     /// Reactivate the previous retained release, atomically.
     Rollback {
@@ -139,34 +194,105 @@ pub enum Command {
         /// Print what would change and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the outcome as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
     },
-    /// Show the active release and drift from it; exit 1 on drift, missing secrets or an interrupted activation.
+    /// Show the active release and drift from it; exit 1 on drift or an interrupted activation.
     Status {
         /// The root to check.
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
-        /// Print the report as JSON.
+        /// Print the report as JSON (docs/json.md), also on failure.
         #[arg(long)]
         json: bool,
         /// Also write Prometheus node_exporter textfile metrics here, atomically.
         #[arg(long, value_name = "PATH")]
         textfile: Option<PathBuf>,
     },
-    /// Show an artifact's (or manifest's) name, version, digests, layers and entries. Does not verify.
+    /// Show what an artifact holds (read from the archive) with its manifest's name, version, digests and layers; verifies only with --key or --keyring.
     Inspect {
-        /// An artifact or a .manifest.json.
+        /// An artifact or a .manifest.json (a path or an http(s):// URL).
         path: PathBuf,
-        /// Print the manifest as canonical JSON.
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Print the result as JSON (docs/json.md), also on failure.
         #[arg(long)]
         json: bool,
     },
+    /// Show what changes from release A to release B: version, artifact, inputs, layers, entries.
+    Diff {
+        /// The release before: an artifact or a .manifest.json (a path or an http(s):// URL).
+        a: PathBuf,
+        /// The release after, likewise.
+        b: PathBuf,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Print the differences as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions for bash, zsh or fish.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: ShellArg,
+    },
+    /// Write man pages (infrakit.1 and one per subcommand) into DIR.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
-/// Values read from the environment, once, here at the edge.
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+impl Command {
+    /// The subcommand's name, as `--json` reports it.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Keygen { .. } => "keygen",
+            Command::Build { .. } => "build",
+            Command::Verify { .. } => "verify",
+            Command::Lint { .. } => "lint",
+            Command::Apply { .. } => "apply",
+            Command::Rollback { .. } => "rollback",
+            Command::Status { .. } => "status",
+            Command::Inspect { .. } => "inspect",
+            Command::Diff { .. } => "diff",
+            Command::Completions { .. } => "completions",
+            Command::Man { .. } => "man",
+        }
+    }
+
+    fn json(&self) -> bool {
+        match self {
+            Command::Verify { json, .. }
+            | Command::Lint { json, .. }
+            | Command::Apply { json, .. }
+            | Command::Rollback { json, .. }
+            | Command::Status { json, .. }
+            | Command::Inspect { json, .. }
+            | Command::Diff { json, .. } => *json,
+            Command::Keygen { .. }
+            | Command::Build { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => false,
+        }
+    }
+}
+
+/// A path read from the environment, once, here at the edge. A variable
+/// that is set but empty is an error, never "unset": a build asked to sign
+/// that cannot sign must fail, not ship an unsigned artifact.
+fn env_path(name: &str) -> Result<Option<PathBuf>> {
+    match std::env::var_os(name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Err(Error::usage(
+            name,
+            "is set but empty: set it to the file's path, or unset it",
+        )),
+        Some(v) => Ok(Some(PathBuf::from(v))),
+    }
 }
 
 fn source_date_epoch() -> Result<Option<u64>> {
@@ -183,12 +309,52 @@ fn source_date_epoch() -> Result<Option<u64>> {
     }
 }
 
+/// The whole program: parses the arguments, runs the command, prints the
+/// error (and, with `--json`, the envelope); returns the exit code.
+pub fn main() -> u8 {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return parse_failure(&e, &args),
+    };
+    let name = cli.command.name();
+    let ui = Ui::new(cli.quiet, cli.command.json());
+    let result = run(&ui, cli.command);
+    commands::finish(&ui, name, result)
+}
+
+/// Help and version are printed as clap prints them; anything else is a
+/// usage error with the same prefix (and `--json` envelope) as every error.
+fn parse_failure(e: &clap::Error, args: &[OsString]) -> u8 {
+    use clap::error::ErrorKind;
+    let code = u8::try_from(e.exit_code()).unwrap_or(2);
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return code;
+    }
+    let text = e.render().to_string();
+    let text = text.trim_end();
+    let text = text.strip_prefix("error: ").unwrap_or(text);
+    let before_dashdash = args.iter().skip(1).take_while(|a| *a != "--");
+    let json = before_dashdash.clone().any(|a| a == "--json");
+    let cmd = Cli::command();
+    let command = before_dashdash
+        .filter_map(|a| a.to_str())
+        .find_map(|a| cmd.find_subcommand(a).map(|c| c.get_name().to_owned()));
+    commands::usage_failure(command.as_deref(), json, text, code);
+    code
+}
+
 /// Runs the parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
-    let ui = commands::Ui { quiet: cli.quiet };
-    match cli.command {
+pub fn run(ui: &Ui, command: Command) -> Result<()> {
+    match command {
         Command::Keygen { out, password_file } => {
-            commands::keygen(&ui, &out, password_file.as_deref())
+            commands::keygen(ui, &out, password_file.as_deref())
         }
         Command::Build {
             profile,
@@ -199,34 +365,42 @@ pub fn run(cli: Cli) -> Result<()> {
             level,
             release_version,
         } => {
+            let sign_key = match sign_key {
+                Some(k) => Some(k),
+                None => env_path("INFRAKIT_SIGN_KEY")?,
+            };
+            let password_file = match password_file {
+                Some(p) => Some(p),
+                None => env_path("INFRAKIT_PASSWORD_FILE")?,
+            };
             let args = commands::BuildArgs {
                 profile,
                 out,
-                sign_key: sign_key.or_else(|| env_path("INFRAKIT_SIGN_KEY")),
-                password_file: password_file.or_else(|| env_path("INFRAKIT_PASSWORD_FILE")),
+                sign_key,
+                password_file,
                 format: format.into(),
                 level,
                 release_version,
                 source_date_epoch: source_date_epoch()?,
                 workers: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             };
-            commands::build(&ui, &args)
+            commands::build(ui, &args)
         }
         Command::Verify {
             artifact,
             keys,
             manifest,
             signature,
-            json,
+            json: _,
         } => commands::verify(
-            &ui,
+            ui,
             &artifact,
-            &keys,
+            &keys.or_host_keyring(),
             manifest.as_deref(),
             signature.as_deref(),
-            json,
         ),
-        Command::Inspect { path, json } => commands::inspect(&path, json),
+        Command::Inspect { path, keys, .. } => commands::inspect(ui, &path, keys.given().as_ref()),
+        Command::Diff { a, b, keys, .. } => commands::diff(ui, &a, &b, keys.given().as_ref()),
         Command::Apply {
             artifact,
             root,
@@ -235,11 +409,12 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_downgrade,
             adopt,
             retain,
+            json: _,
         } => commands::apply(
-            &ui,
+            ui,
             &artifact,
             &root,
-            &keyring,
+            &Trusted::Dir(keyring),
             &crate::apply::ApplyOptions {
                 dry_run,
                 allow_downgrade,
@@ -248,20 +423,51 @@ pub fn run(cli: Cli) -> Result<()> {
                 now: 0,
             },
         ),
-        Command::Rollback { root, dry_run } => commands::rollback(&ui, &root, dry_run),
-        Command::Status {
-            root,
-            json,
-            textfile,
-        } => commands::status(&root, json, textfile.as_deref()),
-        Command::Lint { profile, json } => commands::lint(&ui, &profile, json),
+        Command::Rollback { root, dry_run, .. } => commands::rollback(ui, &root, dry_run),
+        Command::Status { root, textfile, .. } => commands::status(ui, &root, textfile.as_deref()),
+        Command::Lint { profile, .. } => commands::lint(ui, &profile),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            let mut cmd = Cli::command();
+            clap_complete::generate(
+                clap_complete::Shell::from(shell),
+                &mut cmd,
+                "infrakit",
+                &mut script,
+            );
+            commands::completions(&script)
+        }
+        Command::Man { out } => commands::man(ui, &out, &man_pages(&out)?),
     }
+}
+
+/// `infrakit.1` and one page per subcommand (`infrakit-build.1`, …),
+/// rendered by clap_mangen from the definitions above.
+fn man_pages(out: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>> {
+    fn walk(cmd: &clap::Command, pages: &mut Vec<clap_mangen::Man>) {
+        pages.push(clap_mangen::Man::new(cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, pages);
+        }
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    walk(&cmd, &mut pages);
+    pages
+        .into_iter()
+        .map(|man| {
+            let mut bytes = Vec::new();
+            man.render(&mut bytes)
+                .map_err(Error::io(out, "rendering a man page"))?;
+            Ok((man.get_filename(), bytes))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -275,8 +481,36 @@ mod tests {
     }
 
     #[test]
-    fn verify_requires_a_key() {
-        assert!(Cli::try_parse_from(["infrakit", "verify", "a.tar.zst"]).is_err());
-        assert!(Cli::try_parse_from(["infrakit", "verify", "a.tar.zst", "--key", "k.pub"]).is_ok());
+    fn verify_takes_keys_or_a_keyring_not_both() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["infrakit", "verify", "a.tar.zst"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+        };
+        assert!(parse(&["--key", "k.pub", "--keyring", "d"]).is_err());
+        for args in [&["--key", "k.pub"][..], &["--keyring", "d"], &[]] {
+            assert!(parse(args).is_ok(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_subcommand_has_a_name_for_json() {
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            if name == "help" {
+                continue;
+            }
+            let mut args = vec!["infrakit", name];
+            // The least each needs to parse.
+            args.extend(match name {
+                "keygen" | "man" => &["--out", "x"][..],
+                "build" | "lint" | "verify" | "apply" | "inspect" => &["x"],
+                "diff" => &["x", "y"],
+                "completions" => &["bash"],
+                _ => &[],
+            });
+            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.command.name(), name);
+        }
     }
 }

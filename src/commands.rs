@@ -1,25 +1,76 @@
 //! One function per subcommand: turn validated arguments into library calls
-//! and print what happened (human text by default, JSON where asked). This
-//! layer owns the terminal: progress bars on stderr, summaries on stdout.
+//! and print what happened. This layer owns the terminal: progress bars and
+//! warnings on stderr, summaries, reports and JSON on stdout.
+//!
+//! Output rules, the same for every command:
+//! - `-q` hides progress bars and the lines that only confirm success; it
+//!   never hides what a command is run to show (a dry-run plan, `status`'s
+//!   report, `inspect`, `diff`, lint findings, `--json`), nor warnings and
+//!   errors;
+//! - with `--json`, stdout is exactly one JSON document, the envelope of
+//!   docs/json.md, on success and on failure alike (`finish`);
+//! - every error and warning on stderr starts `infrakit: error: ` or
+//!   `infrakit: warning: `, and names the user's paths or URLs, never a
+//!   temporary file.
 
+use std::cell::RefCell;
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
 
-use crate::archive::Format;
+use crate::archive::{Format, Member};
+use crate::digest::{HashingReader, Sha256};
 use crate::emit::{self, BuildOptions};
 use crate::error::{Error, Result};
-use crate::manifest::{EntryType, Manifest};
-use crate::sign::{self, PublicKey, SecretKey};
+use crate::fetch::{self, Fetched};
+use crate::keyring::{Keyring, Trusted};
+use crate::manifest::{EntryType, Manifest, ManifestEntry};
+use crate::sign::{self, SecretKey};
 use crate::verify::{self, VerifyOptions};
+
+/// The version of the `--json` envelope and of every payload in it.
+pub const JSON_SCHEMA: u32 = 1;
 
 /// How to talk to the user.
 pub struct Ui {
     pub quiet: bool,
+    /// With `--json`: the payload's fields, printed by `finish`.
+    json: Option<RefCell<Map<String, Value>>>,
 }
 
 impl Ui {
+    pub fn new(quiet: bool, json: bool) -> Ui {
+        Ui {
+            quiet,
+            json: json.then(|| RefCell::new(Map::new())),
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json.is_some()
+    }
+
+    /// Sets a payload field (with `--json`; otherwise nothing).
+    fn put(&self, key: &str, value: impl Serialize) {
+        if let Some(fields) = &self.json {
+            let value = serde_json::to_value(value).expect("payloads serialise");
+            fields.borrow_mut().insert(key.to_owned(), value);
+        }
+    }
+
+    /// Sets every field of `object` as a payload field.
+    fn put_all(&self, object: impl Serialize) {
+        if let Some(fields) = &self.json
+            && let Ok(Value::Object(map)) = serde_json::to_value(object)
+        {
+            fields.borrow_mut().extend(map);
+        }
+    }
+
     /// Runs `work` with a byte progress bar on stderr (hidden when quiet or
     /// not a terminal), which `work` feeds with `(done, total)`; the bar is
     /// cleared when it returns.
@@ -44,11 +95,107 @@ impl Ui {
         out
     }
 
-    /// A line on stdout; a closed pipe (`| head`) is not an error.
+    /// A line on stdout that only confirms success: hidden by `-q` and
+    /// `--json`. A closed pipe (`| head`) is not an error.
     fn say(&self, line: impl std::fmt::Display) {
         if !self.quiet {
+            self.show(line);
+        }
+    }
+
+    /// A line of what the command was run to show: hidden only by
+    /// `--json`, whose document carries the same facts.
+    fn show(&self, line: impl std::fmt::Display) {
+        if !self.json() {
             let _ = writeln!(std::io::stdout(), "{line}");
         }
+    }
+
+    /// A warning on stderr, whatever `-q` says.
+    fn warn(&self, line: impl std::fmt::Display) {
+        eprintln!("infrakit: warning: {line}");
+    }
+}
+
+/// Ends a command: prints the `--json` envelope (with the error, if any)
+/// on stdout and the error on stderr; returns the exit code.
+pub fn finish(ui: &Ui, command: &str, result: Result<()>) -> u8 {
+    let error = result
+        .err()
+        .map(|e| (e.kind(), e.to_string(), e.exit_code()));
+    if let Some(fields) = &ui.json {
+        print_envelope(command, fields.take(), error.as_ref());
+    }
+    match error {
+        None => 0,
+        Some((_, message, code)) => {
+            eprintln!("infrakit: error: {message}");
+            code
+        }
+    }
+}
+
+/// A command line that could not be parsed: the same error line (and, if
+/// `--json` was asked for, the same envelope) as any other failure.
+pub fn usage_failure(command: Option<&str>, json: bool, message: &str, code: u8) {
+    if json {
+        let error = ("usage", message.to_owned(), code);
+        print_envelope(command.unwrap_or_default(), Map::new(), Some(&error));
+    }
+    eprintln!("infrakit: error: {message}");
+}
+
+fn print_envelope(command: &str, fields: Map<String, Value>, error: Option<&(&str, String, u8)>) {
+    let mut doc = fields;
+    doc.insert("schema".to_owned(), json!(JSON_SCHEMA));
+    doc.insert("command".to_owned(), json!(command));
+    doc.insert("ok".to_owned(), json!(error.is_none()));
+    if let Some((kind, message, code)) = error {
+        doc.insert(
+            "error".to_owned(),
+            json!({"exit_code": code, "kind": kind, "message": message}),
+        );
+    }
+    let _ = writeln!(std::io::stdout(), "{}", Value::Object(doc));
+}
+
+/// A command's artifact or manifest argument: a local path, or a URL
+/// downloaded first. Errors about it name what the user gave.
+struct Operand {
+    fetched: Option<Fetched>,
+    path: PathBuf,
+    shown: String,
+}
+
+impl Operand {
+    fn open(arg: &Path) -> Result<Operand> {
+        match arg.to_str().filter(|a| fetch::is_url(a)) {
+            Some(url) => {
+                let fetched = fetch::fetch(url)?;
+                Ok(Operand {
+                    path: fetched.path.clone(),
+                    fetched: Some(fetched),
+                    shown: url.to_owned(),
+                })
+            }
+            None => Ok(Operand {
+                fetched: None,
+                path: arg.to_path_buf(),
+                shown: arg.display().to_string(),
+            }),
+        }
+    }
+
+    /// `e`, naming URLs instead of the temporary copies.
+    fn own(&self, e: Error) -> Error {
+        match &self.fetched {
+            Some(f) => f.own(e),
+            None => e,
+        }
+    }
+
+    fn is_manifest(&self) -> bool {
+        self.path.to_string_lossy().ends_with(".json")
     }
 }
 
@@ -155,10 +302,10 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
     ui.say(format_args!("  {}", built.manifest_path.display()));
     match (&built.signature, &built.key_id) {
         (Some(sig), Some(id)) => ui.say(format_args!("  {} (key {id})", sig.display())),
-        _ => eprintln!(
-            "infrakit: WARNING: {} is UNSIGNED: hosts will refuse it; pass --sign-key or set INFRAKIT_SIGN_KEY",
+        _ => ui.warn(format_args!(
+            "{} is UNSIGNED: hosts will refuse it; pass --sign-key or set INFRAKIT_SIGN_KEY",
             built.artifact.display()
-        ),
+        )),
     }
     Ok(())
 }
@@ -166,130 +313,346 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
 pub fn verify(
     ui: &Ui,
     artifact: &Path,
-    key_paths: &[PathBuf],
+    trusted: &Trusted,
     manifest: Option<&Path>,
     signature: Option<&Path>,
-    json: bool,
 ) -> Result<()> {
-    let keys = key_paths
-        .iter()
-        .map(|p| PublicKey::load(p))
-        .collect::<Result<Vec<_>>>()?;
+    ui.put("artifact", artifact.display().to_string());
+    let keyring = Keyring::load(trusted)?;
+    let op = Operand::open(artifact)?;
     let opts = VerifyOptions {
-        artifact,
+        artifact: &op.path,
         manifest,
         signature,
-        keys: &keys,
+        keys: keyring.keys(),
     };
-    let verified = ui.with_bar("verifying", |progress| verify::verify(&opts, progress))?;
+    let verified = ui
+        .with_bar("verifying", |progress| verify::verify(&opts, progress))
+        .map_err(|e| op.own(e))?;
     let m = verified.manifest();
-    if json {
-        let value = serde_json::json!({
-            "verified": true,
-            "artifact": verified.artifact().display().to_string(),
-            "name": m.name,
-            "version": m.version,
-            "key_id": verified.key_id(),
-            "entries": m.entries.len(),
-            "sha256": m.archive.sha256,
-        });
-        println!("{value}");
-    } else {
-        ui.say(format_args!(
-            "verified {} {}: signed by key {}, {} entries match the manifest",
-            m.name,
-            m.version,
-            verified.key_id(),
-            m.entries.len()
-        ));
-    }
+    ui.put("name", &m.name);
+    ui.put("version", &m.version);
+    ui.put("key_id", verified.key_id());
+    ui.put("entries", m.entries.len());
+    ui.put("sha256", m.archive.sha256);
+    ui.say(format_args!(
+        "verified {} {}: signed by key {}, {} entries match the manifest",
+        m.name,
+        m.version,
+        verified.key_id(),
+        m.entries.len()
+    ));
     Ok(())
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<()> {
-    let manifest_path = if path.to_string_lossy().ends_with(".json") {
-        path.to_path_buf()
-    } else {
-        verify::manifest_beside(path)
+/// Reads a manifest the user named (a file or a downloaded copy): a
+/// missing file is an I/O error, a malformed one bad input.
+fn read_manifest_operand(path: &Path) -> Result<Manifest> {
+    let file = File::open(path).map_err(Error::io(path, "reading manifest"))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, verify::MANIFEST_MAX + 1),
+        &mut bytes,
+    )
+    .map_err(Error::io(path, "reading manifest"))?;
+    if bytes.len() as u64 > verify::MANIFEST_MAX {
+        return Err(Error::input(
+            path,
+            format!("is larger than {} bytes", verify::MANIFEST_MAX),
+        ));
+    }
+    Manifest::parse(&bytes).map_err(|e| Error::input(path, e))
+}
+
+/// SHA-256 and size of the file at `path`.
+fn file_digest(path: &Path) -> Result<(Sha256, u64)> {
+    let file = File::open(path).map_err(Error::io(path, "opening artifact"))?;
+    let mut reader = HashingReader::new(file);
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map_err(Error::io(path, "reading artifact"))?;
+    Ok(reader.finish())
+}
+
+fn refuse_keys_for_manifest(op: &Operand) -> Error {
+    Error::usage(
+        &op.shown,
+        "a manifest alone carries no signature: give the artifact to check it with --key or --keyring",
+    )
+}
+
+/// An archive member as `inspect` lists it: what the archive holds, with
+/// the layer the manifest gives its path and whether the manifest's entry
+/// agrees with it.
+#[derive(Serialize)]
+struct Listed {
+    #[serde(flatten)]
+    member: Member,
+    layer: Option<String>,
+    matches_manifest: bool,
+}
+
+fn member_of(e: &ManifestEntry) -> Member {
+    Member {
+        path: e.path.to_string(),
+        kind: match e.kind {
+            EntryType::Dir => "dir",
+            EntryType::File => "file",
+            EntryType::Symlink => "symlink",
+        },
+        mode: e.mode,
+        uid: u64::from(e.uid),
+        gid: u64::from(e.gid),
+        size: e.size,
+        sha256: e.sha256,
+        target: e.target.clone(),
+    }
+}
+
+pub fn inspect(ui: &Ui, path: &Path, trusted: Option<&Trusted>) -> Result<()> {
+    ui.put("path", path.display().to_string());
+    let keyring = trusted.map(Keyring::load).transpose()?;
+    let op = Operand::open(path)?;
+    inspect_operand(ui, &op, keyring.as_ref()).map_err(|e| op.own(e))
+}
+
+fn inspect_operand(ui: &Ui, op: &Operand, keyring: Option<&Keyring>) -> Result<()> {
+    let not_checked = json!({"checked": false, "key_id": null});
+    if op.is_manifest() {
+        if keyring.is_some() {
+            return Err(refuse_keys_for_manifest(op));
+        }
+        let m = read_manifest_operand(&op.path)?;
+        ui.put("source", "manifest");
+        ui.put("manifest", &m);
+        ui.put("artifact", Value::Null);
+        ui.put("signature", not_checked);
+        ui.put("members", Value::Null);
+        ui.put("missing_from_archive", Value::Null);
+        let members: Vec<Listed> = m
+            .entries
+            .iter()
+            .map(|e| Listed {
+                member: member_of(e),
+                layer: Some(e.layer.clone()),
+                matches_manifest: true,
+            })
+            .collect();
+        return print_inspect(
+            ui,
+            Some(&m),
+            None,
+            "not checked here: a manifest carries none; inspect the artifact with --key or --keyring",
+            &members,
+            &[],
+        );
+    }
+    ui.put("source", "artifact");
+    let (manifest, digest, signature, members) = match keyring {
+        Some(keyring) => {
+            let opts = VerifyOptions {
+                artifact: &op.path,
+                manifest: None,
+                signature: None,
+                keys: keyring.keys(),
+            };
+            let verified = ui.with_bar("verifying", |progress| verify::verify(&opts, progress))?;
+            let m = verified.manifest().clone();
+            let digest = (m.archive.sha256, m.archive.size);
+            ui.put(
+                "signature",
+                json!({"checked": true, "key_id": verified.key_id()}),
+            );
+            let members = m.entries.iter().map(member_of).collect();
+            let line = format!(
+                "verified: signed by key {}, every entry matches the manifest",
+                verified.key_id()
+            );
+            (Some(m), digest, line, members)
+        }
+        None => {
+            let beside = verify::manifest_beside(&op.path);
+            let manifest = match beside.symlink_metadata() {
+                Ok(_) => Some(read_manifest_operand(&beside)?),
+                Err(_) => None,
+            };
+            let digest = file_digest(&op.path)?;
+            let file = File::open(&op.path).map_err(Error::io(&op.path, "opening artifact"))?;
+            let members = crate::archive::members(file, &op.path)?;
+            ui.put("signature", not_checked);
+            let line = "not checked here: give --key or --keyring to verify it".to_owned();
+            (manifest, digest, line, members)
+        }
     };
-    let bytes =
-        std::fs::read(&manifest_path).map_err(Error::io(&manifest_path, "reading manifest"))?;
-    let m = Manifest::parse(&bytes).map_err(|e| Error::input(&manifest_path, e))?;
+    let entries: std::collections::HashMap<String, &ManifestEntry> = manifest
+        .iter()
+        .flat_map(|m| &m.entries)
+        .map(|e| (e.path.to_string(), e))
+        .collect();
+    let listed: Vec<Listed> = members
+        .into_iter()
+        .map(|member| {
+            let entry = entries.get(&member.path);
+            Listed {
+                layer: entry.map(|e| e.layer.clone()),
+                matches_manifest: entry.is_some_and(|e| member_of(e) == member),
+                member,
+            }
+        })
+        .collect();
+    let in_archive: std::collections::HashSet<&str> =
+        listed.iter().map(|l| l.member.path.as_str()).collect();
+    let missing: Vec<String> = manifest
+        .iter()
+        .flat_map(|m| &m.entries)
+        .map(|e| e.path.to_string())
+        .filter(|p| !in_archive.contains(p.as_str()))
+        .collect();
+    let matches = manifest
+        .as_ref()
+        .map(|m| (m.archive.sha256, m.archive.size) == digest);
+    ui.put("manifest", &manifest);
+    ui.put(
+        "artifact",
+        json!({"sha256": digest.0, "size": digest.1, "matches_manifest": matches}),
+    );
+    ui.put("members", &listed);
+    ui.put("missing_from_archive", &missing);
+    let file_line = format!(
+        "{}: {} bytes sha256 {}{}",
+        op.shown,
+        digest.1,
+        digest.0,
+        match matches {
+            Some(true) => ", as the manifest says",
+            Some(false) => ": the manifest says otherwise, so they do not belong together",
+            None => "",
+        }
+    );
+    print_inspect(
+        ui,
+        manifest.as_ref(),
+        Some(&file_line),
+        &signature,
+        &listed,
+        &missing,
+    )
+}
+
+fn print_inspect(
+    ui: &Ui,
+    m: Option<&Manifest>,
+    file_line: Option<&str>,
+    signature: &str,
+    members: &[Listed],
+    missing: &[String],
+) -> Result<()> {
+    if ui.json() {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
-    let res = if json {
-        out.write_all(&m.to_canonical_json())
-    } else {
-        write_human(&mut out, &m)
-    };
+    let res = write_human(&mut out, m, file_line, signature, members, missing);
     match res {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.map_err(Error::io(Path::new("<stdout>"), "writing")),
     }
 }
 
-fn write_human(out: &mut impl Write, m: &Manifest) -> std::io::Result<()> {
-    writeln!(out, "name:        {}", m.name)?;
-    writeln!(out, "version:     {}", m.version)?;
-    writeln!(out, "source date: {}", m.source_date_epoch)?;
-    writeln!(out, "profile:     sha256 {}", m.profile_sha256)?;
-    writeln!(
-        out,
-        "artifact:    {} {} bytes sha256 {}",
-        m.archive.format, m.archive.size, m.archive.sha256
-    )?;
-    writeln!(
-        out,
-        "tar stream:  {} bytes sha256 {}",
-        m.archive.tar_size, m.archive.tar_sha256
-    )?;
-    let layers: Vec<String> = m
-        .layers
-        .iter()
-        .map(|l| format!("{} ({} entries)", l.name, l.entries))
-        .collect();
-    writeln!(out, "layers:      {}", layers.join(", "))?;
-    writeln!(out, "signature:   not checked here; run `infrakit verify`")?;
-    writeln!(out, "entries:     {}", m.entries.len())?;
-    for e in &m.entries {
+fn write_human(
+    out: &mut impl Write,
+    m: Option<&Manifest>,
+    file_line: Option<&str>,
+    signature: &str,
+    members: &[Listed],
+    missing: &[String],
+) -> std::io::Result<()> {
+    match m {
+        Some(m) => {
+            writeln!(out, "name:        {}", m.name)?;
+            writeln!(out, "version:     {}", m.version)?;
+            writeln!(out, "source date: {}", m.source_date_epoch)?;
+            writeln!(out, "profile:     sha256 {}", m.profile_sha256)?;
+            writeln!(
+                out,
+                "artifact:    {} {} bytes sha256 {}",
+                m.archive.format, m.archive.size, m.archive.sha256
+            )?;
+            writeln!(
+                out,
+                "tar stream:  {} bytes sha256 {}",
+                m.archive.tar_size, m.archive.tar_sha256
+            )?;
+            let layers: Vec<String> = m
+                .layers
+                .iter()
+                .map(|l| format!("{} ({} entries)", l.name, l.entries))
+                .collect();
+            writeln!(out, "layers:      {}", layers.join(", "))?;
+        }
+        None => writeln!(
+            out,
+            "manifest:    none beside the artifact: name, version, layers and digests unknown"
+        )?,
+    }
+    if let Some(line) = file_line {
+        writeln!(out, "file:        {line}")?;
+    }
+    writeln!(out, "signature:   {signature}")?;
+    writeln!(out, "entries:     {}", members.len())?;
+    for l in members {
+        let e = &l.member;
         let (kind, suffix) = match e.kind {
-            EntryType::Dir => ("d", "/".to_owned()),
-            EntryType::File => ("-", String::new()),
-            EntryType::Symlink => (
+            "dir" => ("d", "/".to_owned()),
+            "file" => ("-", String::new()),
+            "symlink" => (
                 "l",
                 format!(" -> {}", e.target.as_deref().unwrap_or_default()),
             ),
+            "hardlink" => (
+                "h",
+                format!(" => {}", e.target.as_deref().unwrap_or_default()),
+            ),
+            "char" => ("c", String::new()),
+            "block" => ("b", String::new()),
+            "fifo" => ("p", String::new()),
+            _ => ("?", String::new()),
         };
         let size = e.size.map(|s| s.to_string()).unwrap_or_default();
+        let layer = match (&l.layer, l.matches_manifest) {
+            (Some(layer), true) => layer.clone(),
+            (Some(layer), false) => format!("{layer}; DIFFERS from the manifest"),
+            (None, _) if m.is_some() => "NOT in the manifest".to_owned(),
+            (None, _) => "no manifest".to_owned(),
+        };
         writeln!(
             out,
-            "  {kind} {:04o} {:>5}:{:<5} {size:>10}  {}{suffix}  [{}]",
-            e.mode, e.uid, e.gid, e.path, e.layer
+            "  {kind} {:04o} {:>5}:{:<5} {size:>10}  {}{suffix}  [{layer}]",
+            e.mode, e.uid, e.gid, e.path
+        )?;
+    }
+    for p in missing {
+        writeln!(
+            out,
+            "missing:     {p} (in the manifest, not in the archive)"
         )?;
     }
     Ok(())
 }
 
-pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
+pub fn lint(ui: &Ui, profile: &Path) -> Result<()> {
+    ui.put("profile", profile.display().to_string());
     let composed = emit::compose_profile(profile)?;
     let findings = composed.lint()?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&findings).expect("findings serialise")
-        );
-    } else {
-        for f in &findings {
-            println!("{f}");
-        }
+    ui.put("entries", composed.tree.len());
+    ui.put("findings", &findings);
+    for f in &findings {
+        ui.show(f);
     }
     if findings.is_empty() {
-        if !json {
-            ui.say(format_args!(
-                "lint: {} is clean ({} entries)",
-                profile.display(),
-                composed.tree.len()
-            ));
-        }
+        ui.say(format_args!(
+            "lint: {} is clean ({} entries)",
+            profile.display(),
+            composed.tree.len()
+        ));
         Ok(())
     } else {
         Err(Error::Lint(format!(
@@ -300,54 +663,38 @@ pub fn lint(ui: &Ui, profile: &Path, json: bool) -> Result<()> {
     }
 }
 
-/// The trusted keys: every `*.pub` in `dir`, in name order.
-fn load_keyring(dir: &Path) -> Result<Vec<PublicKey>> {
-    let refuse = |why: &str| {
-        Error::Refused(format!(
-            "{}: {why}; install the release public key there as <name>.pub",
-            dir.display()
-        ))
-    };
-    let list = match std::fs::read_dir(dir) {
-        Ok(list) => list,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(refuse("no keyring"));
-        }
-        Err(e) => return Err(Error::io(dir, "reading keyring")(e)),
-    };
-    let mut paths = list
-        .map(|i| i.map(|i| i.path()))
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(Error::io(dir, "reading keyring"))?;
-    paths.retain(|p| p.extension().is_some_and(|e| e == "pub"));
-    paths.sort();
-    if paths.is_empty() {
-        return Err(refuse("no trusted keys (*.pub)"));
-    }
-    paths.iter().map(|p| PublicKey::load(p)).collect()
-}
-
-fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path) {
+fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path, plan: bool) {
+    let line = |l: String| if plan { ui.show(l) } else { ui.say(l) };
     let commands: Vec<_> = hooks.before().into_iter().chain(hooks.after()).collect();
     if commands.is_empty() {
         return;
     }
     if ran {
-        ui.say("hooks run:");
+        line("hooks run:".to_owned());
     } else {
-        ui.say(format_args!(
+        line(format!(
             "hooks (not run: {} is not the live system; run them when it is):",
             root.display()
         ));
     }
     for c in commands {
-        ui.say(format_args!("  {}", c.join(" ")));
+        line(format!("  {}", c.join(" ")));
     }
 }
 
-fn print_plan(plan: &crate::apply::Plan) {
-    let mut out = std::io::stdout().lock();
-    let _ = crate::apply::describe(plan, &mut out);
+/// A plan as `--json` shows it.
+fn plan_json(plan: &crate::apply::Plan) -> Value {
+    json!({
+        "added": plan.added,
+        "changed": plan.changed,
+        "removed": plan.removed,
+        "adopt": plan.adopt,
+        "identical": plan.identical,
+        "repairs": plan.repairs,
+        "stage": plan.stage,
+        "new_dirs": plan.new_dirs.iter().map(|e| &e.path).collect::<Vec<_>>(),
+        "hooks": {"before": plan.hooks.before(), "after": plan.hooks.after()},
+    })
 }
 
 /// The time now, for the records of an activation.
@@ -361,61 +708,56 @@ pub fn apply(
     ui: &Ui,
     artifact: &Path,
     root: &Path,
-    keyring: &Path,
+    trusted: &Trusted,
     opts: &crate::apply::ApplyOptions,
 ) -> Result<()> {
-    let keys = load_keyring(keyring)?;
+    ui.put("artifact", artifact.display().to_string());
+    ui.put("root", root.display().to_string());
+    let keyring = Keyring::load(trusted)?;
     // A URL is downloaded first (outside the root), then treated as a file.
-    let fetched = match artifact.to_str().filter(|a| crate::fetch::is_url(a)) {
-        Some(url) => Some(crate::fetch::fetch(url)?),
-        None => None,
-    };
-    let artifact = fetched.as_ref().map_or(artifact, |f| f.artifact.as_path());
-    let manifest = verify::manifest_beside(artifact);
-    if artifact.exists() && manifest.symlink_metadata().is_err() {
-        return Err(Error::Refused(format!(
-            "{}: no manifest beside the artifact (was it renamed? apply it under its signed name)",
-            manifest.display()
-        )));
-    }
+    let op = Operand::open(artifact)?;
     let verify_opts = VerifyOptions {
-        artifact,
+        artifact: &op.path,
         manifest: None,
         signature: None,
-        keys: &keys,
+        keys: keyring.keys(),
     };
-    let verified = ui.with_bar("verifying", |progress| {
-        verify::authenticate(&verify_opts, progress)
-    })?;
-    let mut state = crate::state::State::open(root)?;
-    let opts = crate::apply::ApplyOptions {
-        now: now(),
-        ..*opts
-    };
-    let outcome = crate::apply::apply(&mut state, &verified, &opts)?;
-    report(
-        ui,
-        &outcome,
-        root,
-        &format!("signed by key {}", verified.key_id()),
-    );
+    let (outcome, key_id) = (|| {
+        let verified = ui.with_bar("verifying", |progress| {
+            verify::authenticate(&verify_opts, progress)
+        })?;
+        let mut state = crate::state::State::open(root)?;
+        let opts = crate::apply::ApplyOptions {
+            now: now(),
+            ..*opts
+        };
+        let outcome = crate::apply::apply(&mut state, &verified, &opts)?;
+        Ok((outcome, verified.key_id().to_owned()))
+    })()
+    .map_err(|e| op.own(e))?;
+    ui.put("key_id", &key_id);
+    report(ui, &outcome, root, &format!("signed by key {key_id}"));
     Ok(())
 }
 
 pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
+    ui.put("root", root.display().to_string());
     let state = crate::state::State::open(root)?;
     let outcome = crate::apply::rollback(&state, dry_run, now())?;
     report(ui, &outcome, root, "rollback");
     Ok(())
 }
 
-/// What an apply or rollback did (or would do), with how it was vouched for.
-/// A dry run's plan is printed even with `--quiet`: it is the answer.
+/// What an apply or rollback did (or would do), with how it was vouched
+/// for. A dry run's plan is what was asked for: `-q` does not hide it.
 fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
     use crate::apply::Outcome;
     use crate::state::Action;
     match outcome {
         Outcome::AlreadyActive { id } => {
+            ui.put("action", "already-active");
+            ui.put("release", id);
+            ui.put("hooks_run", false);
             ui.say(format_args!(
                 "{id} is already active on {} and the root matches it: nothing to do",
                 root.display()
@@ -430,15 +772,23 @@ fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
             hooks_run,
             recovered,
         } => {
-            let say = |line: std::fmt::Arguments<'_>| {
-                if *dry_run {
-                    println!("{line}");
-                } else {
-                    ui.say(line);
-                }
+            let kind = match (action, dry_run) {
+                (_, true) => "dry-run",
+                (Action::Repair, false) => "repaired",
+                (_, false) => "activated",
+            };
+            ui.put("action", kind);
+            ui.put("activation", action);
+            ui.put("release", id);
+            ui.put("from", from);
+            ui.put("plan", plan_json(plan));
+            ui.put("hooks_run", hooks_run);
+            ui.put("recovered", recovered);
+            let line = |l: std::fmt::Arguments<'_>| {
+                if *dry_run { ui.show(l) } else { ui.say(l) }
             };
             if let Some(r) = recovered {
-                say(format_args!("{r}"));
+                line(format_args!("{r}"));
             }
             let verb = match (action, dry_run) {
                 (Action::Repair, true) => "would repair",
@@ -446,7 +796,7 @@ fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
                 (_, true) => "would activate",
                 (_, false) => "activated",
             };
-            say(format_args!(
+            line(format_args!(
                 "{}{verb} {id} on {} (was {}; {how}): {} added, {} changed, {} removed, {} repaired",
                 if *dry_run { "dry run: " } else { "" },
                 root.display(),
@@ -456,58 +806,56 @@ fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
                 plan.removed.len(),
                 plan.repairs.len()
             ));
-            if *dry_run || !ui.quiet {
-                print_plan(plan);
+            if !ui.json() && (*dry_run || !ui.quiet) {
+                let mut out = std::io::stdout().lock();
+                let _ = crate::apply::describe(plan, &mut out);
             }
-            print_hooks(ui, &plan.hooks, *hooks_run, root);
+            print_hooks(ui, &plan.hooks, *hooks_run, root, *dry_run);
         }
     }
 }
 
-pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
+/// The report is what `status` is run to show: `-q` does not hide it.
+pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
     let report = crate::status::status(root);
     if let Some(path) = textfile {
         crate::status::write_textfile(path, &report)?;
     }
-    let ui = Ui { quiet: false };
-    if json {
-        ui.say(serde_json::to_string(&report).expect("the report serialises"));
+    ui.put_all(&report);
+    match &report.release {
+        Some(r) => ui.show(format_args!(
+            "active: {} {} (sha256 {}, key {}), release {}",
+            r.name, r.version, r.sha256, r.key_id, r.id
+        )),
+        None => ui.show(format_args!("active: no release on {}", root.display())),
+    }
+    ui.show("retained:");
+    for r in &report.retained {
+        ui.show(format_args!(
+            "  {}{}  applied {}",
+            r.id,
+            if r.active { " (active)" } else { "" },
+            r.applied_at
+                .map_or_else(|| "at an unrecorded time".to_owned(), crate::status::utc)
+        ));
+    }
+    if let Some(i) = &report.interrupted {
+        ui.show(format_args!("interrupted: {i}"));
+    }
+    if report.errors.is_empty() {
+        ui.show(format_args!("drift: {} path(s)", report.drift.len()));
     } else {
-        match &report.release {
-            Some(r) => ui.say(format_args!(
-                "active: {} {} (sha256 {}, key {}), release {}",
-                r.name, r.version, r.sha256, r.key_id, r.id
-            )),
-            None => ui.say(format_args!("active: no release on {}", root.display())),
-        }
-        ui.say("retained:");
-        for r in &report.retained {
-            ui.say(format_args!(
-                "  {}{}  applied {}",
-                r.id,
-                if r.active { " (active)" } else { "" },
-                r.applied_at
-                    .map_or_else(|| "at an unrecorded time".to_owned(), crate::status::utc)
-            ));
-        }
-        if let Some(i) = &report.interrupted {
-            ui.say(format_args!("interrupted: {i}"));
-        }
-        if report.errors.is_empty() {
-            ui.say(format_args!("drift: {} path(s)", report.drift.len()));
-        } else {
-            ui.say(format_args!(
-                "drift: {} path(s) found, but the check is incomplete (see below)",
-                report.drift.len()
-            ));
-        }
-        for d in &report.drift {
-            ui.say(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
-        }
-        ui.say("secret slots: none declared");
-        for e in &report.errors {
-            ui.say(format_args!("could not check: {e}"));
-        }
+        ui.show(format_args!(
+            "drift: {} path(s) found, but the check is incomplete (see below)",
+            report.drift.len()
+        ));
+    }
+    for d in &report.drift {
+        ui.show(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
+    }
+    ui.show("secret slots: not supported yet (artifacts cannot declare them)");
+    for e in &report.errors {
+        ui.show(format_args!("could not check: {e}"));
     }
     if report.failed() {
         return Err(Error::Unhealthy(format!(
@@ -527,13 +875,123 @@ pub fn status(root: &Path, json: bool, textfile: Option<&Path>) -> Result<()> {
             }
         )));
     }
-    if !report.errors.is_empty() {
+    if let Some(first) = report.errors.first() {
         return Err(Error::Unchecked(format!(
-            "{}: {} thing(s) could not be checked, first: {}",
+            "{}: {} thing(s) could not be checked, first: {first}",
             root.display(),
-            report.errors.len(),
-            report.errors[0]
+            report.errors.len()
         )));
+    }
+    Ok(())
+}
+
+/// One side of a `diff`: its manifest and how far it was checked.
+struct Side {
+    shown: String,
+    manifest: Manifest,
+    key_id: Option<String>,
+}
+
+fn load_side(ui: &Ui, arg: &Path, keyring: Option<&Keyring>) -> Result<Side> {
+    let op = Operand::open(arg)?;
+    let load = || -> Result<Side> {
+        let side = |manifest, key_id| Side {
+            shown: op.shown.clone(),
+            manifest,
+            key_id,
+        };
+        if op.is_manifest() {
+            if keyring.is_some() {
+                return Err(refuse_keys_for_manifest(&op));
+            }
+            return Ok(side(read_manifest_operand(&op.path)?, None));
+        }
+        if let Some(keyring) = keyring {
+            let opts = VerifyOptions {
+                artifact: &op.path,
+                manifest: None,
+                signature: None,
+                keys: keyring.keys(),
+            };
+            let verified = ui.with_bar("verifying", |progress| {
+                verify::authenticate(&opts, progress)
+            })?;
+            let key = verified.key_id().to_owned();
+            return Ok(side(verified.manifest().clone(), Some(key)));
+        }
+        // Unsigned facts, but at least facts about this artifact: its
+        // manifest must describe its bytes.
+        let beside = verify::manifest_beside(&op.path);
+        let bytes = verify::read_manifest(&beside)?;
+        let m = Manifest::parse(&bytes).map_err(|e| Error::input(&beside, e))?;
+        let (sha256, size) = file_digest(&op.path)?;
+        if (sha256, size) != (m.archive.sha256, m.archive.size) {
+            return Err(Error::check(format!(
+                "{}: artifact is {size} bytes with sha256 {sha256}, the manifest beside it says {} bytes with {}: they do not belong together; fetch the release again",
+                op.path.display(),
+                m.archive.size,
+                m.archive.sha256
+            )));
+        }
+        Ok(side(m, None))
+    };
+    load().map_err(|e| op.own(e))
+}
+
+pub fn diff(ui: &Ui, a: &Path, b: &Path, trusted: Option<&Trusted>) -> Result<()> {
+    let keyring = trusted.map(Keyring::load).transpose()?;
+    let a = load_side(ui, a, keyring.as_ref())?;
+    let b = load_side(ui, b, keyring.as_ref())?;
+    let d = crate::diff::diff(&a.manifest, &b.manifest);
+    for (key, side) in [("a", &a), ("b", &b)] {
+        ui.put(
+            key,
+            json!({"path": side.shown, "verified": side.key_id.is_some(), "key_id": side.key_id}),
+        );
+    }
+    ui.put_all(&d);
+    if ui.json() {
+        return Ok(());
+    }
+    let checked = |s: &Side| match &s.key_id {
+        Some(k) => format!("{} (signed by key {k})", s.shown),
+        None => format!("{} (signature not checked)", s.shown),
+    };
+    ui.show(format_args!("a:         {}", checked(&a)));
+    ui.show(format_args!("b:         {}", checked(&b)));
+    let mut out = std::io::stdout().lock();
+    match d.describe(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(Error::io(Path::new("<stdout>"), "writing")),
+    }
+}
+
+/// Prints generated shell completions.
+pub fn completions(script: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(script).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(Error::io(Path::new("<stdout>"), "writing completions")),
+    }
+}
+
+/// Writes generated man pages into `dir` (created if missing), each
+/// atomically: a temp file renamed into place.
+pub fn man(ui: &Ui, dir: &Path, pages: &[(String, Vec<u8>)]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating the man page directory"))?;
+    for (name, bytes) in pages {
+        let path = dir.join(name);
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating a man page"))?;
+        tmp.write_all(bytes)
+            .map_err(Error::io(&path, "writing man page"))?;
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(Error::io(&path, "setting permissions"))?;
+        tmp.persist(&path)
+            .map_err(|e| Error::io(&path, "saving man page")(e.error))?;
+        ui.say(path.display());
     }
     Ok(())
 }

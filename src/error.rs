@@ -1,6 +1,7 @@
 //! The one `Error` type: it owns the wording of every message and maps each
-//! kind to the exit-code contract (1 a check failed, 2 usage or I/O error).
-//! It must never format secrets: messages carry paths and reasons only.
+//! kind to the exit-code contract (1 a check failed, 2 usage or I/O error)
+//! and to the `kind` that `--json` reports. It must never format secrets:
+//! messages carry paths and reasons only.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,46 @@ impl Error {
         match self {
             Error::Check(_) | Error::Lint(_) | Error::Refused(_) | Error::Unhealthy(_) => 1,
             Error::Io { .. } | Error::Input { .. } | Error::Unchecked(_) => 2,
+        }
+    }
+
+    /// The name `--json` gives this kind of error (docs/json.md).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::Input { .. } => "input",
+            Error::Check(_) => "check",
+            Error::Lint(_) => "lint",
+            Error::Refused(_) => "refused",
+            Error::Unhealthy(_) => "unhealthy",
+            Error::Unchecked(_) => "unchecked",
+        }
+    }
+
+    /// The same error with `from` replaced by `to` wherever it names a file:
+    /// a download's temporary directory becomes the URL it came from, so a
+    /// message names what the user gave, never a temporary file.
+    pub fn replace_path_prefix(self, from: &str, to: &str) -> Error {
+        let swap = |s: String| s.replace(from, to);
+        match self {
+            Error::Io {
+                path,
+                action,
+                source,
+            } => Error::Io {
+                path: PathBuf::from(swap(path.display().to_string())),
+                action,
+                source,
+            },
+            Error::Input { location, message } => Error::Input {
+                location: swap(location),
+                message: swap(message),
+            },
+            Error::Check(m) => Error::Check(swap(m)),
+            Error::Lint(m) => Error::Lint(swap(m)),
+            Error::Refused(m) => Error::Refused(swap(m)),
+            Error::Unhealthy(m) => Error::Unhealthy(swap(m)),
+            Error::Unchecked(m) => Error::Unchecked(swap(m)),
         }
     }
 
@@ -128,6 +169,25 @@ mod tests {
         assert_eq!(line_column(text, 6), (2, 1));
         assert_eq!(line_column(text, 8), (2, 3));
         assert_eq!(line_column(text, 999), (3, 1));
+    }
+
+    #[test]
+    fn a_temporary_prefix_is_replaced_in_every_kind() {
+        let io = Error::io(Path::new("/tmp/x1/p.tar.zst"), "opening artifact")(
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let io = io.replace_path_prefix("/tmp/x1/", "http://h/r/");
+        assert!(
+            io.to_string()
+                .starts_with("http://h/r/p.tar.zst: opening artifact")
+        );
+        let check = Error::check("/tmp/x1/p.tar.zst: bad; /tmp/x1/p.manifest.json too")
+            .replace_path_prefix("/tmp/x1/", "http://h/");
+        assert_eq!(
+            check.to_string(),
+            "verification failed: http://h/p.tar.zst: bad; http://h/p.manifest.json too"
+        );
+        assert_eq!(check.kind(), "check");
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //!
 //! The modules read as the pipeline, top to bottom; imports run one way
 //! (ARCHITECTURE.md has the whole order): `cli → commands → {emit, apply,
-//! fetch} → status → {verify, state, hooks} → {lint, archive, manifest,
-//! sign} → prefetch → compose → {profile, overlay} → model → confined →
-//! digest`. Only `cli` knows clap; nothing below `commands` reads the
-//! environment, the clock or the terminal.
+//! fetch, keyring, diff} → status → {verify, state, hooks} → {lint, archive,
+//! manifest, sign} → prefetch → compose → {profile, overlay} → model →
+//! confined → digest`. Only `cli` knows clap; nothing below `commands`
+//! reads the environment, the clock or the terminal.
 
 pub mod cli;
 pub mod commands;
@@ -14,8 +14,10 @@ pub mod lint;
 pub mod verify;
 
 pub mod apply;
+pub mod diff;
 pub mod fetch;
 pub mod hooks;
+pub mod keyring;
 pub mod state;
 pub mod status;
 

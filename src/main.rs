@@ -1,16 +1,8 @@
-//! The `infrakit` binary: parse, run, map the error to the exit code.
+//! The `infrakit` binary: `cli::main` parses, runs and reports; its value
+//! is the exit code (0 success, 1 a check failed, 2 usage, input or I/O).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = infrakit::cli::Cli::parse();
-    match infrakit::cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("infrakit: {err}");
-            ExitCode::from(err.exit_code())
-        }
-    }
+    ExitCode::from(infrakit::cli::main())
 }

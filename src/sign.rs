@@ -404,7 +404,9 @@ impl Signature {
     }
 
     /// Checks the signature of a file with `prehash` by one of `keys`, and the
-    /// trusted comment's signature; returns the key that signed.
+    /// trusted comment's signature; returns the key that signed. The key is
+    /// picked by its id, so `keys` must not hold two keys with one id
+    /// (`keyring::Keyring` refuses that).
     pub fn verify<'k>(
         &self,
         keys: &'k [PublicKey],
@@ -416,21 +418,25 @@ impl Signature {
             .ok_or_else(|| {
                 let known: Vec<String> = keys.iter().map(PublicKey::key_id).collect();
                 format!(
-                    "signed by key {}, which is not a trusted key ({})",
+                    "signed by key {}, which is not a trusted key ({}); add its .pub to the keyring only if you trust it",
                     self.key_id(),
                     known.join(", ")
                 )
             })?;
         let sig = ed25519_dalek::Signature::from_bytes(&self.sig);
-        key.key
-            .verify_strict(prehash, &sig)
-            .map_err(|_| "the signature does not match the artifact".to_owned())?;
+        key.key.verify_strict(prehash, &sig).map_err(|_| {
+            "the signature does not match the artifact: one of them was altered; fetch both again"
+                .to_owned()
+        })?;
         let mut global = self.sig.to_vec();
         global.extend_from_slice(self.trusted_comment.as_bytes());
         let global_sig = ed25519_dalek::Signature::from_bytes(&self.global_sig);
         key.key
             .verify_strict(&global, &global_sig)
-            .map_err(|_| "the trusted comment's signature does not match".to_owned())?;
+            .map_err(|_| {
+                "the trusted comment's signature does not match: the .minisig was altered; fetch it again"
+                    .to_owned()
+            })?;
         Ok(key)
     }
 }

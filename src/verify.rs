@@ -156,7 +156,7 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::check(format!(
-                "{}: no signature found; unsigned artifacts are refused",
+                "{}: no signature found; unsigned artifacts are refused: get the .minisig published with the artifact",
                 sig_path.display()
             )));
         }
@@ -197,6 +197,16 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
             manifest.version
         )));
     }
+    // The name is part of what was signed: a renamed artifact is refused
+    // here, for `verify` and `apply` alike.
+    let file_name = artifact.file_name().and_then(|n| n.to_str());
+    if file_name != Some(manifest.artifact_file_name().as_str()) {
+        return Err(Error::check(format!(
+            "{}: the signed artifact is named {}: this file was renamed; use it under its signed name",
+            artifact.display(),
+            manifest.artifact_file_name()
+        )));
+    }
     if (sha256, size) != (manifest.archive.sha256, manifest.archive.size) {
         return Err(Error::check(format!(
             "{}: artifact is {size} bytes with sha256 {sha256}, the manifest says {} bytes with {}",
@@ -215,8 +225,26 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
     })
 }
 
+/// Reads the manifest file at `path` (at most `MANIFEST_MAX` bytes); a
+/// missing one fails the check, as in `authenticate`.
+pub fn read_manifest(path: &Path) -> Result<Vec<u8>> {
+    read_limited(path, MANIFEST_MAX)
+}
+
+/// Reads a manifest of at most `max` bytes. A missing one fails the check
+/// (exit 1), as a missing signature does: the release is incomplete.
 fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = File::open(path).map_err(Error::io(path, "opening manifest"))?;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::check(format!(
+                "{}: no manifest found (was the artifact renamed? keep NAME.tar.zst, its .minisig \
+                 and NAME.manifest.json together under their signed names)",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(path, "opening manifest")(e)),
+    };
     let mut bytes = Vec::new();
     file.take(max + 1)
         .read_to_end(&mut bytes)

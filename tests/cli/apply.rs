@@ -508,7 +508,7 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
     let alone = copy_release(&f.v2, &f.dir().join("alone"), "q");
     fs::remove_file(f.dir().join("alone/q.manifest.json")).unwrap();
     assert_refused_untouched(&f, &alone, &["no manifest", "renamed"]);
-    // An empty keyring refuses everything.
+    // An empty keyring refuses everything (bad input: exit 2).
     let root = f.root("nokeys");
     let before = snapshot(&root);
     let nokeys = f.dir().join("nokeys-ring");
@@ -524,7 +524,7 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
             s(&nokeys),
         ],
     )
-    .expect_code(1);
+    .expect_code(2);
     has(&run.stderr, &["no trusted keys"]);
     assert_eq!(snapshot(&root), before);
     // --allow-downgrade is the explicit way back.
@@ -1004,57 +1004,6 @@ fn a_full_filesystem_mid_apply_leaves_the_previous_release_active() {
 // ---------------------------------------------------------------------------
 // http(s) artifacts, from a loopback server the test starts and stops.
 // ---------------------------------------------------------------------------
-
-/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed on drop.
-struct Server {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        use std::io::BufRead;
-        require_tool("python3");
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-u",
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                "0",
-                "--directory",
-                s(dir),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
-        let port = line
-            .split(" port ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Server { child, port }
-    }
-
-    fn url(&self, file: &str) -> String {
-        format!("http://127.0.0.1:{}/{file}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn apply_takes_an_http_url_and_verifies_what_it_downloads() {

@@ -43,7 +43,10 @@ fn malformed_toml() {
     );
     let line = dir.refused();
     // The string runs to the end of line 1 (9 characters): column 10.
-    has(&line, &["infrakit: profiles/p.toml:1:10: ", "string"]);
+    has(
+        &line,
+        &["infrakit: error: profiles/p.toml:1:10: ", "string"],
+    );
 }
 
 #[test]
@@ -54,7 +57,7 @@ fn malformed_toml_unclosed_array() {
         "# a comment\nname = \"p\"\nversion = \"1.0.0\"\noverlays = [\"a\"\n",
     );
     let line = dir.refused();
-    has(&line, &["infrakit: profiles/p.toml:4:", "array"]);
+    has(&line, &["infrakit: error: profiles/p.toml:4:", "array"]);
 }
 
 #[test]
@@ -68,7 +71,7 @@ fn unknown_key_in_profile() {
     has(
         &line,
         &[
-            "infrakit: profiles/p.toml:4:1: unknown field `surprise`",
+            "infrakit: error: profiles/p.toml:4:1: unknown field `surprise`",
             "expected one of",
             "`source-date-epoch`",
         ],
@@ -83,7 +86,7 @@ fn missing_required_key() {
         "name = \"p\"\nversion = \"1.0.0\"\n",
     );
     let line = dir.refused();
-    has(&line, &["infrakit: profiles/p.toml:", "`overlays`"]);
+    has(&line, &["infrakit: error: profiles/p.toml:", "`overlays`"]);
 }
 
 #[test]
@@ -97,7 +100,7 @@ fn bad_version() {
     has(
         &line,
         &[
-            "infrakit: profiles/p.toml:2:11: version \"one\" is not semver",
+            "infrakit: error: profiles/p.toml:2:11: version \"one\" is not semver",
             "write it like \"1.2.3\"",
         ],
     );
@@ -112,7 +115,7 @@ fn bad_name_golden() {
     );
     assert_eq!(
         dir.refused(),
-        "infrakit: profiles/p.toml:1:8: name \"P!\" must be lowercase letters, digits and `-`"
+        "infrakit: error: profiles/p.toml:1:8: name \"P!\" must be lowercase letters, digits and `-`"
     );
 }
 
@@ -126,7 +129,7 @@ fn negative_source_date_epoch() {
     let line = dir.refused();
     has(
         &line,
-        &["infrakit: profiles/p.toml:4:21: source-date-epoch must not be negative"],
+        &["infrakit: error: profiles/p.toml:4:21: source-date-epoch must not be negative"],
     );
 }
 
@@ -139,7 +142,7 @@ fn missing_overlay_golden() {
     );
     assert_eq!(
         dir.refused(),
-        "infrakit: profiles/p.toml:3:18: overlay \"nope\" not found: overlays/nope is not a directory"
+        "infrakit: error: profiles/p.toml:3:18: overlay \"nope\" not found: overlays/nope is not a directory"
     );
 }
 
@@ -149,15 +152,15 @@ fn empty_and_duplicate_and_malformed_overlay_lists() {
     let cases = [
         (
             "overlays = []\n",
-            "infrakit: profiles/p.toml:3:12: overlays is empty: name at least one overlay",
+            "infrakit: error: profiles/p.toml:3:12: overlays is empty: name at least one overlay",
         ),
         (
             "overlays = [\"a\", \"a\"]\n",
-            "infrakit: profiles/p.toml:3:18: overlay \"a\" is listed twice",
+            "infrakit: error: profiles/p.toml:3:18: overlay \"a\" is listed twice",
         ),
         (
             "overlays = [\"a/b\"]\n",
-            "infrakit: profiles/p.toml:3:13: overlay \"a/b\" is neither a bare name",
+            "infrakit: error: profiles/p.toml:3:13: overlay \"a/b\" is neither a bare name",
         ),
     ];
     for (overlays, want) in cases {
@@ -175,7 +178,7 @@ fn profile_not_utf8() {
     write(&dir.path().join(PROFILE), b"name = \"\xff\"\n");
     has(
         &dir.refused(),
-        &["infrakit: profiles/p.toml: profile is not valid UTF-8"],
+        &["infrakit: error: profiles/p.toml: profile is not valid UTF-8"],
     );
 }
 
@@ -189,7 +192,7 @@ fn missing_profile_file() {
     );
     has(
         &line,
-        &["infrakit: profiles/missing.toml: reading profile: No such file or directory"],
+        &["infrakit: error: profiles/missing.toml: reading profile: No such file or directory"],
     );
 }
 
@@ -202,7 +205,7 @@ fn unknown_key_in_overlay_toml() {
     write(&dir.path().join("overlays/b/overlay.toml"), "bogus = 1\n");
     has(
         &dir.refused(),
-        &["infrakit: overlays/b/overlay.toml:1:1: unknown field `bogus`"],
+        &["infrakit: error: overlays/b/overlay.toml:1:1: unknown field `bogus`"],
     );
     // Inside a table too.
     write(
@@ -211,7 +214,7 @@ fn unknown_key_in_overlay_toml() {
     );
     has(
         &dir.refused(),
-        &["infrakit: overlays/b/overlay.toml:3:1: unknown field `modee`"],
+        &["infrakit: error: overlays/b/overlay.toml:3:1: unknown field `modee`"],
     );
 }
 
@@ -220,7 +223,10 @@ fn malformed_overlay_toml() {
     let dir = repo();
     write(&dir.path().join(PROFILE), TWO_LAYERS);
     write(&dir.path().join("overlays/b/overlay.toml"), "[[dir\n");
-    has(&dir.refused(), &["infrakit: overlays/b/overlay.toml:1:6: "]);
+    has(
+        &dir.refused(),
+        &["infrakit: error: overlays/b/overlay.toml:1:6: "],
+    );
 }
 
 #[test]
@@ -230,23 +236,23 @@ fn bad_values_in_overlay_toml() {
     let cases = [
         (
             "[[dir]]\npath = \"var/x\"\nuid = -1\n",
-            "infrakit: overlays/b/overlay.toml:3:7: uid -1 is out of range",
+            "infrakit: error: overlays/b/overlay.toml:3:7: uid -1 is out of range",
         ),
         (
             "[[dir]]\npath = \"var/x\"\nmode = 0o17777\n",
-            "infrakit: overlays/b/overlay.toml:3:8: mode 8191 is not a permission mode; write it in octal like 0o644",
+            "infrakit: error: overlays/b/overlay.toml:3:8: mode 8191 is not a permission mode; write it in octal like 0o644",
         ),
         (
             "[[dir]]\npath = \"../x\"\n",
-            "infrakit: overlays/b/overlay.toml:2:8: bad path",
+            "infrakit: error: overlays/b/overlay.toml:2:8: bad path",
         ),
         (
             "[[attr]]\npath = \"nothing/*\"\nmode = 0o600\n",
-            "infrakit: overlays/b/overlay.toml:2:8: attr pattern \"nothing/*\" matches nothing",
+            "infrakit: error: overlays/b/overlay.toml:2:8: attr pattern \"nothing/*\" matches nothing",
         ),
         (
             "replace = [\"etc/motd\"]\n",
-            "infrakit: overlays/b/overlay.toml:1:12: replace names etc/motd, which this overlay does not provide",
+            "infrakit: error: overlays/b/overlay.toml:1:12: replace names etc/motd, which this overlay does not provide",
         ),
     ];
     for (toml, want) in cases {
@@ -265,7 +271,7 @@ fn escaping_symlink_in_overlay_toml_golden() {
     );
     assert_eq!(
         dir.refused(),
-        "infrakit: overlays/b/overlay.toml:3:10: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
+        "infrakit: error: overlays/b/overlay.toml:3:10: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
     );
 }
 
@@ -279,14 +285,14 @@ fn escaping_symlink_in_root() {
     );
     assert_eq!(
         dir.refused(),
-        "infrakit: overlays/b/root/etc/x: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
+        "infrakit: error: overlays/b/root/etc/x: symlink etc/x -> ../../../etc/shadow escapes the root; point it inside the tree"
     );
     // One `..` too many at the top level as well.
     fs::remove_file(dir.path().join("overlays/b/root/etc/x")).expect("rm");
     symlink("..", &dir.path().join("overlays/b/root/up"));
     has(
         &dir.refused(),
-        &["infrakit: overlays/b/root/up: symlink up -> .. escapes the root"],
+        &["infrakit: error: overlays/b/root/up: symlink up -> .. escapes the root"],
     );
 }
 
@@ -300,7 +306,7 @@ fn symlink_chain_escaping_the_root_golden() {
     symlink("up/..", &dir.path().join("overlays/b/root/esc"));
     assert_eq!(
         dir.refused(),
-        "infrakit: profiles/p.toml: symlink esc -> up/.. (layer \"b\") resolves above the root; point it inside the tree"
+        "infrakit: error: profiles/p.toml: symlink esc -> up/.. (layer \"b\") resolves above the root; point it inside the tree"
     );
 }
 
@@ -330,7 +336,7 @@ fn two_layer_conflict_golden() {
     write(&dir.path().join("overlays/b/root/etc/motd"), "other\n");
     assert_eq!(
         dir.refused(),
-        "infrakit: profiles/p.toml: conflict at etc/motd: provided by layer \"a\" and layer \"b\"; \
+        "infrakit: error: profiles/p.toml: conflict at etc/motd: provided by layer \"a\" and layer \"b\"; \
          add it to `replace` in \"b\"'s overlay.toml if the upper layer should win"
     );
     // Control: with `replace` it builds.
@@ -352,7 +358,7 @@ fn explicit_directory_conflict() {
     has(
         &dir.refused(),
         &[
-            "infrakit: profiles/p.toml: conflict at directory etc:",
+            "infrakit: error: profiles/p.toml: conflict at directory etc:",
             "replace",
         ],
     );
@@ -366,7 +372,7 @@ fn type_clash_file_vs_dir() {
     has(
         &dir.refused(),
         &[
-            "infrakit: profiles/p.toml: type clash at etc/motd: layer \"a\" has a file, layer \"b\" a dir",
+            "infrakit: error: profiles/p.toml: type clash at etc/motd: layer \"a\" has a file, layer \"b\" a dir",
         ],
     );
 }
@@ -383,7 +389,7 @@ fn symlink_declared_over_a_file_of_the_same_overlay() {
     has(
         &dir.refused(),
         &[
-            "infrakit: overlays/b/overlay.toml:2:8: etc/motd is declared as a symlink but this overlay already provides it",
+            "infrakit: error: overlays/b/overlay.toml:2:8: etc/motd is declared as a symlink but this overlay already provides it",
         ],
     );
 }
@@ -396,7 +402,7 @@ fn fifo_in_root() {
     has(
         &dir.refused(),
         &[
-            "infrakit: overlays/a/root/etc/pipe: a fifo cannot be part of an overlay; remove it from root/",
+            "infrakit: error: overlays/a/root/etc/pipe: a fifo cannot be part of an overlay; remove it from root/",
         ],
     );
 }
@@ -410,7 +416,7 @@ fn non_utf8_file_name_in_root() {
     has(
         &dir.refused(),
         &[
-            "infrakit: overlays/a/root/etc/bad-",
+            "infrakit: error: overlays/a/root/etc/bad-",
             "file name is not valid UTF-8; rename it",
         ],
     );
@@ -473,8 +479,7 @@ fn repo_with_unreadable_file() -> (Repo, std::path::PathBuf) {
     (dir, w)
 }
 
-const UNREADABLE: &str =
-    "infrakit: overlays/a/root/etc/secret: opening for reading: Permission denied (os error 13)\n";
+const UNREADABLE: &str = "infrakit: error: overlays/a/root/etc/secret: opening for reading: Permission denied (os error 13)\n";
 
 #[test]
 fn unreadable_file_leaves_earlier_outputs_alone() {
@@ -536,7 +541,7 @@ fn unreadable_directory_and_overlay_toml() {
     has(
         &assert_refused(&run, &w.join("dist")),
         &[
-            "infrakit: overlays/a/root/etc/locked: walking overlay: ",
+            "infrakit: error: overlays/a/root/etc/locked: walking overlay: ",
             "Permission denied",
         ],
     );
@@ -547,7 +552,7 @@ fn unreadable_directory_and_overlay_toml() {
     has(
         &assert_refused(&run, &w.join("dist")),
         &[
-            "infrakit: overlays/a/overlay.toml: reading overlay.toml: ",
+            "infrakit: error: overlays/a/overlay.toml: reading overlay.toml: ",
             "Permission denied",
         ],
     );
@@ -566,7 +571,7 @@ fn level_out_of_range() {
     );
     assert_eq!(
         line,
-        "infrakit: --level: 99 is out of range for tar.zst: use 1 to 22"
+        "infrakit: error: --level: 99 is out of range for tar.zst: use 1 to 22"
     );
     let line = refuse(
         dir.path(),
@@ -575,7 +580,10 @@ fn level_out_of_range() {
         ],
         &[],
     );
-    has(&line, &["infrakit: --level: -1 is out of range for tar.gz"]);
+    has(
+        &line,
+        &["infrakit: error: --level: -1 is out of range for tar.gz"],
+    );
 }
 
 #[test]
@@ -588,14 +596,14 @@ fn bad_source_date_epoch_golden() {
     );
     assert_eq!(
         line,
-        "infrakit: SOURCE_DATE_EPOCH: \"abc\" is not a number of seconds since 1970"
+        "infrakit: error: SOURCE_DATE_EPOCH: \"abc\" is not a number of seconds since 1970"
     );
     let line = refuse(
         dir.path(),
         &["build", PROFILE, "--out", "dist"],
         &[("SOURCE_DATE_EPOCH", "-1")],
     );
-    has(&line, &["infrakit: SOURCE_DATE_EPOCH: \"-1\""]);
+    has(&line, &["infrakit: error: SOURCE_DATE_EPOCH: \"-1\""]);
 }
 
 #[test]
@@ -615,7 +623,7 @@ fn bad_release_version() {
     );
     has(
         &line,
-        &["infrakit: --release-version: \"two\" is not semver"],
+        &["infrakit: error: --release-version: \"two\" is not semver"],
     );
 }
 
@@ -625,7 +633,10 @@ fn out_dir_is_a_file() {
     write(&dir.path().join("dist"), "not a directory\n");
     let run = infrakit(dir.path(), &["build", PROFILE, "--out", "dist"]);
     let line = assert_refused(&run, &dir.path().join("nothing-here"));
-    has(&line, &["infrakit: dist: creating output directory: "]);
+    has(
+        &line,
+        &["infrakit: error: dist: creating output directory: "],
+    );
     assert_eq!(
         fs::read(dir.path().join("dist")).expect("read"),
         b"not a directory\n"
@@ -643,7 +654,7 @@ fn verify_missing_artifact() {
         &["verify", "dist/nope.tar.zst", "--key", s(&public)],
         &[],
     );
-    has(&line, &["infrakit: dist/nope.tar.zst"]);
+    has(&line, &["infrakit: error: dist/nope.tar.zst"]);
 }
 
 #[test]
@@ -661,16 +672,41 @@ fn verify_deleted_artifact_beside_its_signature() {
         &["verify", "dist/p.tar.zst", "--key", s(&public)],
     );
     let line = assert_refused(&run, &dir.path().join("nothing-here"));
-    has(&line, &["infrakit: dist/p.tar.zst: "]);
+    has(&line, &["infrakit: error: dist/p.tar.zst: "]);
 }
 
 #[test]
-fn verify_without_key_is_a_usage_error() {
+fn verify_without_a_key_reads_the_host_keyring() {
+    // Like apply, verify trusts /etc/infrakit/keys unless --key or --keyring
+    // says otherwise; a machine without one is told how to give keys.
+    assert!(
+        !Path::new("/etc/infrakit/keys").exists(),
+        "this test needs a machine without a host keyring"
+    );
     let dir = repo();
-    let run = infrakit(dir.path(), &["verify", "dist/p.tar.zst"]);
-    assert_eq!(run.code, 2, "{run:?}");
-    assert!(!run.stderr.contains("panicked"), "{run:?}");
-    has(&run.stderr, &["--key <PUB>", "Usage: infrakit verify"]);
+    let line = refuse(dir.path(), &["verify", "dist/p.tar.zst"], &[]);
+    has(
+        &line,
+        &[
+            "infrakit: error: /etc/infrakit/keys: no keyring here",
+            "--keyring DIR or --key FILE",
+        ],
+    );
+    // --key and --keyring are one or the other: a usage error.
+    let run = infrakit(
+        dir.path(),
+        &[
+            "verify",
+            "dist/p.tar.zst",
+            "--key",
+            "k.pub",
+            "--keyring",
+            ".",
+        ],
+    );
+    assert_eq!((run.code, run.stdout.as_str()), (2, ""), "{run:?}");
+    assert!(run.stderr.starts_with("infrakit: error: "), "{run:?}");
+    has(&run.stderr, &["cannot be used with"]);
 }
 
 #[test]
@@ -683,6 +719,6 @@ fn verify_missing_key_file() {
     );
     has(
         &line,
-        &["infrakit: nope.pub: reading public key: No such file or directory"],
+        &["infrakit: error: nope.pub: reading public key: No such file or directory"],
     );
 }

@@ -244,7 +244,7 @@ fn template_errors_name_the_template_and_line() {
         has(
             &err,
             &[
-                &format!("infrakit: overlays/a/root/etc/app/app.conf.tmpl:{line}:"),
+                &format!("infrakit: error: overlays/a/root/etc/app/app.conf.tmpl:{line}:"),
                 "template",
             ],
         );
@@ -262,7 +262,7 @@ fn template_undefined_variable_golden() {
     repo.profile(&["a"], "");
     assert_eq!(
         repo.refused(),
-        "infrakit: overlays/a/root/etc/app/app.conf.tmpl:3:1: template: undefined value"
+        "infrakit: error: overlays/a/root/etc/app/app.conf.tmpl:3:1: template: undefined value"
     );
 }
 
@@ -282,58 +282,60 @@ fn profile_param_errors_are_located() {
         (
             "surprise = 1",
             &[
-                "infrakit: profiles/p.toml:5:12: ",
+                "infrakit: error: profiles/p.toml:5:12: ",
                 "parameter surprise is not declared by any overlay of this profile",
             ],
         ),
         (
             "port = \"9000\"",
-            &["infrakit: profiles/p.toml:5:8: parameter port: expected an integer"],
+            &["infrakit: error: profiles/p.toml:5:8: parameter port: expected an integer"],
         ),
         (
             "port = 80.5",
-            &["infrakit: profiles/p.toml:5:8: parameter port: expected an integer"],
+            &["infrakit: error: profiles/p.toml:5:8: parameter port: expected an integer"],
         ),
         (
             "verbose = \"yes\"",
-            &["infrakit: profiles/p.toml:5:11: parameter verbose: expected true or false"],
+            &["infrakit: error: profiles/p.toml:5:11: parameter verbose: expected true or false"],
         ),
         (
             "servers = [\"a\", 1]",
-            &["infrakit: profiles/p.toml:5:11: parameter servers: expected a list of strings"],
+            &[
+                "infrakit: error: profiles/p.toml:5:11: parameter servers: expected a list of strings",
+            ],
         ),
         (
             "admin-cidrs = [\"10.0.0.1/8\"]",
             &[
-                "infrakit: profiles/p.toml:5:15: parameter admin-cidrs: ",
+                "infrakit: error: profiles/p.toml:5:15: parameter admin-cidrs: ",
                 "\"10.0.0.1/8\" has host bits set",
             ],
         ),
         (
             "admin-cidrs = [\"10.0.0.0/33\"]",
             &[
-                "infrakit: profiles/p.toml:5:15: parameter admin-cidrs: ",
+                "infrakit: error: profiles/p.toml:5:15: parameter admin-cidrs: ",
                 "\"10.0.0.0/33\" has a bad prefix length",
             ],
         ),
         (
             "admin-cidrs = [\"192.0.2.0/24\", \"2001:db8::1/48\"]",
             &[
-                "infrakit: profiles/p.toml:5:15: parameter admin-cidrs: ",
+                "infrakit: error: profiles/p.toml:5:15: parameter admin-cidrs: ",
                 "\"2001:db8::1/48\" has host bits set",
             ],
         ),
         (
             "admin-cidrs = [\"example.com\"]",
             &[
-                "infrakit: profiles/p.toml:5:15: parameter admin-cidrs: ",
+                "infrakit: error: profiles/p.toml:5:15: parameter admin-cidrs: ",
                 "is not an IP network",
             ],
         ),
         (
             "admin-cidrs = \"192.0.2.0/24\"",
             &[
-                "infrakit: profiles/p.toml:5:15: parameter admin-cidrs: expected a list of CIDR strings",
+                "infrakit: error: profiles/p.toml:5:15: parameter admin-cidrs: expected a list of CIDR strings",
             ],
         ),
     ];
@@ -355,7 +357,7 @@ fn a_required_param_not_set_is_refused() {
     repo.profile(&["a"], "");
     assert_eq!(
         repo.refused(),
-        "infrakit: profiles/p.toml: parameter node-id has no default in overlays/a/overlay.toml: set it under [params]"
+        "infrakit: error: profiles/p.toml: parameter node-id has no default in overlays/a/overlay.toml: set it under [params]"
     );
     // Setting it is enough.
     repo.profile(&["a"], "[params]\nnode-id = \"n1\"\n");
@@ -367,22 +369,24 @@ fn bad_param_declarations_are_located() {
     let cases: [(&str, &[&str]); 4] = [
         (
             "[params.port]\ntype = \"integer\"\ndefault = \"x\"\n",
-            &["infrakit: overlays/a/overlay.toml:3:11: default of port: expected an integer"],
+            &[
+                "infrakit: error: overlays/a/overlay.toml:3:11: default of port: expected an integer",
+            ],
         ),
         (
             "[params.nets]\ntype = \"cidr-list\"\ndefault = [\"10.0.0.1/8\"]\n",
             &[
-                "infrakit: overlays/a/overlay.toml:3:11: default of nets: ",
+                "infrakit: error: overlays/a/overlay.toml:3:11: default of nets: ",
                 "host bits",
             ],
         ),
         (
             "[params.Bad]\ntype = \"string\"\ndefault = \"x\"\n",
-            &["infrakit: overlays/a/overlay.toml:1:", "\"Bad\""],
+            &["infrakit: error: overlays/a/overlay.toml:1:", "\"Bad\""],
         ),
         (
             "[params.x]\ntype = \"float\"\ndefault = 1.0\n",
-            &["infrakit: overlays/a/overlay.toml:2:", "float"],
+            &["infrakit: error: overlays/a/overlay.toml:2:", "float"],
         ),
     ];
     for (toml, needles) in cases {
@@ -452,7 +456,7 @@ fn removing_what_no_lower_layer_provides_is_refused() {
     repo.profile(&["a", "b"], "");
     assert_eq!(
         repo.refused(),
-        "infrakit: overlays/b/overlay.toml:4:3: remove names etc/nothing, but no lower layer provides it; remove it from remove"
+        "infrakit: error: overlays/b/overlay.toml:4:3: remove names etc/nothing, but no lower layer provides it; remove it from remove"
     );
 
     // Only a layer *above* provides it: still nothing below to remove.
@@ -461,7 +465,7 @@ fn removing_what_no_lower_layer_provides_is_refused() {
     repo.profile(&["a", "b", "c"], "");
     has(
         &repo.refused(),
-        &["infrakit: overlays/b/overlay.toml:1:11: remove names etc/later"],
+        &["infrakit: error: overlays/b/overlay.toml:1:11: remove names etc/later"],
     );
 
     // The lowest layer has nothing below it.
@@ -469,7 +473,7 @@ fn removing_what_no_lower_layer_provides_is_refused() {
     repo.profile(&["a"], "");
     has(
         &repo.refused(),
-        &["infrakit: overlays/a/overlay.toml:1:11: remove names usr/bin/x"],
+        &["infrakit: error: overlays/a/overlay.toml:1:11: remove names usr/bin/x"],
     );
 }
 
@@ -481,20 +485,20 @@ fn removing_and_providing_the_same_path_is_refused() {
     repo.profile(&["a", "b"], "");
     assert_eq!(
         repo.refused(),
-        "infrakit: overlays/b/overlay.toml:1:11: etc/motd is both provided and removed by this overlay"
+        "infrakit: error: overlays/b/overlay.toml:1:11: etc/motd is both provided and removed by this overlay"
     );
     // A directory this overlay also provides something in.
     repo.overlay("b", "\nremove = [\"etc\"]\n");
     has(
         &repo.refused(),
-        &["infrakit: overlays/b/overlay.toml:2:11: etc is both provided and removed"],
+        &["infrakit: error: overlays/b/overlay.toml:2:11: etc is both provided and removed"],
     );
     // A bad path.
     fs::remove_dir_all(repo.path().join("overlays/b/root/etc")).unwrap();
     repo.overlay("b", "remove = [\"etc/../x\"]\n");
     has(
         &repo.refused(),
-        &["infrakit: overlays/b/overlay.toml:1:11: bad path"],
+        &["infrakit: error: overlays/b/overlay.toml:1:11: bad path"],
     );
 }
 
@@ -720,49 +724,57 @@ fn bad_generated_declarations_are_located() {
     let cases: [(&str, &[&str]); 10] = [
         (
             "[[user]]\nname = \"Root\"\n",
-            &["infrakit: overlays/a/overlay.toml:2:8: \"Root\" is not a valid user or group name"],
+            &[
+                "infrakit: error: overlays/a/overlay.toml:2:8: \"Root\" is not a valid user or group name",
+            ],
         ),
         (
             "[[group]]\nname = \"9ops\"\n",
-            &["infrakit: overlays/a/overlay.toml:2:8: \"9ops\" is not a valid user or group name"],
+            &[
+                "infrakit: error: overlays/a/overlay.toml:2:8: \"9ops\" is not a valid user or group name",
+            ],
         ),
         (
             "[[user]]\nname = \"a-very-long-user-name-of-32-bytes\"\n",
             &[
-                "infrakit: overlays/a/overlay.toml:2:8: ",
+                "infrakit: error: overlays/a/overlay.toml:2:8: ",
                 "not a valid user",
             ],
         ),
         (
             "[[enable]]\nunit = \"x.conf\"\ntarget = \"multi-user.target\"\n",
-            &["infrakit: overlays/a/overlay.toml:2:8: \"x.conf\" is not a systemd unit name"],
+            &[
+                "infrakit: error: overlays/a/overlay.toml:2:8: \"x.conf\" is not a systemd unit name",
+            ],
         ),
         (
             "[[enable]]\nunit = \"../x.service\"\ntarget = \"multi-user.target\"\n",
             &[
-                "infrakit: overlays/a/overlay.toml:2:8: ",
+                "infrakit: error: overlays/a/overlay.toml:2:8: ",
                 "not a systemd unit name",
             ],
         ),
         (
             "[[enable]]\nunit = \"x.service\"\ntarget = \"multi-user\"\n",
-            &["infrakit: overlays/a/overlay.toml:3:10: \"multi-user\" is not a systemd unit name"],
+            &[
+                "infrakit: error: overlays/a/overlay.toml:3:10: \"multi-user\" is not a systemd unit name",
+            ],
         ),
         (
             "[[enable]]\nunit = \"x.service\"\ntarget = \"multi-user.target\"\npath = \"usr/lib/x.service\"\n",
-            &["infrakit: overlays/a/overlay.toml:4:8: path must be absolute"],
+            &["infrakit: error: overlays/a/overlay.toml:4:8: path must be absolute"],
         ),
         (
             "[[tmpfile]]\ntype = \"?\"\npath = \"/var/x\"\n",
-            &["infrakit: overlays/a/overlay.toml:2:8: tmpfile type \"?\" is not supported"],
+            &["infrakit: error: overlays/a/overlay.toml:2:8: tmpfile type \"?\" is not supported"],
         ),
         (
             "[[tmpfile]]\ntype = \"d\"\npath = \"var/x\"\n",
-            &["infrakit: overlays/a/overlay.toml:3:8: tmpfile path must be absolute"],
+            &["infrakit: error: overlays/a/overlay.toml:3:8: tmpfile path must be absolute"],
         ),
         (
             "[[user]]\nname = \"node\"\nshoe = \"/bin/sh\"\n",
-            &["infrakit: overlays/a/overlay.toml:3:1: unknown field `shoe`"],
+            &["infrakit: error: overlays/a/overlay.toml:3:1: unknown field `shoe`"],
         ),
     ];
     for (toml, needles) in cases {
@@ -785,7 +797,10 @@ fn unsafe_generated_fields_are_refused() {
         let repo = Repo::new();
         repo.overlay("a", toml);
         repo.profile(&["a"], "");
-        has(&repo.refused(), &["infrakit: overlays/a/overlay.toml"]);
+        has(
+            &repo.refused(),
+            &["infrakit: error: overlays/a/overlay.toml"],
+        );
     }
 }
 
@@ -813,7 +828,7 @@ fn a_generated_path_also_in_root_is_refused() {
         has(
             &repo.refused(),
             &[
-                "infrakit: overlays/a/overlay.toml",
+                "infrakit: error: overlays/a/overlay.toml",
                 path,
                 "root/ provides it too",
             ],
@@ -826,7 +841,7 @@ fn a_generated_path_also_in_root_is_refused() {
     repo.profile(&["a"], "");
     has(
         &repo.refused(),
-        &["infrakit: profiles/p.toml: etc/infrakit/firewall.nft is generated"],
+        &["infrakit: error: profiles/p.toml: etc/infrakit/firewall.nft is generated"],
     );
 }
 
@@ -1097,59 +1112,59 @@ fn bad_ports_are_located() {
     let cases: [(&str, &str); 14] = [
         (
             "[[port]]\nport = 0\nexposure = \"public\"\n",
-            "infrakit: overlays/a/overlay.toml:8:8: port 0 is out of range (1 to 65535)",
+            "infrakit: error: overlays/a/overlay.toml:8:8: port 0 is out of range (1 to 65535)",
         ),
         (
             "[[port]]\nport = 70000\nexposure = \"public\"\n",
-            "infrakit: overlays/a/overlay.toml:8:8: port 70000 is out of range (1 to 65535)",
+            "infrakit: error: overlays/a/overlay.toml:8:8: port 70000 is out of range (1 to 65535)",
         ),
         (
             "[[port]]\nport = -22\nexposure = \"public\"\n",
-            "infrakit: overlays/a/overlay.toml:8:8: port -22 is out of range (1 to 65535)",
+            "infrakit: error: overlays/a/overlay.toml:8:8: port -22 is out of range (1 to 65535)",
         ),
         (
             "[[port]]\nport = 1\nproto = \"icmp\"\nexposure = \"public\"\n",
-            "infrakit: overlays/a/overlay.toml:9:9: proto must be \"tcp\" or \"udp\"",
+            "infrakit: error: overlays/a/overlay.toml:9:9: proto must be \"tcp\" or \"udp\"",
         ),
         (
             "[[port]]\nport = 1\nallow = [\"192.0.2.0/24\", \"10.0.0.1/8\"]\n",
-            "infrakit: overlays/a/overlay.toml:9:9: \"10.0.0.1/8\" has host bits set below its /8 prefix",
+            "infrakit: error: overlays/a/overlay.toml:9:9: \"10.0.0.1/8\" has host bits set below its /8 prefix",
         ),
         (
             "[[port]]\nport = 1\nallow = [\"10.0.0.0/33\"]\n",
-            "infrakit: overlays/a/overlay.toml:9:9: \"10.0.0.0/33\" has a bad prefix length (0 to 32)",
+            "infrakit: error: overlays/a/overlay.toml:9:9: \"10.0.0.0/33\" has a bad prefix length (0 to 32)",
         ),
         (
             "[[port]]\nport = 1\nallow = [\"$admin\"]\n",
-            "infrakit: overlays/a/overlay.toml:9:9: $admin is not a parameter this overlay declares under [params]",
+            "infrakit: error: overlays/a/overlay.toml:9:9: $admin is not a parameter this overlay declares under [params]",
         ),
         (
             "[[port]]\nport = 1\nallow = [\"$name\"]\n",
-            "infrakit: overlays/a/overlay.toml:9:9: $name is not a cidr-list parameter",
+            "infrakit: error: overlays/a/overlay.toml:9:9: $name is not a cidr-list parameter",
         ),
         (
             "[[port]]\nport = 1\nallow = [\"$nets\"]\n",
-            "infrakit: overlays/a/overlay.toml:9:9: allow resolves to no address; set the parameter, or add when-empty = \"public\"",
+            "infrakit: error: overlays/a/overlay.toml:9:9: allow resolves to no address; set the parameter, or add when-empty = \"public\"",
         ),
         (
             "[[port]]\nport = 1\nallow = []\nwhen-empty = \"loopback\"\n",
-            "infrakit: overlays/a/overlay.toml:10:14: when-empty \"loopback\" must be \"public\"",
+            "infrakit: error: overlays/a/overlay.toml:10:14: when-empty \"loopback\" must be \"public\"",
         ),
         (
             "[[port]]\nport = 1\nexposure = \"public\"\nallow = [\"192.0.2.0/24\"]\n",
-            "infrakit: overlays/a/overlay.toml:8:8: give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]",
+            "infrakit: error: overlays/a/overlay.toml:8:8: give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]",
         ),
         (
             "[[port]]\nport = 1\n",
-            "infrakit: overlays/a/overlay.toml:8:8: give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]",
+            "infrakit: error: overlays/a/overlay.toml:8:8: give exactly one of exposure = \"public\"|\"loopback\" or allow = [...]",
         ),
         (
             "[[port]]\nport = 1\nexposure = \"world\"\n",
-            "infrakit: overlays/a/overlay.toml:9:12: exposure \"world\" must be \"public\" or \"loopback\" (or give allow = [...])",
+            "infrakit: error: overlays/a/overlay.toml:9:12: exposure \"world\" must be \"public\" or \"loopback\" (or give allow = [...])",
         ),
         (
             "[[port]]\nport = 1\nexposure = \"public\"\nlimit = \"10/fortnight\"\n",
-            "infrakit: overlays/a/overlay.toml:10:9: limit \"10/fortnight\" must look like 10/minute",
+            "infrakit: error: overlays/a/overlay.toml:10:9: limit \"10/fortnight\" must look like 10/minute",
         ),
     ];
     for (port, want) in cases {
@@ -1189,7 +1204,7 @@ fn the_whole_ipv6_space_is_a_cidr_not_a_panic() {
     has(
         &line,
         &[
-            "infrakit: profiles/p.toml:5:8: parameter nets: ",
+            "infrakit: error: profiles/p.toml:5:8: parameter nets: ",
             "host bits",
         ],
     );
@@ -1225,7 +1240,7 @@ fn the_same_port_with_different_exposure_in_two_layers_is_refused() {
         assert_eq!(
             repo.refused(),
             format!(
-                "infrakit: profiles/p.toml: port {what} is declared with different exposure or limit at \
+                "infrakit: error: profiles/p.toml: port {what} is declared with different exposure or limit at \
                  overlays/a/overlay.toml:2:8 and at overlays/b/overlay.toml:3:8; declare it once"
             )
         );
@@ -1801,11 +1816,16 @@ fn run_case(c: &Case) -> Vec<String> {
         }
     }
 
-    // JSON: an array of {rule, path, layer, message}.
-    match serde_json::from_str::<Value>(&json.stdout) {
-        Ok(Value::Array(items)) => {
+    // JSON: the envelope (docs/json.md), its findings an array of
+    // {rule, path, layer, message}.
+    let doc = serde_json::from_str::<Value>(&json.stdout).unwrap_or_default();
+    if doc["schema"] != 1 || doc["ok"] != want.is_empty() {
+        fail(format!("--json envelope: {:?}", json.stdout));
+    }
+    match &doc["findings"] {
+        Value::Array(items) => {
             let mut got = BTreeSet::new();
-            for f in &items {
+            for f in items {
                 let mut keys: Vec<&str> = f
                     .as_object()
                     .map(|o| o.keys().map(String::as_str).collect())
@@ -1829,12 +1849,15 @@ fn run_case(c: &Case) -> Vec<String> {
                 fail(format!("--json findings {got:?}, want {want:?}"));
             }
         }
-        _ => fail(format!("--json stdout is not an array: {:?}", json.stdout)),
+        _ => fail(format!(
+            "--json findings are not an array: {:?}",
+            json.stdout
+        )),
     }
 
     let dist = repo.path().join("dist");
     if want.is_empty() {
-        if json.code != 0 || json.stdout != "[]\n" {
+        if json.code != 0 || doc["findings"] != Value::Array(Vec::new()) {
             fail(format!(
                 "lint --json: exit {} {:?} {:?}",
                 json.code, json.stdout, json.stderr
@@ -1879,7 +1902,7 @@ fn run_case(c: &Case) -> Vec<String> {
         }
     }
     let err = text.stderr.trim_end();
-    if !(err.starts_with("infrakit: ")
+    if !(err.starts_with("infrakit: error: ")
         && err.contains("lint")
         && err.contains(PROFILE)
         && !err.contains('\n'))
@@ -1890,7 +1913,7 @@ fn run_case(c: &Case) -> Vec<String> {
     if build.code != 1 {
         fail(format!("build exit {}: {:?}", build.code, build.stderr));
     }
-    if !build.stderr.starts_with("infrakit: ") || !build.stdout.is_empty() {
+    if !build.stderr.starts_with("infrakit: error: ") || !build.stdout.is_empty() {
         fail(format!(
             "build output {:?} {:?}",
             build.stdout, build.stderr
@@ -1947,8 +1970,16 @@ fn lint_reports_every_finding_of_every_layer() {
     );
     repo.profile(&["a", "b", "c"], "");
     let json = repo.lint(true).expect_code(1);
-    let got: Vec<Value> = serde_json::from_str(&json.stdout).unwrap();
-    let got: Vec<(String, String, String)> = got
+    let doc: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(
+        (&doc["schema"], &doc["command"], &doc["ok"]),
+        (&Value::from(1), &Value::from("lint"), &Value::from(false))
+    );
+    assert_eq!(doc["error"]["exit_code"], 1);
+    assert_eq!(doc["error"]["kind"], "lint");
+    let got: Vec<(String, String, String)> = doc["findings"]
+        .as_array()
+        .unwrap()
         .iter()
         .map(|f| {
             (
@@ -1967,7 +1998,10 @@ fn lint_reports_every_finding_of_every_layer() {
             t("etc/systemd/system/c.service", "c", "unit-root"),
         ]
     );
-    has(&json.stderr, &["infrakit: ", "3 finding(s)", PROFILE]);
+    has(
+        &json.stderr,
+        &["infrakit: error: ", "3 finding(s)", PROFILE],
+    );
 }
 
 #[test]
@@ -1995,10 +2029,23 @@ fn lint_of_bad_input_is_a_usage_error() {
     repo.root_file("a", "etc/motd", "hi\n");
     repo.overlay("a", "[[port]]\nport = 0\nexposure = \"public\"\n");
     repo.profile(&["a"], "");
-    for json in [false, true] {
-        let line = assert_refused(&repo.lint(json), &repo.path().join("dist"));
-        has(&line, &["infrakit: overlays/a/overlay.toml:2:8: port 0"]);
-    }
+    let line = assert_refused(&repo.lint(false), &repo.path().join("dist"));
+    has(
+        &line,
+        &["infrakit: error: overlays/a/overlay.toml:2:8: port 0"],
+    );
+    // With --json: the same exit code and stderr, and the error on stdout.
+    let run = repo.lint(true);
+    assert_eq!(
+        (run.code, run.stderr.as_str()),
+        (2, format!("{line}\n").as_str())
+    );
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["error"]["kind"], "input", "{doc}");
+    has(
+        doc["error"]["message"].as_str().unwrap(),
+        &["overlays/a/overlay.toml:2:8: port 0"],
+    );
     let run = infrakit(repo.path(), &["lint", "profiles/nope.toml"]);
     has(
         &assert_refused(&run, &repo.path().join("dist")),
@@ -2016,7 +2063,9 @@ fn the_repository_base_profile_lints_clean() {
         "{run:?}"
     );
     let run = infrakit(root, &["lint", "profiles/base.toml", "--json"]).ok();
-    assert_eq!(run.stdout, "[]\n");
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["findings"], Value::Array(Vec::new()), "{doc}");
+    assert_eq!(doc["ok"], true);
     // -q: nothing on stdout, still exit 0.
     let run = infrakit(root, &["-q", "lint", "profiles/base.toml"]).ok();
     assert_eq!(run.stdout, "");

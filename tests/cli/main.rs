@@ -5,6 +5,7 @@ mod support;
 
 mod apply;
 mod bad_input;
+mod cli_surface;
 mod features;
 mod hardening;
 mod oracles;

@@ -1345,7 +1345,9 @@ fn keygen_never_overwrites_and_sets_modes() {
 fn inspect_shows_the_manifest() {
     let b = build_fixture("tar.zst");
     let root = b.root();
-    // --json, from the manifest or from the artifact: the file's exact bytes.
+    // --json, from the manifest or from the artifact: the manifest as
+    // written, and from the artifact every member as read, matching it.
+    let written: serde_json::Value = serde_json::from_slice(&b.manifest_bytes).unwrap();
     for target in [&b.manifest_path, &b.artifact] {
         let out = Command::new(bin())
             .args(["inspect", s(target), "--json"])
@@ -1357,7 +1359,20 @@ fn inspect_shows_the_manifest() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.stdout == b.manifest_bytes, "inspect {target:?} --json");
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["manifest"], written, "inspect {target:?} --json");
+        assert_eq!(doc["schema"], 1);
+        assert_eq!(doc["signature"]["checked"], false);
+        if target == &b.artifact {
+            let members = doc["members"].as_array().unwrap();
+            assert_eq!(members.len(), b.entries().len());
+            assert!(
+                members.iter().all(|m| m["matches_manifest"] == true),
+                "{doc}"
+            );
+            assert_eq!(doc["artifact"]["matches_manifest"], true);
+            assert_eq!(doc["artifact"]["sha256"], written["archive"]["sha256"]);
+        }
     }
     // Human form: the header and one line per entry.
     let r = infrakit(root, &["inspect", s(&b.artifact)]).ok();

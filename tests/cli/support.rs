@@ -318,7 +318,7 @@ pub fn assert_refused(run: &Run, out: &Path) -> String {
     assert!(run.stderr.ends_with('\n'), "{all}");
     let line = run.stderr.trim_end_matches('\n');
     assert!(!line.contains('\n'), "more than one line: {all}");
-    assert!(line.starts_with("infrakit: "), "{all}");
+    assert!(line.starts_with("infrakit: error: "), "{all}");
     if out.exists() {
         assert_eq!(list_files(out), Vec::<String>::new(), "left behind: {all}");
     }
@@ -392,5 +392,60 @@ impl Repo {
     /// A build to `dist` that must be refused; returns the one stderr line.
     pub fn refused(&self) -> String {
         refuse(self.path(), &["build", PROFILE, "--out", "dist"], &[])
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A loopback http server (tests/cli/apply.rs and cli_surface.rs).
+// ---------------------------------------------------------------------------
+
+/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed on drop.
+pub struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Server {
+        use std::io::BufRead;
+        require_tool("python3");
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "0",
+                "--directory",
+                s(dir),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("the server says where it listens");
+        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+        let port = line
+            .split(" port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Server { child, port }
+    }
+
+    pub fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

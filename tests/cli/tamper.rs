@@ -368,9 +368,11 @@ fn untrusted_comment_may_hold_non_utf8_bytes_like_stock_minisign() {
     let end = untrusted_line_end(&sig);
     // "sign\xe9" where the comment's text ends.
     let latin1 = with_byte(&sig, end - 1, 0xe9);
-    let art = root.join("copy.tar.zst");
+    // A copy under its signed name (a renamed artifact is refused).
+    fs::create_dir_all(root.join("copy")).unwrap();
+    let art = root.join("copy/tiny.tar.zst");
     fs::copy(&f.out.artifact, &art).unwrap();
-    let sig_path = root.join("copy.tar.zst.minisig");
+    let sig_path = root.join("copy/tiny.tar.zst.minisig");
     fs::write(&sig_path, &latin1).unwrap();
     minisign(root, &art, &sig_path, &f.public).ok();
     let o = Outputs {
