@@ -32,8 +32,9 @@ use crate::confined::{Dir, Kind};
 use crate::digest::HashingReader;
 use crate::error::{Error, Result};
 use crate::hooks::{self, Hooks};
-use crate::manifest::{EntryType, Manifest, ManifestEntry};
+use crate::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::model::RelPath;
+use crate::sign::{PublicKey, Signature};
 use crate::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
 use crate::status::{self, Drift};
 use crate::verify::Verified;
@@ -389,11 +390,12 @@ fn kind_name(kind: EntryType) -> &'static str {
     }
 }
 
-/// Reactivates the release before the active one, after re-checking that
-/// its files on disk still match its manifest. Under the lock, after
-/// finishing or reverting an interrupted activation (a dry run says it
-/// would).
-pub fn rollback(state: &State, dry_run: bool, now: u64) -> Result<Outcome> {
+/// Reactivates the release before the active one, after checking it again
+/// as untrusted: its manifest must still be the one its stored signature's
+/// trusted comment names, signed by one of `keys`, and its files on disk
+/// must match that manifest. Under the lock, after finishing or reverting
+/// an interrupted activation (a dry run says it would).
+pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> Result<Outcome> {
     if !state.exists() {
         return Err(Error::Refused(format!(
             "{}: no release was ever applied; nothing to roll back",
@@ -431,6 +433,7 @@ pub fn rollback(state: &State, dry_run: bool, now: u64) -> Result<Outcome> {
     };
     let old = state.release(&from)?;
     let target = state.release(&to)?;
+    vouch(state, &target, keys)?;
     let drift = status::release_drift(state, &target)?;
     if let Some(d) = drift.first() {
         return Err(Error::Refused(format!(
@@ -456,6 +459,31 @@ pub fn rollback(state: &State, dry_run: bool, now: u64) -> Result<Outcome> {
     let history = record.history[..pos].to_vec();
     let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
     activate(state, &journal, plan, recovered)
+}
+
+/// Checks that a retained release's manifest is still the signed one: the
+/// stored signature's trusted comment, signed by a trusted key, names this
+/// manifest's digest, name and version.
+fn vouch(state: &State, release: &Release, keys: &[PublicKey]) -> Result<()> {
+    let id = &release.info.id;
+    let refuse = |why: String| {
+        Error::Refused(format!(
+            "the retained release {id} is not vouched for: {why} ({}); apply its artifact again instead",
+            state.path("releases").join(id.as_str()).display()
+        ))
+    };
+    let signature = Signature::parse(&release.signature).map_err(&refuse)?;
+    signature.verify_comment(keys).map_err(&refuse)?;
+    let claimed = Binding::parse(signature.trusted_comment()).map_err(&refuse)?;
+    let m = &release.manifest;
+    if (claimed.manifest_sha256, &claimed.name, &claimed.version)
+        != (release.manifest_sha256, &m.name, &m.version)
+    {
+        return Err(refuse(
+            "its manifest is not the one its signature names".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 impl Journal {

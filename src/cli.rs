@@ -191,6 +191,10 @@ pub enum Command {
         /// The root whose release to roll back.
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
+        /// Directory of trusted minisign public keys (*.pub): the retained
+        /// release's stored signature must still verify against one of them.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_KEYRING)]
+        keyring: PathBuf,
         /// Print what would change and write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -423,7 +427,12 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
                 now: 0,
             },
         ),
-        Command::Rollback { root, dry_run, .. } => commands::rollback(ui, &root, dry_run),
+        Command::Rollback {
+            root,
+            keyring,
+            dry_run,
+            ..
+        } => commands::rollback(ui, &root, &Trusted::Dir(keyring), dry_run),
         Command::Status { root, textfile, .. } => commands::status(ui, &root, textfile.as_deref()),
         Command::Lint { profile, .. } => commands::lint(ui, &profile),
         Command::Completions { shell } => {

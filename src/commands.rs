@@ -740,10 +740,11 @@ pub fn apply(
     Ok(())
 }
 
-pub fn rollback(ui: &Ui, root: &Path, dry_run: bool) -> Result<()> {
+pub fn rollback(ui: &Ui, root: &Path, trusted: &Trusted, dry_run: bool) -> Result<()> {
     ui.put("root", root.display().to_string());
+    let keyring = Keyring::load(trusted)?;
     let state = crate::state::State::open(root)?;
-    let outcome = crate::apply::rollback(&state, dry_run, now())?;
+    let outcome = crate::apply::rollback(&state, keyring.keys(), dry_run, now())?;
     report(ui, &outcome, root, "rollback");
     Ok(())
 }

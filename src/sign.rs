@@ -412,22 +412,20 @@ impl Signature {
         keys: &'k [PublicKey],
         prehash: &Prehash,
     ) -> Result<&'k PublicKey, String> {
-        let key = keys
-            .iter()
-            .find(|k| k.key_id == self.key_id)
-            .ok_or_else(|| {
-                let known: Vec<String> = keys.iter().map(PublicKey::key_id).collect();
-                format!(
-                    "signed by key {}, which is not a trusted key ({}); add its .pub to the keyring only if you trust it",
-                    self.key_id(),
-                    known.join(", ")
-                )
-            })?;
+        let key = self.signer(keys)?;
         let sig = ed25519_dalek::Signature::from_bytes(&self.sig);
         key.key.verify_strict(prehash, &sig).map_err(|_| {
             "the signature does not match the artifact: one of them was altered; fetch both again"
                 .to_owned()
         })?;
+        self.verify_comment(keys)
+    }
+
+    /// Checks only the trusted comment's signature (over the file's
+    /// signature and the comment) by one of `keys`: what vouches for the
+    /// comment, and through it for a manifest, when the file itself is gone.
+    pub fn verify_comment<'k>(&self, keys: &'k [PublicKey]) -> Result<&'k PublicKey, String> {
+        let key = self.signer(keys)?;
         let mut global = self.sig.to_vec();
         global.extend_from_slice(self.trusted_comment.as_bytes());
         let global_sig = ed25519_dalek::Signature::from_bytes(&self.global_sig);
@@ -438,6 +436,18 @@ impl Signature {
                     .to_owned()
             })?;
         Ok(key)
+    }
+
+    /// The key of `keys` with this signature's key id.
+    fn signer<'k>(&self, keys: &'k [PublicKey]) -> Result<&'k PublicKey, String> {
+        keys.iter().find(|k| k.key_id == self.key_id).ok_or_else(|| {
+            let known: Vec<String> = keys.iter().map(PublicKey::key_id).collect();
+            format!(
+                "signed by key {}, which is not a trusted key ({}); add its .pub to the keyring only if you trust it",
+                self.key_id(),
+                known.join(", ")
+            )
+        })
     }
 }
 

@@ -216,6 +216,10 @@ pub struct Record {
 pub struct Release {
     pub info: ReleaseInfo,
     pub manifest: Manifest,
+    /// The sha256 of `manifest.json` as read.
+    pub manifest_sha256: Sha256,
+    /// `artifact.minisig` as read (checked only by who needs it: rollback).
+    pub signature: Vec<u8>,
 }
 
 /// The state directories `State::create` made, to be removed again when
@@ -444,7 +448,17 @@ impl State {
                 format!("is not the manifest of {id}"),
             ));
         }
-        Ok(Release { info, manifest })
+        let sig_rel = base.join("artifact.minisig");
+        let signature = dir.read(&sig_rel, 64 << 10).map_err(state_error(
+            dir.display(&sig_rel),
+            "reading release signature",
+        ))?;
+        Ok(Release {
+            info,
+            manifest,
+            manifest_sha256: Sha256::of(&bytes),
+            signature,
+        })
     }
 
     /// The active release, if any.

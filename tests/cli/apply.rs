@@ -300,7 +300,11 @@ fn upgrade_then_rollback_restores_the_previous_release_exactly() {
         noise(1 << 20, 2)
     );
     status(&root, &[]).ok();
-    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).ok();
+    let run = infrakit(
+        f.dir(),
+        &["rollback", "--root", s(&root), "--keyring", s(&f.keyring)],
+    )
+    .ok();
     has(
         &run.stdout,
         &["activated p-1.0.0-", "(was p-2.0.0-", "rollback)"],
@@ -310,7 +314,11 @@ fn upgrade_then_rollback_restores_the_previous_release_exactly() {
     assert_eq!(host_paths(&root), v1_paths);
     status(&root, &[]).ok();
     // Nothing older is retained: a second rollback is refused.
-    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).expect_code(1);
+    let run = infrakit(
+        f.dir(),
+        &["rollback", "--root", s(&root), "--keyring", s(&f.keyring)],
+    )
+    .expect_code(1);
     has(&run.stderr, &["nothing to roll back"]);
     // And release 2 applies again (it is newer than the active 1.0.0).
     f.apply(&f.v2, &root, &[]).ok();
@@ -844,7 +852,11 @@ fn rollback_completes_an_activation_interrupted_after_the_switch_first() {
         &["interrupted", "after the switch"],
     );
     // rollback completes the activation, then rolls it back to release 1.
-    let run = infrakit(f.dir(), &["rollback", "--root", s(&root)]).ok();
+    let run = infrakit(
+        f.dir(),
+        &["rollback", "--root", s(&root), "--keyring", s(&f.keyring)],
+    )
+    .ok();
     has(&run.stdout, &["activated p-1.0.0-", "(was p-2.0.0-"]);
     assert_eq!(view(&root), v1_view);
     status(&root, &[]).ok();

@@ -590,7 +590,7 @@ fn every_json_command_prints_the_envelope_and_fails_with_the_plain_exit_code() {
     assert_eq!(list_files(&root), Vec::<String>::new(), "a refusal wrote");
     fails_alike(
         &t,
-        &["rollback", "--root", root_s],
+        &["rollback", "--root", root_s, "--keyring", keyring],
         "rollback",
         1,
         "refused",
@@ -611,13 +611,28 @@ fn every_json_command_prints_the_envelope_and_fails_with_the_plain_exit_code() {
         "{doc}"
     );
     fails_alike(&t, &apply(v1, &[]), "apply", 1, "refused");
-    let doc = succeeds_json(&t, &["rollback", "--root", root_s, "--dry-run"], "rollback");
+    let doc = succeeds_json(
+        &t,
+        &[
+            "rollback",
+            "--root",
+            root_s,
+            "--keyring",
+            keyring,
+            "--dry-run",
+        ],
+        "rollback",
+    );
     assert_eq!(doc["action"], "dry-run");
-    let doc = succeeds_json(&t, &["rollback", "--root", root_s], "rollback");
+    let doc = succeeds_json(
+        &t,
+        &["rollback", "--root", root_s, "--keyring", keyring],
+        "rollback",
+    );
     assert_eq!(doc["action"], "activated");
     fails_alike(
         &t,
-        &["rollback", "--root", root_s],
+        &["rollback", "--root", root_s, "--keyring", keyring],
         "rollback",
         1,
         "refused",
@@ -694,7 +709,14 @@ fn quiet_hides_confirmations_but_never_a_dry_run_plan_or_a_report() {
     apply(false, &t.v2, &[]);
     let rollback = |quiet: bool| {
         let mut args = if quiet { vec!["-q"] } else { vec![] };
-        args.extend(["rollback", "--root", s(&root), "--dry-run"]);
+        args.extend([
+            "rollback",
+            "--root",
+            s(&root),
+            "--keyring",
+            s(&t.keyring),
+            "--dry-run",
+        ]);
         t.run(&args).ok().stdout
     };
     let loud = rollback(false);

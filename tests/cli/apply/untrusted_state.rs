@@ -55,7 +55,7 @@ fn refused(f: &Fleet, scene: &Scene, args: &[&str], code: i32, needles: &[&str])
     let before = scene.snapshots();
     let mut argv: Vec<&str> = args.to_vec();
     argv.extend(["--root", s(&scene.root)]);
-    if args[0] == "apply" {
+    if args[0] == "apply" || args[0] == "rollback" {
         argv.extend(["--keyring", s(&f.keyring)]);
     }
     let run = infrakit(f.dir(), &argv).expect_code(code);
@@ -562,4 +562,85 @@ fn a_refusal_while_extracting_leaves_an_empty_root_empty() {
     );
     assert!(!run.stdout.contains("activated"));
     assert!(!scene.state().exists());
+}
+
+#[test]
+fn rollback_checks_the_retained_release_again_before_activating_it() {
+    let f = Fleet::new();
+    let scene = Scene::new(&f, "rollback-check", false);
+    f.apply(&f.v1, &scene.root, &[]).ok();
+    f.apply(&f.v2, &scene.root, &[]).ok();
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(scene.state().join("state.json")).unwrap()).unwrap();
+    let v1_id = record["history"][0].as_str().unwrap().to_owned();
+    let v1_dir = scene.state().join("releases").join(&v1_id);
+    let file = v1_dir.join("rootfs/etc/app/a.conf");
+    let genuine = fs::read(&file).unwrap();
+
+    // Its files edited: refused by the file check.
+    chmod(&file, 0o644);
+    write(&file, "a = evil\n");
+    refused(
+        &f,
+        &scene,
+        &["rollback"],
+        1,
+        &[&v1_id, "no longer matches its manifest", "etc/app/a.conf"],
+    );
+
+    // Its manifest edited to match: refused, the signature names another manifest.
+    let manifest_path = v1_dir.join("manifest.json");
+    let genuine_manifest = fs::read(&manifest_path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&genuine_manifest).unwrap();
+    for e in m["entries"].as_array_mut().unwrap() {
+        if e["path"] == "etc/app/a.conf" {
+            e["sha256"] = sha256_hex(b"a = evil\n").into();
+            e["size"] = 9.into();
+        }
+    }
+    write(&manifest_path, serde_json::to_vec(&m).unwrap());
+    refused(
+        &f,
+        &scene,
+        &["rollback"],
+        1,
+        &[&v1_id, "not vouched for", "not the one its signature names"],
+    );
+    write(&manifest_path, &genuine_manifest);
+    write(&file, &genuine);
+
+    // A keyring without the release key: refused too.
+    let (_, stranger) = keypair(f.dir(), "stranger");
+    let other_ring = f.dir().join("other-ring");
+    fs::create_dir_all(&other_ring).unwrap();
+    fs::copy(&stranger, other_ring.join("stranger.pub")).unwrap();
+    let before = scene.snapshots();
+    let run = infrakit(
+        f.dir(),
+        &[
+            "rollback",
+            "--root",
+            s(&scene.root),
+            "--keyring",
+            s(&other_ring),
+        ],
+    )
+    .expect_code(1);
+    has(&run.stderr, &["not vouched for", "not a trusted key"]);
+    assert_eq!(scene.snapshots(), before);
+
+    // Intact, with the right keyring: rolled back.
+    let run = infrakit(
+        f.dir(),
+        &[
+            "rollback",
+            "--root",
+            s(&scene.root),
+            "--keyring",
+            s(&f.keyring),
+        ],
+    )
+    .ok();
+    has(&run.stdout, &["activated p-1.0.0-"]);
+    status(&scene.root, &[]).ok();
 }
