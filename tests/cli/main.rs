@@ -5,6 +5,7 @@ mod support;
 
 mod apply;
 mod bad_input;
+mod differential;
 mod features;
 mod hardening;
 mod oracles;
