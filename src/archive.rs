@@ -1,7 +1,10 @@
 //! The deterministic archive: a GNU-format tar stream written from a `Tree`
 //! in one pass (each source file read once, hashed as it is copied), wrapped
 //! in zstd (multithreaded API, checksum, pledged size) or gzip (fixed header).
-//! Never reads the clock: mtime comes in as a parameter.
+//! Never reads the clock: mtime comes in as a parameter. `header` renders a
+//! member's header bytes for the writer and for `verify`, which requires the
+//! stream to hold exactly them; `decode` reads back exactly one zstd frame or
+//! gzip member, as written, and nothing after it.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -92,14 +95,6 @@ fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
 }
 
-/// The archive member name of `path`: directories end in `/`, like GNU tar's.
-fn member_name(path: &RelPath, kind: &Kind) -> String {
-    match kind {
-        Kind::Dir => format!("{path}/"),
-        _ => path.to_string(),
-    }
-}
-
 /// The zstd job size for `level`: 3 MiB up to level 8 (the default), which
 /// bounds zstd's buffers to a few MiB per worker (its own default, four
 /// windows, is 8-16 MiB per job, and several jobs are buffered). 2 MiB jobs
@@ -174,10 +169,7 @@ pub fn write<W: Write>(
         }
         Format::TarGz => {
             let level = u32::try_from(opts.level).unwrap_or(6);
-            let enc = flate2::GzBuilder::new()
-                .mtime(0)
-                .operating_system(255)
-                .write(out, flate2::Compression::new(level));
+            let enc = gzip_builder().write(out, flate2::Compression::new(level));
             let (enc, files, tar_sha256, tar_size) = write_tar(tree, enc, opts, progress, inspect)?;
             let out = enc.finish().map_err(io_err)?;
             finish(out, files, tar_sha256, tar_size)
@@ -214,6 +206,7 @@ fn write_tar<W: Write>(
     let mut tar = TarWriter {
         out: HashingWriter::new(out),
         mtime: opts.mtime,
+        header: Vec::with_capacity(3 * BLOCK as usize),
     };
     let mut files = Vec::new();
     let mut buf = vec![0u8; COPY_BUF];
@@ -223,17 +216,23 @@ fn write_tar<W: Write>(
         let prefetch = Prefetch::start(scope, overlay_files(tree));
         for (path, entry) in &tree.entries {
             let werr = |e| artifact_error("writing archive")(e);
-            let (kind, size, link) = match &entry.kind {
-                Kind::Dir => (tar::EntryType::Directory, 0, None),
-                Kind::Symlink { target } => (tar::EntryType::Symlink, 0, Some(target.as_str())),
-                Kind::File { size, .. } => (tar::EntryType::Regular, *size, None),
+            let body = match &entry.kind {
+                Kind::Dir => Body::Dir,
+                Kind::Symlink { target } => Body::Symlink(target),
+                Kind::File { size, .. } => Body::File(*size),
             };
-            let name = member_name(path, &entry.kind);
-            tar.header(&name, kind, entry.mode, entry.uid, entry.gid, size, link)
-                .map_err(werr)?;
-            let Kind::File { source, .. } = &entry.kind else {
+            let member = Header {
+                path,
+                body,
+                mode: entry.mode,
+                uid: entry.uid,
+                gid: entry.gid,
+            };
+            tar.header(&member).map_err(werr)?;
+            let Kind::File { source, size } = &entry.kind else {
                 continue;
             };
+            let size = *size;
             let digest = match source {
                 Source::Bytes(bytes) => {
                     tar.out.write_all(bytes).map_err(werr)?;
@@ -262,7 +261,7 @@ fn write_tar<W: Write>(
         Ok(())
     })?;
     tar.out
-        .write_all(&[0u8; 2 * BLOCK as usize])
+        .write_all(&[0u8; END_OF_ARCHIVE])
         .map_err(artifact_error("writing archive"))?;
     let (out, sha, size) = tar.out.finish();
     Ok((out, files, sha, size))
@@ -343,92 +342,188 @@ fn copy_file<W: Write>(
     Ok(file.finish().0)
 }
 
+/// The bytes after the last member: two zero blocks, nothing else.
+pub const END_OF_ARCHIVE: usize = 2 * BLOCK as usize;
+
+/// One archive member as its header block(s) describe it.
+pub struct Header<'a> {
+    pub path: &'a RelPath,
+    pub body: Body<'a>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What a member is; only a regular file carries data.
+#[derive(Clone, Copy)]
+pub enum Body<'a> {
+    Dir,
+    /// A regular file of this many bytes.
+    File(u64),
+    Symlink(&'a str),
+}
+
+/// Appends to `out` exactly the header block(s) `write` writes for `member`:
+/// a GNU long-name (`L`) record when the name (a directory's with its `/`)
+/// is over 100 bytes, a long-link (`K`) record when a symlink's target is,
+/// then one GNU header. The only header encoder: `verify` renders the same
+/// bytes for each manifest entry and requires the stream to hold them.
+pub fn header(out: &mut Vec<u8>, member: &Header<'_>, mtime: u64) {
+    let dir_name;
+    let name = match member.body {
+        Body::Dir => {
+            dir_name = format!("{}/", member.path);
+            dir_name.as_str()
+        }
+        _ => member.path.as_str(),
+    };
+    let (kind, size, link) = match member.body {
+        Body::Dir => (tar::EntryType::Directory, 0, None),
+        Body::File(size) => (tar::EntryType::Regular, size, None),
+        Body::Symlink(target) => (tar::EntryType::Symlink, 0, Some(target)),
+    };
+    if name.len() > 100 {
+        long(out, b'L', name);
+    }
+    if let Some(target) = link.filter(|t| t.len() > 100) {
+        long(out, b'K', target);
+    }
+    let mut h = tar::Header::new_gnu();
+    {
+        let gnu = h.as_gnu_mut().expect("new_gnu makes a GNU header");
+        let n = name.len().min(100);
+        gnu.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        if let Some(target) = link {
+            let n = target.len().min(100);
+            gnu.linkname[..n].copy_from_slice(&target.as_bytes()[..n]);
+        }
+    }
+    h.set_entry_type(kind);
+    h.set_mode(member.mode);
+    h.set_uid(u64::from(member.uid));
+    h.set_gid(u64::from(member.gid));
+    h.set_mtime(mtime);
+    h.set_size(size);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+}
+
+/// Appends a GNU long-name (`L`) or long-link (`K`) record for `value`.
+fn long(out: &mut Vec<u8>, kind: u8, value: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().expect("new_gnu makes a GNU header").name[..13]
+        .copy_from_slice(b"././@LongLink");
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(value.len() as u64 + 1);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(value.as_bytes());
+    out.push(0);
+    out.resize(out.len() + padding(value.len() as u64 + 1), 0);
+}
+
+/// The zero bytes after `size` bytes of data, up to the next block.
+pub fn padding(size: u64) -> usize {
+    (padded(size) - size) as usize
+}
+
 struct TarWriter<W: Write> {
     out: HashingWriter<W>,
     mtime: u64,
+    /// Reused for each member's header block(s).
+    header: Vec<u8>,
 }
 
 impl<W: Write> TarWriter<W> {
-    /// Writes a GNU long-name (`L`) or long-link (`K`) extension record.
-    fn long(&mut self, kind: u8, value: &str) -> io::Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.as_gnu_mut().expect("new_gnu makes a GNU header").name[..13]
-            .copy_from_slice(b"././@LongLink");
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(value.len() as u64 + 1);
-        h.set_entry_type(tar::EntryType::new(kind));
-        h.set_cksum();
-        self.out.write_all(h.as_bytes())?;
-        self.out.write_all(value.as_bytes())?;
-        self.out.write_all(&[0])?;
-        self.pad(value.len() as u64 + 1)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn header(
-        &mut self,
-        name: &str,
-        kind: tar::EntryType,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        size: u64,
-        link: Option<&str>,
-    ) -> io::Result<()> {
-        if name.len() > 100 {
-            self.long(b'L', name)?;
-        }
-        if let Some(target) = link.filter(|t| t.len() > 100) {
-            self.long(b'K', target)?;
-        }
-        let mut h = tar::Header::new_gnu();
-        {
-            let gnu = h.as_gnu_mut().expect("new_gnu makes a GNU header");
-            let n = name.len().min(100);
-            gnu.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-            if let Some(target) = link {
-                let n = target.len().min(100);
-                gnu.linkname[..n].copy_from_slice(&target.as_bytes()[..n]);
-            }
-        }
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(u64::from(uid));
-        h.set_gid(u64::from(gid));
-        h.set_mtime(self.mtime);
-        h.set_size(size);
-        h.set_cksum();
-        self.out.write_all(h.as_bytes())
+    fn header(&mut self, member: &Header<'_>) -> io::Result<()> {
+        self.header.clear();
+        header(&mut self.header, member, self.mtime);
+        self.out.write_all(&self.header)
     }
 
     fn pad(&mut self, size: u64) -> io::Result<()> {
-        let pad = (padded(size) - size) as usize;
-        self.out.write_all(&[0u8; BLOCK as usize][..pad])
+        self.out.write_all(&[0u8; BLOCK as usize][..padding(size)])
+    }
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The gzip header fields `write` sets: mtime 0, OS byte 255 (unknown).
+fn gzip_builder() -> flate2::GzBuilder {
+    flate2::GzBuilder::new().mtime(0).operating_system(255)
+}
+
+/// Whether `head` starts with the gzip header `write` writes: deflate, no
+/// flags (no name, comment, extra field or header CRC), mtime 0, the extra
+/// flags flate2 sets for the level (0, 2 for best, 4 for fastest), OS 255.
+fn gzip_header_ok(head: &[u8]) -> bool {
+    head.len() >= 10
+        && head[..8] == [0x1f, 0x8b, 8, 0, 0, 0, 0, 0]
+        && matches!(head[8], 0 | 2 | 4)
+        && head[9] == 255
+}
+
+/// The decompressed tar stream of an artifact. It holds exactly what `write`
+/// writes: one zstd frame or one gzip member, and nothing after it (a
+/// second frame or member, a skippable frame, trailing bytes are read
+/// differently by other tools, so they are errors here).
+struct Decoder {
+    inner: Inner,
+}
+
+enum Inner {
+    Zstd(zstd::stream::read::Decoder<'static, BufReader<File>>),
+    Gzip(flate2::bufread::GzDecoder<BufReader<File>>),
+}
+
+impl Read for Decoder {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (n, compressed, what) = match &mut self.inner {
+            Inner::Zstd(d) => (d.read(buf)?, d.get_mut(), "zstd frame"),
+            Inner::Gzip(d) => (d.read(buf)?, d.get_mut(), "gzip member"),
+        };
+        if n == 0 && !buf.is_empty() && !compressed.fill_buf()?.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("data after the end of the {what} (infrakit writes exactly one)"),
+            ));
+        }
+        Ok(n)
     }
 }
 
 /// Wraps the compressed tar `file` (read from `path`) in the decoder its
-/// first bytes call for.
+/// first bytes call for: one zstd frame, or one gzip member with the header
+/// `write` writes; either must end the file.
 pub fn decode(file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
     let mut reader = BufReader::with_capacity(COPY_BUF, file);
     let head = reader
         .fill_buf()
         .map_err(Error::io(path, "reading artifact"))?;
-    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    let inner = if head.starts_with(&ZSTD_MAGIC) {
         let dec = zstd::stream::read::Decoder::with_buffer(reader)
             .map_err(Error::io(path, "starting zstd decoder"))?;
-        Ok(Box::new(dec))
+        Inner::Zstd(dec.single_frame())
     } else if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::bufread::GzDecoder::new(reader)))
+        if !gzip_header_ok(head) {
+            return Err(Error::check(format!(
+                "{}: the gzip header is not the one infrakit writes (no file name, comment or \
+                 extra field, mtime 0, OS byte 255)",
+                path.display()
+            )));
+        }
+        Inner::Gzip(flate2::bufread::GzDecoder::new(reader))
     } else {
-        Err(Error::check(format!(
-            "{} is neither zstd nor gzip compressed",
+        return Err(Error::check(format!(
+            "{} does not start with a zstd frame or a gzip member",
             path.display()
-        )))
-    }
+        )));
+    };
+    Ok(Box::new(Decoder { inner }))
 }
 
 /// One member of an archive as its header and content say, trusting
@@ -548,6 +643,100 @@ mod tests {
 
     fn message(result: Result<Summary>) -> String {
         result.expect_err("the build must fail").to_string()
+    }
+
+    /// What `decode` makes of `compressed`: the bytes, or the error.
+    fn decoded(compressed: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("a.tar.zst");
+        std::fs::write(&path, compressed).expect("write");
+        let file = File::open(&path).expect("open");
+        let mut out = Vec::new();
+        decode(file, &path)
+            .map_err(|e| e.to_string())?
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn refused(compressed: &[u8], needle: &str) {
+        let err = decoded(compressed).expect_err("must be refused");
+        assert!(err.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn decode_takes_exactly_one_zstd_frame() {
+        let frame = zstd::stream::encode_all(&b"tar stream"[..], 3).expect("zstd");
+        assert_eq!(decoded(&frame).expect("one frame"), b"tar stream");
+        let after = "data after the end of the zstd frame";
+        refused(&[&frame[..], &frame].concat(), after);
+        let skippable = [0x50, 0x2a, 0x4d, 0x18, 1, 0, 0, 0, 0];
+        refused(&[&frame[..], &skippable].concat(), after);
+        refused(
+            &[&skippable[..], &frame].concat(),
+            "does not start with a zstd frame",
+        );
+        refused(&[&frame[..], b"\0"].concat(), after);
+        assert!(decoded(&frame[..frame.len() - 1]).is_err(), "a cut frame");
+    }
+
+    fn gzip(level: u32, builder: flate2::GzBuilder, data: &[u8]) -> Vec<u8> {
+        let mut enc = builder.write(Vec::new(), flate2::Compression::new(level));
+        enc.write_all(data).expect("gzip");
+        enc.finish().expect("gzip")
+    }
+
+    #[test]
+    fn decode_takes_exactly_one_gzip_member_with_our_header() {
+        // Every level's header (its extra flags differ) is accepted.
+        for level in Format::TarGz.levels() {
+            let level = u32::try_from(level).expect("gzip levels are positive");
+            let member = gzip(level, gzip_builder(), b"tar stream");
+            assert_eq!(decoded(&member).expect("our member"), b"tar stream");
+        }
+        let member = gzip(6, gzip_builder(), b"tar stream");
+        let after = "data after the end of the gzip member";
+        refused(&[&member[..], &member].concat(), after);
+        refused(&[&member[..], b"x"].concat(), after);
+        let header = "gzip header is not the one infrakit writes";
+        refused(&gzip(6, gzip_builder().filename("a.tar"), b"t"), header);
+        refused(&gzip(6, gzip_builder().extra(b"ab".to_vec()), b"t"), header);
+        refused(&gzip(6, gzip_builder().comment("c"), b"t"), header);
+        refused(&gzip(6, gzip_builder().mtime(1), b"t"), header);
+        refused(&gzip(6, gzip_builder().operating_system(3), b"t"), header);
+        refused(&member[..9], header);
+    }
+
+    #[test]
+    fn long_records_only_for_names_and_targets_over_100_bytes() {
+        let blocks = |name: &str, body: Body<'_>| {
+            let path = RelPath::new(name).expect("valid path");
+            let member = Header {
+                path: &path,
+                body,
+                mode: 0o755,
+                uid: 1,
+                gid: 2,
+            };
+            let mut out = Vec::new();
+            header(&mut out, &member, 7);
+            let flags: Vec<u8> = out.chunks(BLOCK as usize).map(|b| b[156]).collect();
+            (
+                out.len() / BLOCK as usize,
+                flags[0],
+                *flags.last().expect("a block"),
+            )
+        };
+        let (n99, n100) = ("n".repeat(99), "n".repeat(100));
+        assert_eq!(blocks(&n100, Body::File(1)), (1, b'0', b'0'));
+        assert_eq!(blocks(&format!("{n100}x"), Body::File(1)), (3, b'L', b'0'));
+        assert_eq!(blocks(&n99, Body::Dir), (1, b'5', b'5'));
+        assert_eq!(blocks(&n100, Body::Dir), (3, b'L', b'5'));
+        assert_eq!(blocks("l", Body::Symlink(&n100)), (1, b'2', b'2'));
+        assert_eq!(
+            blocks("l", Body::Symlink(&format!("{n100}x"))),
+            (3, b'K', b'2')
+        );
     }
 
     #[test]

@@ -206,6 +206,16 @@ impl Manifest {
                     e.path, e.kind
                 ));
             }
+            // A tar link name ends at its first NUL: such a target would
+            // read differently elsewhere, and infrakit never builds one.
+            if let Some(target) = &e.target
+                && (target.is_empty() || target.contains('\0'))
+            {
+                return Err(format!(
+                    "entry {}: symlink target {target:?} is empty or holds a NUL byte",
+                    e.path
+                ));
+            }
         }
         Ok(m)
     }
@@ -326,6 +336,13 @@ mod tests {
         bare.entries[0].sha256 = None;
         let err = Manifest::parse(&bare.to_canonical_json()).unwrap_err();
         assert!(err.contains("wrong fields"), "{err}");
+        // Symlink targets a tar link name cannot hold whole: refused.
+        let mut link = bare;
+        for (target, ok) in [("motd", true), ("", false), ("motd\0../../x", false)] {
+            link.entries[0].target = Some(target.into());
+            let parsed = Manifest::parse(&link.to_canonical_json());
+            assert_eq!(parsed.is_ok(), ok, "{target:?}: {parsed:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! trusted comment against the manifest's digest, then the artifact's digest.
 //! Only then is the archive decompressed (`Verified::stream`), and every
 //! member is compared with the manifest as it streams past, before a sink
-//! (`verify` discards, `apply` extracts) sees it. Nothing is trusted before
+//! (`verify` discards, `apply` extracts) sees it: its header bytes must be
+//! exactly the ones `archive::header` writes for the manifest's entry, so
+//! the archive reads the same in any tar reader. Nothing is trusted before
 //! the check that covers it.
 
 use std::fs::File;
@@ -18,6 +20,9 @@ use crate::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing (and downloading).
 pub const MANIFEST_MAX: u64 = 256 << 20;
+
+/// A tar block.
+const BLOCK: usize = 512;
 
 pub struct VerifyOptions<'a> {
     pub artifact: &'a Path,
@@ -71,9 +76,11 @@ impl Verified {
     }
 
     /// Streams the archive, checks every member against the manifest in
-    /// order (nothing missing, extra or duplicated; same type, mode, owner,
-    /// size, digest and link target; no other member types), hands each to
-    /// `sink`, and finally checks the tar stream's digest and size.
+    /// order (its header bytes exactly the writer's for the entry, so
+    /// nothing missing, extra or duplicated, same type, name, mode, owner,
+    /// size and link target, no other record; its digest; nothing after the
+    /// end), hands each to `sink`, and finally checks the tar stream's
+    /// digest and size.
     pub fn stream(&self, sink: &mut Sink<'_>) -> Result<()> {
         let mut file = self
             .file
@@ -312,7 +319,13 @@ fn hash_file(
     Ok((prehash, sha256, n1))
 }
 
-/// Streams the archive and compares every member with the manifest, in order.
+/// Streams the archive and compares it with the manifest, in order. The tar
+/// stream is a function of the manifest, so each member's header block(s)
+/// must be byte for byte the ones `archive::header` writes for its entry:
+/// no PAX, sparse, ustar-prefix, hard-link or other record, no other number
+/// encoding, names compared as bytes. Only regular files carry data, padded
+/// with zeros; after the last member come the two zero blocks and nothing
+/// else. Whatever another extractor could read differently is refused.
 fn check_entries(
     artifact: &Path,
     tar_stream: &mut dyn Read,
@@ -320,147 +333,404 @@ fn check_entries(
     sink: &mut Sink<'_>,
 ) -> Result<()> {
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
-    let mut expected = manifest.entries.iter();
+    let unreadable = |e: std::io::Error| fail(format!("archive unreadable: {e}"));
+    let mtime = manifest.source_date_epoch;
     let mut dirs: std::collections::HashSet<&crate::model::RelPath> = Default::default();
-    {
-        let mut tar = tar::Archive::new(&mut *tar_stream);
-        let entries = tar
-            .entries()
-            .map_err(|e| fail(format!("archive unreadable: {e}")))?;
-        for item in entries {
-            let mut entry = item.map_err(|e| fail(format!("archive corrupt: {e}")))?;
-            let path_bytes = entry.path_bytes().into_owned();
-            let name = String::from_utf8_lossy(&path_bytes).into_owned();
-            let Some(want) = expected.next() else {
-                return Err(fail(format!("{name}: extra member not in the manifest")));
-            };
-            check_header(&entry, &name, want, manifest.source_date_epoch)
-                .map_err(|m| fail(format!("{name}: {m}")))?;
-            if let Some(parent) = want.path.parent()
-                && !dirs.contains(&parent)
-            {
-                return Err(fail(format!(
-                    "{name}: lies under {parent}, which is not a directory of this release"
-                )));
-            }
-            if want.kind == EntryType::Dir {
+    let mut expected = Vec::with_capacity(3 * BLOCK);
+    let mut got = Vec::with_capacity(3 * BLOCK);
+    for want in &manifest.entries {
+        expected.clear();
+        archive::header(&mut expected, &member(want), mtime);
+        got.resize(expected.len(), 0);
+        let n = read_full(tar_stream, &mut got).map_err(unreadable)?;
+        // Short of an end-of-archive block, a stream that ends here is cut.
+        if n < got.len() && (n < BLOCK || got[..BLOCK].iter().any(|b| *b != 0)) {
+            return Err(fail(format!(
+                "{}: the archive ends before this member's header does: the archive is truncated",
+                want.path
+            )));
+        }
+        if got[..n] != expected[..] {
+            got.truncate(n);
+            return Err(fail(explain(&got, tar_stream, &expected, want, mtime)));
+        }
+        if let Some(parent) = want.path.parent()
+            && !dirs.contains(&parent)
+        {
+            return Err(fail(format!(
+                "{}: lies under {parent}, which is not a directory of this release",
+                want.path
+            )));
+        }
+        let size = match want.kind {
+            EntryType::Dir => {
                 dirs.insert(&want.path);
+                None
             }
-            let mut content = HashingReader::new(&mut entry);
-            sink(want, &mut content)?;
-            std::io::copy(&mut content, &mut std::io::sink())
-                .map_err(|e| fail(format!("{name}: reading content: {e}")))?;
-            let (digest, n) = content.finish();
-            if want.kind == EntryType::File && Some(n) < want.size {
-                return Err(fail(format!(
-                    "{name}: content ends after {n} of {} bytes: the archive is truncated",
-                    want.size.unwrap_or_default()
-                )));
-            }
-            if want.kind == EntryType::File && (Some(n) != want.size || Some(digest) != want.sha256)
-            {
-                return Err(fail(format!(
-                    "{name}: content is {n} bytes with sha256 {digest}, the manifest says {:?} bytes with {:?}",
-                    want.size,
-                    want.sha256.map(|d| d.to_string())
-                )));
-            }
+            EntryType::Symlink => None,
+            EntryType::File => want.size,
+        };
+        let Some(size) = size else {
+            sink(want, &mut std::io::empty())?;
+            continue;
+        };
+        let mut content = HashingReader::new((&mut *tar_stream).take(size));
+        sink(want, &mut content)?;
+        std::io::copy(&mut content, &mut std::io::sink())
+            .map_err(|e| fail(format!("{}: reading content: {e}", want.path)))?;
+        let (digest, n) = content.finish();
+        if n < size {
+            return Err(fail(format!(
+                "{}: content ends after {n} of {size} bytes: the archive is truncated",
+                want.path
+            )));
+        }
+        if Some(digest) != want.sha256 {
+            return Err(fail(format!(
+                "{}: content is {n} bytes with sha256 {digest}, the manifest says {size} bytes with {}",
+                want.path,
+                want.sha256.map(|d| d.to_string()).unwrap_or_default()
+            )));
+        }
+        let pad = &mut got[..archive::padding(size)];
+        if read_full(tar_stream, pad).map_err(unreadable)? < pad.len() {
+            return Err(fail(format!(
+                "{}: the archive ends inside the member's padding: the archive is truncated",
+                want.path
+            )));
+        }
+        if pad.iter().any(|b| *b != 0) {
+            return Err(fail(format!(
+                "{}: the padding after the content is not zeros, as infrakit writes it",
+                want.path
+            )));
         }
     }
-    if let Some(missing) = expected.next() {
-        return Err(fail(format!(
-            "{}: in the manifest but missing from the archive",
-            missing.path
-        )));
+    // Exactly the two zero blocks infrakit writes, then the end of the stream.
+    let mut end = [0u8; archive::END_OF_ARCHIVE];
+    let n = read_full(tar_stream, &mut end).map_err(unreadable)?;
+    if end[..n.min(BLOCK)].iter().any(|b| *b != 0) {
+        if n >= BLOCK {
+            let bytes = with_rest(&end[..n], tar_stream);
+            let mut archive = tar::Archive::new(bytes.as_slice());
+            let name = match archive.entries().map(|mut e| e.next()) {
+                Ok(Some(Ok(entry))) => shown(&entry.path_bytes()),
+                _ => shown(&tar::Header::from_byte_slice(&end[..BLOCK]).path_bytes()),
+            };
+            return Err(fail(format!("{name}: extra member not in the manifest")));
+        }
+        return Err(fail("data after the last member".to_owned()));
     }
-    // After the end-of-archive blocks only zero padding may follow.
-    let mut rest = [0u8; 8192];
-    loop {
-        let n = tar_stream
-            .read(&mut rest)
-            .map_err(|e| fail(format!("archive corrupt after its end: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        if rest[..n].iter().any(|b| *b != 0) {
-            return Err(fail("data after the end of the archive".to_owned()));
-        }
+    if n < end.len() {
+        return Err(fail(
+            "the end-of-archive blocks are missing: the archive is truncated".to_owned(),
+        ));
+    }
+    if end[BLOCK..].iter().any(|b| *b != 0)
+        || read_full(tar_stream, &mut [0u8]).map_err(unreadable)? != 0
+    {
+        return Err(fail("data after the end of the archive".to_owned()));
     }
     Ok(())
 }
 
-/// Checks a member's header (type, name, mode, owner, mtime, size, link
-/// target) against its manifest entry.
-fn check_header<R: Read>(
-    entry: &tar::Entry<'_, R>,
-    name: &str,
+/// The archive member `archive::write` writes for a manifest entry.
+fn member(want: &ManifestEntry) -> archive::Header<'_> {
+    let body = match want.kind {
+        EntryType::Dir => archive::Body::Dir,
+        EntryType::File => archive::Body::File(want.size.unwrap_or_default()),
+        EntryType::Symlink => archive::Body::Symlink(want.target.as_deref().unwrap_or_default()),
+    };
+    archive::Header {
+        path: &want.path,
+        body,
+        mode: want.mode,
+        uid: want.uid,
+        gid: want.gid,
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+fn read_full(stream: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match stream.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Bytes from the archive for messages: as they are when they are UTF-8
+/// without control characters, else escaped (`\xff`, `\u{1b}`), so what a
+/// hostile archive holds cannot drive the terminal.
+fn shown(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
+        Ok(s) => s.escape_debug().to_string(),
+        Err(_) => bytes.escape_ascii().to_string(),
+    }
+}
+
+/// `got` and at most 64 KiB more of the stream: enough to parse a member's
+/// header records on the way to a refusal.
+fn with_rest(got: &[u8], rest: &mut dyn Read) -> Vec<u8> {
+    let mut bytes = got.to_vec();
+    let _ = rest.take(64 << 10).read_to_end(&mut bytes);
+    bytes
+}
+
+/// Says why `got`, the header bytes found where the entry `want` belongs,
+/// are not `expected`, the bytes infrakit writes for it: `<member>: <why>`.
+/// Runs only on the way to a refusal; it parses the member with the tar
+/// crate, which applies extension records the way most readers do.
+fn explain(
+    got: &[u8],
+    rest: &mut dyn Read,
+    expected: &[u8],
     want: &ManifestEntry,
     mtime: u64,
-) -> Result<(), String> {
+) -> String {
+    if got[..BLOCK].iter().all(|b| *b == 0) {
+        return format!(
+            "{}: in the manifest but missing from the archive",
+            want.path
+        );
+    }
+    let bytes = with_rest(got, rest);
+    let records = record_types(&bytes);
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let entry = archive.entries().and_then(|mut e| e.next().transpose());
+    let name = match &entry {
+        Ok(Some(entry)) => shown(&entry.path_bytes()),
+        _ => want.path.to_string(),
+    };
+    if let Some(other) = records.iter().find(|t| !b"052LK".contains(t)) {
+        return format!(
+            "{name}: member type {} is never produced by infrakit",
+            type_name(*other)
+        );
+    }
+    let why = match &entry {
+        Ok(Some(entry)) => {
+            let ours = record_types(expected);
+            why_different(entry, (&records, &ours), (got, expected), want, mtime)
+        }
+        Ok(None) => "the archive ends before this member: the archive is truncated".to_owned(),
+        Err(e) => format!(
+            "not a header infrakit writes: {}",
+            shown(e.to_string().as_bytes())
+        ),
+    };
+    format!("{name}: {why}")
+}
+
+/// The type flags of a member's records, up to its own header: `L`, `K`,
+/// `x` and `g` records are followed, anything else ends the member's
+/// headers.
+fn record_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0usize;
+    while let Some(block) = bytes.get(at..at + BLOCK) {
+        types.push(block[156]);
+        if !b"LKxg".contains(&block[156]) {
+            break;
+        }
+        let size = tar::Header::from_byte_slice(block).size().ok();
+        let next = size
+            .and_then(|n| usize::try_from(n.div_ceil(BLOCK as u64)).ok())
+            .and_then(|blocks| blocks.checked_add(1)?.checked_mul(BLOCK)?.checked_add(at));
+        let Some(next) = next else { break };
+        at = next;
+    }
+    types
+}
+
+/// The first difference between a member as parsed and its manifest entry;
+/// if the fields agree, the records or the header field whose bytes differ.
+fn why_different<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    (records, ours): (&[u8], &[u8]),
+    (got, expected): (&[u8], &[u8]),
+    want: &ManifestEntry,
+    mtime: u64,
+) -> String {
     let header = entry.header();
-    let (kind, want_name) = match header.entry_type() {
-        tar::EntryType::Directory => (EntryType::Dir, format!("{}/", want.path)),
-        tar::EntryType::Regular => (EntryType::File, want.path.to_string()),
-        tar::EntryType::Symlink => (EntryType::Symlink, want.path.to_string()),
+    let kind = match header.as_bytes()[156] {
+        b'0' => EntryType::File,
+        b'5' => EntryType::Dir,
+        b'2' => EntryType::Symlink,
         other => {
-            return Err(format!(
-                "member type {other:?} is never produced by infrakit"
-            ));
+            return format!(
+                "member type {} is never produced by infrakit",
+                type_name(other)
+            );
         }
     };
-    if name != want_name {
-        return Err(format!(
-            "expected {want_name} here (archive order follows the manifest)"
-        ));
+    let want_name = match want.kind {
+        EntryType::Dir => format!("{}/", want.path),
+        _ => want.path.to_string(),
+    };
+    if *entry.path_bytes() != *want_name.as_bytes() {
+        return format!("expected {want_name} here (archive order follows the manifest)");
     }
     if kind != want.kind {
-        return Err(format!("is a {kind:?}, the manifest says {:?}", want.kind));
+        return format!(
+            "is a {}, the manifest says {}",
+            kind_name(kind),
+            kind_name(want.kind)
+        );
     }
-    let num = |r: std::io::Result<u64>, what: &str| r.map_err(|e| format!("bad {what} field: {e}"));
-    let mode = num(header.mode().map(u64::from), "mode")?;
-    let uid = num(header.uid(), "uid")?;
-    let gid = num(header.gid(), "gid")?;
-    let got_mtime = num(header.mtime(), "mtime")?;
-    if (mode, uid, gid)
-        != (
-            u64::from(want.mode),
-            u64::from(want.uid),
-            u64::from(want.gid),
-        )
+    if let (Ok(mode), Ok(uid), Ok(gid)) = (header.mode(), header.uid(), header.gid())
+        && (mode, uid, gid) != (want.mode, u64::from(want.uid), u64::from(want.gid))
     {
-        return Err(format!(
+        return format!(
             "mode/owner {mode:04o} {uid}:{gid}, the manifest says {:04o} {}:{}",
             want.mode, want.uid, want.gid
-        ));
+        );
     }
-    if got_mtime != mtime {
-        return Err(format!(
-            "mtime {got_mtime}, the manifest's source date is {mtime}"
-        ));
+    if let Ok(got_mtime) = header.mtime()
+        && got_mtime != mtime
+    {
+        return format!("mtime {got_mtime}, the manifest's source date is {mtime}");
     }
-    let size = num(header.size(), "size")?;
-    match want.kind {
-        EntryType::File => {
-            if Some(size) != want.size {
-                return Err(format!("size {size}, the manifest says {:?}", want.size));
+    if let Ok(size) = header.size() {
+        match want.size {
+            Some(want_size) if size != want_size => {
+                return format!("size {size}, the manifest says {want_size}");
             }
-        }
-        EntryType::Symlink => {
-            let target = entry
-                .link_name_bytes()
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            if target.as_deref() != want.target.as_deref() {
-                return Err(format!(
-                    "links to {target:?}, the manifest says {:?}",
-                    want.target
-                ));
+            None if size != 0 => {
+                return format!(
+                    "a {} with {size} bytes of data: only regular files carry data",
+                    kind_name(kind)
+                );
             }
-        }
-        EntryType::Dir => {
-            if size != 0 {
-                return Err("directory with a size".to_owned());
-            }
+            _ => {}
         }
     }
-    Ok(())
+    let target = entry.link_name_bytes();
+    if want.kind == EntryType::Symlink
+        && target.as_deref() != want.target.as_deref().map(str::as_bytes)
+    {
+        return format!(
+            "links to {}, the manifest says {}",
+            shown(target.as_deref().unwrap_or_default()),
+            want.target.as_deref().unwrap_or_default()
+        );
+    }
+    if records != ours {
+        return format!(
+            "header records ({}) where infrakit writes ({})",
+            record_list(records),
+            record_list(ours)
+        );
+    }
+    let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) else {
+        return "the archive ends inside this member's header: the archive is truncated".to_owned();
+    };
+    let field = if at < expected.len() - BLOCK {
+        "long name or link"
+    } else {
+        field_name(at % BLOCK)
+    };
+    format!("its {field} field is not what infrakit writes for this entry")
+}
+
+fn kind_name(kind: EntryType) -> &'static str {
+    match kind {
+        EntryType::Dir => "directory",
+        EntryType::File => "regular file",
+        EntryType::Symlink => "symlink",
+    }
+}
+
+/// The GNU header field at byte `offset` of a header block.
+fn field_name(offset: usize) -> &'static str {
+    const FIELDS: [(usize, &str); 16] = [
+        (0, "name"),
+        (100, "mode"),
+        (108, "uid"),
+        (116, "gid"),
+        (124, "size"),
+        (136, "mtime"),
+        (148, "checksum"),
+        (156, "type"),
+        (157, "link name"),
+        (257, "magic"),
+        (263, "version"),
+        (265, "user name"),
+        (297, "group name"),
+        (329, "device major"),
+        (337, "device minor"),
+        (345, "GNU extension (or ustar prefix)"),
+    ];
+    FIELDS
+        .iter()
+        .rev()
+        .find(|(start, _)| *start <= offset)
+        .map_or("name", |(_, name)| name)
+}
+
+/// The record types of a member, for messages: `L, 0`.
+fn record_list(types: &[u8]) -> String {
+    let names: Vec<String> = types.iter().map(|t| type_name(*t)).collect();
+    names.join(", ")
+}
+
+/// A tar type flag as a reader would call it.
+fn type_name(flag: u8) -> String {
+    let name = match flag {
+        b'0' => "regular file",
+        b'\0' => "old-style regular file",
+        b'1' => "hard link",
+        b'2' => "symlink",
+        b'3' => "character device",
+        b'4' => "block device",
+        b'5' => "directory",
+        b'6' => "fifo",
+        b'7' => "contiguous file",
+        b'g' => "PAX global header",
+        b'x' => "PAX extended header",
+        b'K' => "GNU long link",
+        b'L' => "GNU long name",
+        b'S' => "GNU sparse file",
+        b'D' => "GNU dump directory",
+        b'M' => "GNU multi-volume continuation",
+        b'V' => "GNU volume label",
+        _ => "unknown",
+    };
+    format!("{name} ({:?})", flag as char)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_bytes_in_messages_cannot_drive_the_terminal() {
+        assert_eq!(shown("etc/café conf".as_bytes()), "etc/café conf");
+        assert_eq!(shown(b"a\x1b[2Jb\n"), "a\\u{1b}[2Jb\\n");
+        assert_eq!(shown(b"a.con\xff"), "a.con\\xff");
+    }
+
+    #[test]
+    fn record_types_follow_extension_records_only() {
+        let mut bytes = Vec::new();
+        let path = crate::model::RelPath::new(&"n".repeat(101)).expect("path");
+        let member = archive::Header {
+            path: &path,
+            body: archive::Body::Symlink(&"t".repeat(101)),
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+        };
+        archive::header(&mut bytes, &member, 0);
+        assert_eq!(record_types(&bytes), b"LK2");
+        assert_eq!(record_types(&bytes[..BLOCK]), b"L", "cut after a record");
+        assert_eq!(field_name(148), "checksum");
+        assert_eq!(field_name(400), "GNU extension (or ustar prefix)");
+    }
 }

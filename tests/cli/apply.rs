@@ -2,8 +2,9 @@
 //! artifacts. The root is judged from outside: a full listing with digests
 //! (`snapshot`) for "nothing changed", and the root as the kernel resolves it
 //! (`view`) for "wholly the old release or wholly the new one". Malicious
-//! archives are made with Python's tarfile, compressed by stock zstd and
-//! signed by stock minisign, so only the extraction checks can refuse them.
+//! archives are made by tests/cli/craft.py (a genuine release with one thing
+//! changed), compressed by stock zstd and signed by stock minisign, so only
+//! the extraction checks can refuse them.
 
 // Test helpers fail loudly: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -124,37 +125,6 @@ fn status(root: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["status", "--root", s(root)];
     args.extend_from_slice(extra);
     infrakit(Path::new("/"), &args)
-}
-
-/// Every path under `root`, not following links: type, mode, owner, and the
-/// digest of a file or the target of a link. Two equal snapshots mean the
-/// root is byte-for-byte unchanged.
-fn snapshot(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for item in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let item = item.unwrap();
-        let m = item.path().symlink_metadata().unwrap();
-        let rel = item
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let what = if m.file_type().is_symlink() {
-            format!("-> {}", fs::read_link(item.path()).unwrap().display())
-        } else if m.is_file() {
-            sha256_hex(&fs::read(item.path()).unwrap())
-        } else {
-            "dir".into()
-        };
-        out.push(format!(
-            "{rel} {:o} {}:{} {what}",
-            m.mode(),
-            m.uid(),
-            m.gid()
-        ));
-    }
-    out
 }
 
 /// The root as a program on the host sees it, without InfraKit's state: each
@@ -546,157 +516,29 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
 // Malicious archives: signed by the trusted key, refused while extracting.
 // ---------------------------------------------------------------------------
 
-/// Rewrites an uncompressed tar (argv 2) into argv 3 for one attack (argv 1),
-/// and edits the manifest (argv 4, in place) to match where the attack needs
-/// the manifest's agreement. Python's tarfile writes what it is told.
-const CRAFT: &str = r#"
-import copy, hashlib, io, json, sys, tarfile
-case, src, dst, man_path = sys.argv[1:5]
-man = json.load(open(man_path))
-members = []
-with tarfile.open(src, format=tarfile.GNU_FORMAT) as t:
-    for m in t.getmembers():
-        data = t.extractfile(m).read() if m.isfile() else None
-        members.append((m, data))
-def find(name):
-    return next(i for i, (m, _) in enumerate(members) if m.name == name)
-def entry(path, kind, **kw):
-    e = {"path": path, "type": kind, "mode": kw.pop("mode", "0644"), "uid": 0, "gid": 0, "layer": "app"}
-    e.update(kw)
-    man["entries"].append(e)
-def add(name, kind, data=None, **kw):
-    ti = tarfile.TarInfo(name)
-    ti.type = kind
-    ti.mtime = man["source_date_epoch"]
-    ti.mode = kw.get("mode", 0o644)
-    for k, v in kw.items():
-        setattr(ti, k, v)
-    if data is not None:
-        ti.size = len(data)
-    members.append((ti, data))
-a = find("etc/app/a.conf")
-empty = hashlib.sha256(b"").hexdigest()
-if case == "absolute":
-    members[a][0].name = "/etc/app/a.conf"
-elif case == "dotdot":
-    members[a][0].name = "etc/app/../app/a.conf"
-elif case == "through-symlink":
-    add("zz", tarfile.SYMTYPE, linkname="etc", mode=0o777)
-    add("zz/evil", tarfile.REGTYPE, b"x\n")
-    entry("zz", "symlink", mode="0777", target="etc")
-    entry("zz/evil", "file", size=2, sha256=hashlib.sha256(b"x\n").hexdigest())
-elif case == "hardlink":
-    add("zz", tarfile.LNKTYPE, linkname="etc/app/a.conf")
-    entry("zz", "file", size=0, sha256=empty)
-elif case == "device":
-    add("zz", tarfile.CHRTYPE, devmajor=1, devminor=3)
-    entry("zz", "file", size=0, sha256=empty)
-elif case == "fifo":
-    add("zz", tarfile.FIFOTYPE)
-    entry("zz", "file", size=0, sha256=empty)
-elif case == "setuid":
-    members[find("usr/bin/app-tool")][0].mode = 0o4755
-elif case == "duplicate":
-    members.insert(a + 1, (copy.copy(members[a][0]), members[a][1]))
-elif case == "size":
-    e = next(e for e in man["entries"] if e["path"] == "etc/app/a.conf")
-    e["size"] += 1
-elif case == "digest":
-    members[a] = (members[a][0], b"a = 9\n")
-elif case == "extra":
-    add("zz", tarfile.REGTYPE, b"surprise\n")
-buf = io.BytesIO()
-with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
-    for m, data in members:
-        t.addfile(m, io.BytesIO(data) if data is not None else None)
-raw = buf.getvalue()
-if case == "truncated":
-    raw = raw[: len(raw) // 2]
-elif case == "trailing":
-    end = raw.rstrip(b"\0")
-    raw = end + b"\0" * (1024 + (-len(end)) % 512) + b"garbage after the end\n" + b"\0" * 490
-man["entries"].sort(key=lambda e: e["path"].replace("/", "\0"))
-open(dst, "wb").write(raw)
-man["archive"]["tar_sha256"] = hashlib.sha256(raw).hexdigest()
-man["archive"]["tar_size"] = len(raw)
-json.dump(man, open(man_path, "w"), sort_keys=True, separators=(",", ":"))
-"#;
-
-/// Every refusal class of the extraction, each with what the error says.
+/// Every refusal class of the extraction (cases of tests/cli/craft.py),
+/// each with what the error says.
 const ATTACKS: [(&str, &str); 13] = [
     ("absolute", "expected etc/app/a.conf here"),
     ("dotdot", "expected etc/app/a.conf here"),
     ("through-symlink", "lies under zz, which is not a directory"),
-    ("hardlink", "never produced"),
-    ("device", "never produced"),
-    ("fifo", "never produced"),
+    ("hardlink", "hard link ('1') is never produced"),
+    ("device", "character device ('3') is never produced"),
+    ("fifo", "fifo ('6') is never produced"),
     ("setuid", "mode/owner 4755"),
     ("duplicate", "here (archive order follows the manifest)"),
-    ("size", "size 6, the manifest says Some(7)"),
+    ("size", "size 6, the manifest says 7"),
     ("digest", "content is 6 bytes with sha256"),
     ("extra", "extra member not in the manifest"),
     ("truncated", "the archive is truncated"),
     ("trailing", "after the end of the archive"),
 ];
 
-/// Builds the signed malicious artifact for `case` from release 1, as
-/// version 1.5.0, in its own directory; returns its path.
+/// The signed malicious artifact for `case`, crafted from release 1 as
+/// version 1.5.0 in its own directory.
 fn craft(f: &Fleet, case: &str) -> PathBuf {
     let dir = f.dir().join(format!("attack-{case}"));
-    fs::create_dir_all(&dir).unwrap();
-    let script = f.dir().join("craft.py");
-    fs::write(&script, CRAFT).unwrap();
-    let tar = dir.join("in.tar");
-    let out_tar = dir.join("out.tar");
-    tool(
-        f.dir(),
-        "zstd",
-        &["-q", "-d", "-f", s(&f.v1), "-o", s(&tar)],
-    )
-    .ok();
-    let manifest = dir.join("p.manifest.json");
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&fs::read(f.v1.with_file_name("p.manifest.json")).unwrap()).unwrap();
-    m["version"] = "1.5.0".into();
-    fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
-    tool(
-        f.dir(),
-        "python3",
-        &[s(&script), case, s(&tar), s(&out_tar), s(&manifest)],
-    )
-    .ok();
-    let artifact = dir.join("p.tar.zst");
-    tool(
-        f.dir(),
-        "zstd",
-        &["-q", "-f", "--check", s(&out_tar), "-o", s(&artifact)],
-    )
-    .ok();
-    // The outer digests are made right, so only the member checks can refuse.
-    let bytes = fs::read(&artifact).unwrap();
-    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
-    m["archive"]["sha256"] = sha256_hex(&bytes).into();
-    m["archive"]["size"] = bytes.len().into();
-    let text = serde_json::to_vec(&m).unwrap();
-    fs::write(&manifest, &text).unwrap();
-    let comment = format!("name:p version:1.5.0 manifest-sha256:{}", sha256_hex(&text));
-    tool(
-        f.dir(),
-        "minisign",
-        &[
-            "-S",
-            "-s",
-            s(&f.secret),
-            "-m",
-            s(&artifact),
-            "-x",
-            &format!("{}.minisig", s(&artifact)),
-            "-t",
-            &comment,
-        ],
-    )
-    .ok();
-    artifact
+    crate::support::craft(case, &f.v1, &dir, "1.5.0", &f.secret, None)
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod support;
 mod apply;
 mod bad_input;
 mod cli_surface;
+mod differential;
 mod features;
 mod hardening;
 mod oracles;

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -289,6 +289,33 @@ pub fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
+/// Every path under `root`, not following links: type, mode, owner, and the
+/// digest of a file or the target of a link. Two equal snapshots mean the
+/// root is byte-for-byte unchanged.
+pub fn snapshot(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for item in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let item = item.expect("walking the tree");
+        let path = item.path();
+        let m = path.symlink_metadata().expect("lstat");
+        let rel = path.strip_prefix(root).expect("below the root").display();
+        let what = if m.file_type().is_symlink() {
+            format!("-> {}", fs::read_link(path).expect("readlink").display())
+        } else if m.is_file() {
+            sha256_hex(&fs::read(path).expect("reading a file"))
+        } else {
+            "dir".into()
+        };
+        out.push(format!(
+            "{rel} {:o} {}:{} {what}",
+            m.mode(),
+            m.uid(),
+            m.gid()
+        ));
+    }
+    out
+}
+
 /// This repository (its profiles/ and overlays/).
 pub fn repo_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -448,4 +475,61 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Hostile artifacts, validly signed (tests/cli/apply.rs and differential.rs).
+// ---------------------------------------------------------------------------
+
+/// tests/cli/craft.py: rewrites a genuine artifact into one hostile case.
+const CRAFT: &str = include_str!("craft.py");
+
+/// Crafts `case` (a case of tests/cli/craft.py) from the genuine `artifact`
+/// as release `version` into the directory `out`, and signs it with stock
+/// minisign and `secret` the way a release is signed (the trusted comment
+/// binds name, version and manifest digest). Every digest is right, so only
+/// the member checks can refuse it. `smuggle` names the member the hiding
+/// cases hide (craft.py's default when `None`). Returns the artifact.
+pub fn craft(
+    case: &str,
+    artifact: &Path,
+    out: &Path,
+    version: &str,
+    secret: &Path,
+    smuggle: Option<&str>,
+) -> PathBuf {
+    fs::create_dir_all(out).expect("mkdir");
+    let script = out.join("craft.py");
+    fs::write(&script, CRAFT).expect("writing craft.py");
+    let mut args = vec![s(&script), case, s(artifact), s(out), version];
+    args.extend(smuggle);
+    let run = tool(out, "python3", &args);
+    assert_eq!(run.code, 0, "craft.py {case}: {}", run.stderr);
+    let file_name = artifact.file_name().and_then(|n| n.to_str()).expect("name");
+    let (stem, _) = file_name
+        .split_once(".tar.")
+        .expect("NAME.tar.zst or NAME.tar.gz");
+    let manifest = fs::read(out.join(format!("{stem}.manifest.json"))).expect("manifest");
+    let value: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    let name = value["name"].as_str().expect("name");
+    let format = value["archive"]["format"].as_str().expect("format");
+    let crafted = out.join(format!("{stem}.{format}"));
+    let comment = format!(
+        "name:{name} version:{version} manifest-sha256:{}",
+        sha256_hex(&manifest)
+    );
+    let sig = format!("{}.minisig", s(&crafted));
+    let args = [
+        "-S",
+        "-s",
+        s(secret),
+        "-m",
+        s(&crafted),
+        "-x",
+        &sig,
+        "-t",
+        &comment,
+    ];
+    tool(out, "minisign", &args).ok();
+    crafted
 }
