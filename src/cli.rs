@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::archive::Format;
+use crate::artifact::archive::Format;
 use crate::commands::{self, Ui};
 use crate::error::{Error, Result};
-use crate::keyring::Trusted;
+use crate::trust::keyring::Trusted;
 
 /// The host's keyring, used by `apply` and `verify` unless told otherwise.
 pub const DEFAULT_KEYRING: &str = "/etc/infrakit/keys";
@@ -419,7 +419,7 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
             &artifact,
             &root,
             &Trusted::Dir(keyring),
-            &crate::apply::ApplyOptions {
+            &crate::host::apply::ApplyOptions {
                 dry_run,
                 allow_downgrade,
                 adopt,

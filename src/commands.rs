@@ -22,15 +22,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::archive::{Format, Member};
-use crate::digest::{HashingReader, Sha256};
-use crate::emit::{self, BuildOptions};
+use crate::artifact::archive::{Format, Member};
+use crate::artifact::emit::{self, BuildOptions};
+use crate::artifact::manifest::{EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::fetch::{self, Fetched};
-use crate::keyring::{Keyring, Trusted};
-use crate::manifest::{EntryType, Manifest, ManifestEntry};
-use crate::sign::{self, SecretKey};
-use crate::verify::{self, VerifyOptions};
+use crate::inputs::fetch::{self, Fetched};
+use crate::trust::digest::{HashingReader, Sha256};
+use crate::trust::keyring::{Keyring, Trusted};
+use crate::trust::sign::{self, SecretKey};
+use crate::trust::verify::{self, VerifyOptions};
 
 /// The version of the `--json` envelope and of every payload in it.
 pub const JSON_SCHEMA: u32 = 1;
@@ -477,7 +477,7 @@ fn inspect_operand(ui: &Ui, op: &Operand, keyring: Option<&Keyring>) -> Result<(
             };
             let digest = file_digest(&op.path)?;
             let file = File::open(&op.path).map_err(Error::io(&op.path, "opening artifact"))?;
-            let members = crate::archive::members(file, &op.path)?;
+            let members = crate::artifact::archive::members(file, &op.path)?;
             ui.put("signature", not_checked);
             let line = "not checked here: give --key or --keyring to verify it".to_owned();
             (manifest, digest, line, members)
@@ -663,7 +663,7 @@ pub fn lint(ui: &Ui, profile: &Path) -> Result<()> {
     }
 }
 
-fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path, plan: bool) {
+fn print_hooks(ui: &Ui, hooks: &crate::host::hooks::Hooks, ran: bool, root: &Path, plan: bool) {
     let line = |l: String| if plan { ui.show(l) } else { ui.say(l) };
     let commands: Vec<_> = hooks.before().into_iter().chain(hooks.after()).collect();
     if commands.is_empty() {
@@ -683,7 +683,7 @@ fn print_hooks(ui: &Ui, hooks: &crate::hooks::Hooks, ran: bool, root: &Path, pla
 }
 
 /// A plan as `--json` shows it.
-fn plan_json(plan: &crate::apply::Plan) -> Value {
+fn plan_json(plan: &crate::host::apply::Plan) -> Value {
     json!({
         "added": plan.added,
         "changed": plan.changed,
@@ -709,7 +709,7 @@ pub fn apply(
     artifact: &Path,
     root: &Path,
     trusted: &Trusted,
-    opts: &crate::apply::ApplyOptions,
+    opts: &crate::host::apply::ApplyOptions,
 ) -> Result<()> {
     ui.put("artifact", artifact.display().to_string());
     ui.put("root", root.display().to_string());
@@ -726,12 +726,12 @@ pub fn apply(
         let verified = ui.with_bar("verifying", |progress| {
             verify::authenticate(&verify_opts, progress)
         })?;
-        let mut state = crate::state::State::open(root)?;
-        let opts = crate::apply::ApplyOptions {
+        let mut state = crate::host::state::State::open(root)?;
+        let opts = crate::host::apply::ApplyOptions {
             now: now(),
             ..*opts
         };
-        let outcome = crate::apply::apply(&mut state, &verified, &opts)?;
+        let outcome = crate::host::apply::apply(&mut state, &verified, &opts)?;
         Ok((outcome, verified.key_id().to_owned()))
     })()
     .map_err(|e| op.own(e))?;
@@ -743,17 +743,17 @@ pub fn apply(
 pub fn rollback(ui: &Ui, root: &Path, trusted: &Trusted, dry_run: bool) -> Result<()> {
     ui.put("root", root.display().to_string());
     let keyring = Keyring::load(trusted)?;
-    let state = crate::state::State::open(root)?;
-    let outcome = crate::apply::rollback(&state, keyring.keys(), dry_run, now())?;
+    let state = crate::host::state::State::open(root)?;
+    let outcome = crate::host::apply::rollback(&state, keyring.keys(), dry_run, now())?;
     report(ui, &outcome, root, "rollback");
     Ok(())
 }
 
 /// What an apply or rollback did (or would do), with how it was vouched
 /// for. A dry run's plan is what was asked for: `-q` does not hide it.
-fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
-    use crate::apply::Outcome;
-    use crate::state::Action;
+fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str) {
+    use crate::host::apply::Outcome;
+    use crate::host::state::Action;
     match outcome {
         Outcome::AlreadyActive { id } => {
             ui.put("action", "already-active");
@@ -809,7 +809,7 @@ fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
             ));
             if !ui.json() && (*dry_run || !ui.quiet) {
                 let mut out = std::io::stdout().lock();
-                let _ = crate::apply::describe(plan, &mut out);
+                let _ = crate::host::apply::describe(plan, &mut out);
             }
             print_hooks(ui, &plan.hooks, *hooks_run, root, *dry_run);
         }
@@ -818,9 +818,9 @@ fn report(ui: &Ui, outcome: &crate::apply::Outcome, root: &Path, how: &str) {
 
 /// The report is what `status` is run to show: `-q` does not hide it.
 pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
-    let report = crate::status::status(root);
+    let report = crate::host::status::status(root);
     if let Some(path) = textfile {
-        crate::status::write_textfile(path, &report)?;
+        crate::host::status::write_textfile(path, &report)?;
     }
     ui.put_all(&report);
     match &report.release {
@@ -836,8 +836,10 @@ pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
             "  {}{}  applied {}",
             r.id,
             if r.active { " (active)" } else { "" },
-            r.applied_at
-                .map_or_else(|| "at an unrecorded time".to_owned(), crate::status::utc)
+            r.applied_at.map_or_else(
+                || "at an unrecorded time".to_owned(),
+                crate::host::status::utc
+            )
         ));
     }
     if let Some(i) = &report.interrupted {

@@ -2,11 +2,19 @@
 //! two layers is an error unless the upper one says `replace`; a file/dir type
 //! clash, or an entry under a non-directory, is always an error. Every entry
 //! keeps the layer it came from.
+//!
+//! Its inputs are the submodules: profiles, overlays and their parameters,
+//! and what is generated from them (sysusers/tmpfiles text, the firewall).
+
+pub mod firewall;
+pub mod generate;
+pub mod overlay;
+pub mod params;
+pub mod profile;
 
 use crate::error::{Error, Result};
-use crate::firewall;
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
-use crate::overlay::Layer;
+use overlay::Layer;
 use std::sync::Arc;
 
 /// Where a composition error is reported: the profile that asked for it.

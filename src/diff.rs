@@ -9,7 +9,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::manifest::{EntryType, Manifest, ManifestEntry};
+use crate::artifact::manifest::{EntryType, Manifest, ManifestEntry};
 
 /// A value on each side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -58,8 +58,8 @@ pub struct Entries {
 pub struct Diff {
     pub name: Pair<String>,
     pub version: Pair<String>,
-    pub artifact: Pair<crate::manifest::ArchiveInfo>,
-    pub profile_sha256: Pair<crate::digest::Sha256>,
+    pub artifact: Pair<crate::artifact::manifest::ArchiveInfo>,
+    pub profile_sha256: Pair<crate::trust::digest::Sha256>,
     pub source_date_epoch: Pair<u64>,
     /// Layers, in `b`'s order then those only `a` has; only those whose
     /// entry count differs or that one side lacks.
@@ -266,7 +266,7 @@ mod tests {
             layer: "l".to_owned(),
             mode,
             path: RelPath::new(path).unwrap(),
-            sha256: content.map(|c| crate::digest::Sha256::of(&[c])),
+            sha256: content.map(|c| crate::trust::digest::Sha256::of(&[c])),
             size: content.map(|_| 1),
             target: None,
             kind,
@@ -312,17 +312,17 @@ mod tests {
 
     fn changed_entries(a: &[ManifestEntry], b: &[ManifestEntry]) -> Entries {
         let m = |entries: &[ManifestEntry]| Manifest {
-            archive: crate::manifest::ArchiveInfo {
+            archive: crate::artifact::manifest::ArchiveInfo {
                 format: "tar.zst".to_owned(),
-                sha256: crate::digest::Sha256::of(b""),
+                sha256: crate::trust::digest::Sha256::of(b""),
                 size: 0,
-                tar_sha256: crate::digest::Sha256::of(b""),
+                tar_sha256: crate::trust::digest::Sha256::of(b""),
                 tar_size: 0,
             },
             entries: entries.to_vec(),
             layers: Vec::new(),
             name: "p".to_owned(),
-            profile_sha256: crate::digest::Sha256::of(b""),
+            profile_sha256: crate::trust::digest::Sha256::of(b""),
             schema: 1,
             source_date_epoch: 0,
             version: "1.0.0".to_owned(),

@@ -5,10 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{Format, Summary};
-use crate::digest::Sha256;
+use crate::artifact::archive::{Format, Summary};
+use crate::compose::profile::Profile;
 use crate::model::{Kind, RelPath, Tree};
-use crate::profile::Profile;
+use crate::trust::digest::Sha256;
 
 pub const SCHEMA: u32 = 1;
 

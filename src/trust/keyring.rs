@@ -21,7 +21,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::sign::PublicKey;
+use crate::trust::sign::PublicKey;
 
 /// Key files larger than this are refused unread (a `.pub` is 2 lines).
 const KEY_FILE_MAX: u64 = 64 << 10;
@@ -194,7 +194,7 @@ fn check_writers(path: &Path, meta: &Metadata, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sign::SecretKey;
+    use crate::trust::sign::SecretKey;
     use std::os::unix::fs::PermissionsExt;
 
     fn write_key(dir: &Path, name: &str, key: &PublicKey, mode: u32) -> PathBuf {

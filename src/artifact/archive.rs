@@ -11,10 +11,10 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use crate::digest::{HashingReader, HashingWriter, Sha256};
+use crate::artifact::prefetch::{self, Prefetch};
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
-use crate::prefetch::{self, Prefetch};
+use crate::trust::digest::{HashingReader, HashingWriter, Sha256};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 256 * 1024;

@@ -29,12 +29,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::confined::{self, Dir, Meta, Resolve};
-use crate::digest::Sha256;
+use crate::artifact::manifest::{Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::hooks::Hooks;
-use crate::manifest::{Manifest, ManifestEntry};
+use crate::host::confined::{self, Dir, Meta, Resolve};
+use crate::host::hooks::Hooks;
 use crate::model::RelPath;
+use crate::trust::digest::Sha256;
 
 /// Where the state lives, relative to the root.
 pub const STATE_DIR: &str = "var/lib/infrakit";
@@ -433,7 +433,7 @@ impl State {
             .map_err(|m| Error::input(&dir.display(&info_rel), m))?;
         let manifest_rel = base.join("manifest.json");
         let bytes = dir
-            .read(&manifest_rel, crate::verify::MANIFEST_MAX)
+            .read(&manifest_rel, crate::trust::verify::MANIFEST_MAX)
             .map_err(state_error(
                 dir.display(&manifest_rel),
                 "reading release manifest",

@@ -12,16 +12,16 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Advice, fadvise};
 use tempfile::NamedTempFile;
 
-use crate::archive::{self, Format};
+use crate::artifact::archive::{self, Format};
+use crate::artifact::lint;
+use crate::artifact::manifest::{self, Manifest};
 use crate::compose;
-use crate::digest::HashingWriter;
+use crate::compose::overlay::Layer;
+use crate::compose::profile::Profile;
 use crate::error::{Error, Result};
-use crate::lint;
-use crate::manifest::{self, Manifest};
 use crate::model::Tree;
-use crate::overlay::Layer;
-use crate::profile::Profile;
-use crate::sign::{Prehasher, SecretKey};
+use crate::trust::digest::HashingWriter;
+use crate::trust::sign::{Prehasher, SecretKey};
 
 /// Everything `build` needs, already validated by the command layer.
 pub struct BuildOptions<'a> {

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::params::Cidr;
+use crate::compose::params::Cidr;
 
 /// `[[port]]` as written in overlay.toml.
 #[derive(Clone, Debug, Deserialize)]

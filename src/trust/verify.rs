@@ -12,11 +12,11 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::archive;
-use crate::digest::{HashingReader, ReadAhead, Sha256};
+use crate::artifact::archive;
+use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::manifest::{Binding, EntryType, Manifest, ManifestEntry};
-use crate::sign::{Prehasher, PublicKey, Signature};
+use crate::trust::digest::{HashingReader, ReadAhead, Sha256};
+use crate::trust::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing (and downloading).
 pub const MANIFEST_MAX: u64 = 256 << 20;
@@ -120,7 +120,7 @@ pub fn manifest_beside(artifact: &Path) -> PathBuf {
         .strip_suffix(".tar.zst")
         .or_else(|| name.strip_suffix(".tar.gz"))
         .unwrap_or(name);
-    artifact.with_file_name(crate::manifest::file_name(stem))
+    artifact.with_file_name(crate::artifact::manifest::file_name(stem))
 }
 
 /// `<artifact>.minisig`.
@@ -292,7 +292,7 @@ fn hash_file(
     };
     let (prehash, sha) = std::thread::scope(|scope| {
         let sha = scope.spawn(|| {
-            let mut hasher = crate::digest::HashingWriter::new(std::io::sink());
+            let mut hasher = crate::trust::digest::HashingWriter::new(std::io::sink());
             read_all(&mut |bytes, _| {
                 let _ = std::io::Write::write_all(&mut hasher, bytes); // a sink never fails
             })

@@ -12,11 +12,11 @@ use std::io;
 
 use serde::Serialize;
 
-use crate::confined::{self, Dir, Kind};
-use crate::digest::HashingReader;
+use crate::artifact::manifest::{EntryType, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::manifest::{EntryType, ManifestEntry};
-use crate::state::{Release, ReleaseId, ReleaseInfo, State};
+use crate::host::confined::{self, Dir, Kind};
+use crate::host::state::{Release, ReleaseId, ReleaseInfo, State};
+use crate::trust::digest::HashingReader;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Drift {
@@ -324,7 +324,7 @@ pub fn write_textfile(path: &std::path::Path, report: &Report) -> Result<()> {
     if path.file_name().is_none() {
         return Err(Error::usage("--textfile", "needs a file path"));
     }
-    crate::state::write_atomic(path, textfile(report).as_bytes(), 0o644)
+    crate::host::state::write_atomic(path, textfile(report).as_bytes(), 0o644)
 }
 
 /// `seconds` since 1970 as an RFC 3339 UTC time (`2026-12-05T07:03:00Z`).

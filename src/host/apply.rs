@@ -28,16 +28,16 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::confined::{Dir, Kind};
-use crate::digest::HashingReader;
+use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::hooks::{self, Hooks};
-use crate::manifest::{Binding, EntryType, Manifest, ManifestEntry};
+use crate::host::confined::{Dir, Kind};
+use crate::host::hooks::{self, Hooks};
+use crate::host::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
+use crate::host::status::{self, Drift};
 use crate::model::RelPath;
-use crate::sign::{PublicKey, Signature};
-use crate::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
-use crate::status::{self, Drift};
-use crate::verify::Verified;
+use crate::trust::digest::HashingReader;
+use crate::trust::sign::{PublicKey, Signature};
+use crate::trust::verify::Verified;
 
 /// What to change on the live paths, computed without writing anything.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -549,7 +549,7 @@ fn stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
                 .set_mode(&partial, 0o755)
                 .and_then(|()| releases.sync_fs())
                 .map_err(io("syncing the staged release"))?;
-            match crate::confined::optional(releases.stat(id.as_str())) {
+            match crate::host::confined::optional(releases.stat(id.as_str())) {
                 Ok(Some(_)) => {
                     releases
                         .exchange(&partial, id.as_str())

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::compose::firewall::{self, Exposure, PortDecl, Proto};
+use crate::compose::generate::{self, EnableDecl, GroupDecl, TmpfileDecl, UserDecl};
+use crate::compose::params::{self, ParamDecl, ProfileParams, Value};
 use crate::error::{Error, Result};
-use crate::firewall::{self, Exposure, PortDecl, Proto};
-use crate::generate::{self, EnableDecl, GroupDecl, TmpfileDecl, UserDecl};
 use crate::model::{self, Entry, Kind, RelPath, Source};
-use crate::params::{self, ParamDecl, ProfileParams, Value};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::digest::Sha256;
+use crate::compose::params::ProfileParams;
 use crate::error::{Error, Result};
-use crate::params::ProfileParams;
+use crate::trust::digest::Sha256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -505,7 +505,7 @@ mod tests {
         let file = sk.to_file(None).unwrap();
         let back = SecretKey::parse(&file, None).unwrap();
         assert_eq!(back.public(), sk.public());
-        assert!(!format!("{back:?}").contains(&crate::digest::hex(sk.signing.as_bytes())));
+        assert!(!format!("{back:?}").contains(&crate::trust::digest::hex(sk.signing.as_bytes())));
     }
 
     #[test]

@@ -87,7 +87,12 @@ pub fn fetch(url: &str) -> Result<Fetched> {
     let download_all = || -> Result<()> {
         let here = fetched.dir.path();
         let Some(stem) = stem else {
-            return download(url, &fetched.path, Some(crate::verify::MANIFEST_MAX), true);
+            return download(
+                url,
+                &fetched.path,
+                Some(crate::trust::verify::MANIFEST_MAX),
+                true,
+            );
         };
         download(url, &fetched.path, None, true)?;
         download(
@@ -96,11 +101,11 @@ pub fn fetch(url: &str) -> Result<Fetched> {
             Some(SIGNATURE_MAX),
             false,
         )?;
-        let manifest = crate::manifest::file_name(stem);
+        let manifest = crate::artifact::manifest::file_name(stem);
         download(
             &format!("{base}/{manifest}"),
             &here.join(&manifest),
-            Some(crate::verify::MANIFEST_MAX),
+            Some(crate::trust::verify::MANIFEST_MAX),
             false,
         )
     };

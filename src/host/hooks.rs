@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use crate::artifact::manifest::{Manifest, ManifestEntry};
 use crate::compose::FIREWALL_PATH;
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, ManifestEntry};
 use crate::model::RelPath;
 
 /// Directories whose unit files systemd loads.
@@ -219,16 +219,16 @@ mod tests {
                 layer: "l".into(),
                 mode: 0o644,
                 path: p(path),
-                sha256: Some(crate::digest::Sha256::of(b"")),
+                sha256: Some(crate::trust::digest::Sha256::of(b"")),
                 size: Some(0),
                 target: None,
-                kind: crate::manifest::EntryType::File,
+                kind: crate::artifact::manifest::EntryType::File,
                 uid: 0,
             })
             .collect();
         let json = format!(
             r#"{{"archive":{{"format":"tar.zst","sha256":"{0}","size":1,"tar_sha256":"{0}","tar_size":1}},"entries":{1},"layers":[],"name":"n","profile_sha256":"{0}","schema":1,"source_date_epoch":0,"version":"1.0.0"}}"#,
-            crate::digest::Sha256::of(b""),
+            crate::trust::digest::Sha256::of(b""),
             serde_json::to_string(&entries).unwrap()
         );
         Manifest::parse(json.as_bytes()).unwrap()

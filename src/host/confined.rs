@@ -415,7 +415,7 @@ impl Dir {
     pub fn write_atomic(&self, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
         let mut suffix = [0u8; 8];
         getrandom::getrandom(&mut suffix).map_err(|e| io::Error::other(e.to_string()))?;
-        let tmp = format!(".{name}.{}.tmp", crate::digest::hex(&suffix));
+        let tmp = format!(".{name}.{}.tmp", crate::trust::digest::hex(&suffix));
         let result = (|| {
             let mut file = self.create_file(&tmp, 0o600)?;
             file.write_all(bytes)?;

@@ -1,0 +1,10 @@
+//! The artifact: the build pipeline (`emit`), the checks every build runs
+//! (`lint`), the deterministic archive (`archive`, fed ahead of time by
+//! `prefetch`) and its canonical manifest (`manifest`).
+
+pub mod emit;
+pub mod lint;
+
+pub mod archive;
+pub mod manifest;
+pub mod prefetch;
