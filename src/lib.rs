@@ -1,12 +1,14 @@
 //! InfraKit: signed, byte-reproducible host artifacts for validator fleets.
 //!
-//! The folders read as the pipeline, top to bottom, and imports run one way
-//! (ARCHITECTURE.md has the whole map): `cli → commands → diff → host
-//! (apply, status, state, hooks, confined) → inputs (fetch) → trust
-//! (keyring, verify, sign, digest) → artifact (emit, lint, archive,
-//! manifest, prefetch) → compose (profile, overlay, params, generate,
-//! firewall) → model`. Only `cli` knows clap; nothing below `commands` reads
-//! the environment, the clock or the terminal.
+//! The folders group the modules by stage (ARCHITECTURE.md has the map):
+//! `host` (apply, status, state, hooks, confined), `inputs` (fetch),
+//! `trust` (keyring, verify, sign, digest), `artifact` (emit, lint, archive,
+//! manifest, prefetch), `compose` (profile, overlay, params, generate,
+//! firewall). Imports run one way between modules: `cli → commands → {emit,
+//! apply, fetch, keyring, diff} → status → {verify, state, hooks} → {lint,
+//! archive, manifest, sign} → prefetch → compose → {profile, overlay} →
+//! model → confined → digest`. Only `cli` knows clap; nothing below
+//! `commands` reads the environment, the clock or the terminal.
 
 pub mod cli;
 pub mod commands;
