@@ -20,12 +20,72 @@ pub const SCHEMA: u32 = 1;
 pub struct Manifest {
     pub archive: ArchiveInfo,
     pub entries: Vec<ManifestEntry>,
+    /// Pinned upstream inputs the adapters took files from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputInfo>,
     pub layers: Vec<LayerInfo>,
     pub name: String,
+    /// Debian packages the host OS must carry (checked by `status`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prerequisites: Vec<String>,
     pub profile_sha256: Sha256,
     pub schema: u32,
+    /// Paths the host must provide (keys, passwords, JWT secrets): never
+    /// part of the artifact, checked by `status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretSlot>,
+    /// Every systemd service the adapters render, with its role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceInfo>,
     pub source_date_epoch: u64,
     pub version: String,
+}
+
+/// A pinned upstream input, as built from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputInfo {
+    /// `file`, `tar`, `deb` or `image`.
+    pub kind: String,
+    /// The adapter that declares it.
+    pub layer: String,
+    pub name: String,
+    /// The downloaded asset's sha256 (for `image`: the image digest).
+    pub sha256: Sha256,
+    /// The upstream URL (or image reference), as locked.
+    pub url: String,
+    pub version: String,
+}
+
+/// A secret slot: a path the operator provides on each host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSlot {
+    pub description: String,
+    pub group: String,
+    /// The adapter that declares it.
+    pub layer: String,
+    #[serde(with = "octal")]
+    pub mode: u32,
+    pub name: String,
+    pub owner: String,
+    /// Absolute path on the host.
+    pub path: String,
+    /// The units that consume it (each refuses to start without it).
+    pub units: Vec<String>,
+}
+
+/// A systemd service of the release and its role.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceInfo {
+    /// The adapter that declares it.
+    pub layer: String,
+    /// `signer` (signs with validator keys: never two releases' signers at
+    /// once) or `service`.
+    pub role: String,
+    /// The unit's name, e.g. `monad-bft.service`.
+    pub unit: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +204,10 @@ impl Manifest {
             name: profile.name.clone(),
             version: version.to_owned(),
             source_date_epoch,
+            inputs: Vec::new(),
+            prerequisites: Vec::new(),
+            secrets: Vec::new(),
+            services: Vec::new(),
             profile_sha256: profile.digest,
             layers,
             archive: ArchiveInfo {
@@ -291,6 +355,10 @@ mod tests {
             name: "n".into(),
             version: "1.0.0".into(),
             source_date_epoch: 0,
+            inputs: Vec::new(),
+            prerequisites: Vec::new(),
+            secrets: Vec::new(),
+            services: Vec::new(),
             profile_sha256: Sha256::of(b""),
             layers: vec![LayerInfo {
                 name: "base".into(),
