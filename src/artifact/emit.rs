@@ -63,6 +63,15 @@ impl Composed {
 /// Loads a profile and composes its layers into a tree.
 pub fn compose_profile(path: &Path) -> Result<Composed> {
     let profile = Profile::load(path)?;
+    if let Some(a) = profile.adapters.first() {
+        return Err(Error::input(
+            path,
+            format!(
+                "adapter {:?}: this infrakit cannot compose adapters yet; remove `adapters` from the profile",
+                a.name
+            ),
+        ));
+    }
     let layers = profile
         .layers
         .iter()

@@ -23,6 +23,8 @@ struct ProfileFile {
     source_date_epoch: Option<Spanned<i64>>,
     overlays: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
+    adapters: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
     params: BTreeMap<String, Spanned<toml::Value>>,
 }
 
@@ -43,6 +45,8 @@ pub struct Profile {
     pub description: Option<String>,
     pub source_date_epoch: Option<u64>,
     pub layers: Vec<LayerRef>,
+    /// The adapters (`adapters/<name>/`), composed after the overlays.
+    pub adapters: Vec<LayerRef>,
     /// SHA-256 of the profile file's bytes.
     pub digest: Sha256,
     /// `[params]`, checked against the overlays' declarations when they load.
@@ -104,37 +108,60 @@ impl Profile {
 
         let base = path.parent().unwrap_or(Path::new("."));
         let repo = base.parent().unwrap_or(Path::new(".."));
+        let resolve = |kind: &str,
+                       folder: &str,
+                       items: &[Spanned<String>],
+                       taken: &mut Vec<LayerRef>| {
+            for item in items {
+                let name = item.get_ref();
+                let dir = if name.starts_with("./") || name.starts_with("../") {
+                    base.join(name)
+                } else if valid_name(name) {
+                    repo.join(folder).join(name)
+                } else {
+                    return Err(at(
+                        item.span(),
+                        format!(
+                            "{kind} {name:?} is neither a bare name ([a-z0-9-]+) nor a path starting with ./ or ../"
+                        ),
+                    ));
+                };
+                if taken.iter().any(|l| l.name == *name) {
+                    return Err(at(item.span(), format!("{kind} {name:?} is listed twice")));
+                }
+                if !dir.is_dir() {
+                    return Err(at(
+                        item.span(),
+                        format!(
+                            "{kind} {name:?} not found: {} is not a directory",
+                            dir.display()
+                        ),
+                    ));
+                }
+                taken.push(LayerRef {
+                    name: name.clone(),
+                    dir,
+                });
+            }
+            Ok(())
+        };
         let mut layers: Vec<LayerRef> = Vec::new();
-        for item in file.overlays.get_ref() {
-            let name = item.get_ref();
-            let dir = if name.starts_with("./") || name.starts_with("../") {
-                base.join(name)
-            } else if valid_name(name) {
-                repo.join("overlays").join(name)
-            } else {
-                return Err(at(
-                    item.span(),
-                    format!(
-                        "overlay {name:?} is neither a bare name ([a-z0-9-]+) nor a path starting with ./ or ../"
-                    ),
-                ));
-            };
-            if layers.iter().any(|l| l.name == *name) {
-                return Err(at(item.span(), format!("overlay {name:?} is listed twice")));
-            }
-            if !dir.is_dir() {
-                return Err(at(
-                    item.span(),
-                    format!(
-                        "overlay {name:?} not found: {} is not a directory",
-                        dir.display()
-                    ),
-                ));
-            }
-            layers.push(LayerRef {
-                name: name.clone(),
-                dir,
-            });
+        resolve("overlay", "overlays", file.overlays.get_ref(), &mut layers)?;
+        let mut adapters: Vec<LayerRef> = Vec::new();
+        if let Some(list) = &file.adapters {
+            resolve("adapter", "adapters", list.get_ref(), &mut adapters)?;
+        }
+        if let Some(clash) = adapters
+            .iter()
+            .find(|a| layers.iter().any(|l| l.name == a.name))
+        {
+            return Err(Error::input(
+                path,
+                format!(
+                    "{:?} is both an overlay and an adapter: layer names must be unique",
+                    clash.name
+                ),
+            ));
         }
         if layers.is_empty() {
             return Err(at(
@@ -150,6 +177,7 @@ impl Profile {
             description: file.description,
             source_date_epoch,
             layers,
+            adapters,
             digest: Sha256::of(text.as_bytes()),
             params: ProfileParams {
                 values: file.params,
