@@ -856,16 +856,30 @@ pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
     for d in &report.drift {
         ui.show(format_args!("  {:<10} {}: {}", d.kind, d.path, d.detail));
     }
-    ui.show("secret slots: not supported yet (artifacts cannot declare them)");
+    ui.show(format_args!(
+        "secret slots: {} declared, {} not provided as declared",
+        report.release_secrets,
+        report.missing_secrets.len()
+    ));
+    for m in &report.missing_secrets {
+        ui.show(format_args!("  {} ({}): {}", m.name, m.path, m.problem));
+    }
+    if !report.missing_prerequisites.is_empty() {
+        ui.show(format_args!(
+            "missing prerequisites (install them with apt): {}",
+            report.missing_prerequisites.join(" ")
+        ));
+    }
     for e in &report.errors {
         ui.show(format_args!("could not check: {e}"));
     }
     if report.failed() {
         return Err(Error::Unhealthy(format!(
-            "{}: {} drifted path(s), {} missing secret(s){}{}",
+            "{}: {} drifted path(s), {} secret slot(s) not provided, {} missing prerequisite(s){}{}",
             root.display(),
             report.drift.len(),
             report.missing_secrets.len(),
+            report.missing_prerequisites.len(),
             if report.interrupted.is_some() {
                 ", an interrupted activation"
             } else {

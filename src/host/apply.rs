@@ -324,7 +324,7 @@ pub fn plan(
         .filter(|p| !new_paths.contains(*p))
         .map(|p| (*p).clone())
         .collect();
-    plan.hooks = Hooks::plan(new, &plan.added, &plan.changed, &plan.removed);
+    plan.hooks = Hooks::plan(old, new, &plan.added, &plan.changed, &plan.removed);
     Ok(plan)
 }
 
@@ -340,7 +340,7 @@ fn repair_plan(state: &State, id: &ReleaseId, m: &Manifest, drift: Vec<Drift>) -
         .filter(|e| drift.iter().any(|d| d.path == e.path.as_str()))
         .map(|e| e.path.clone())
         .collect();
-    plan.hooks = Hooks::plan(m, &[], &repaired, &[]);
+    plan.hooks = Hooks::plan(Some(m), m, &[], &repaired, &[]);
     plan.stage = drift.iter().any(|d| d.in_release);
     plan.repairs = drift;
     Ok(plan)

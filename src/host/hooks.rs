@@ -1,7 +1,8 @@
 //! What an activation asks of the running system: reload systemd, apply
 //! sysusers/tmpfiles/sysctl and the nftables ruleset, restart exactly the
-//! units whose files changed, and stop validator units before the switch and
-//! start them after it (never two at once). Run only on a live root (`/`
+//! units whose files changed, and stop signer units (the release's
+//! `services` with role `signer`) before the switch and start them after it
+//! (never two releases' signers at once). Run only on a live root (`/`
 //! with systemd running); anywhere else the commands are printed as a plan.
 
 use std::collections::BTreeSet;
@@ -21,7 +22,7 @@ const UNIT_SUFFIXES: [&str; 4] = [".service", ".socket", ".timer", ".path"];
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hooks {
-    /// Validator units stopped before the switch.
+    /// Signer units stopped before the switch.
     pub stop_before: Vec<String>,
     /// Units stopped after the switch because the new release removed them.
     pub stop_after: Vec<String>,
@@ -31,15 +32,18 @@ pub struct Hooks {
     pub sysctl: bool,
     pub firewall: bool,
     pub restart: Vec<String>,
-    /// Validator units started after the switch.
+    /// Signer units started after the switch, one at a time.
     pub start: Vec<String>,
 }
 
-/// Whether a unit is a validator (signing) unit: two of them must never run
-/// at once, so they are stopped before the switch and started after it.
-/// Until adapters declare roles, the rule is the name.
-pub fn is_validator_unit(unit: &str) -> bool {
-    unit.contains("validator")
+/// The units a release declares as signers (they sign with validator keys:
+/// two releases' signers must never run at once).
+pub fn signers(m: &Manifest) -> BTreeSet<String> {
+    m.services
+        .iter()
+        .filter(|s| s.role == "signer")
+        .map(|s| s.unit.clone())
+        .collect()
 }
 
 /// `[A-Za-z0-9:_.@\\-]+` with a unit suffix, not starting with `-`.
@@ -72,8 +76,16 @@ fn unit_of(path: &RelPath) -> Option<String> {
 
 impl Hooks {
     /// The hooks for moving from `old` to `new`, given which paths were
-    /// added, changed and removed.
+    /// added, changed and removed. `old` is the release active before: on a
+    /// switch between releases (`old` another release, or none) every
+    /// signer of `old` is stopped before the switch, and those the new
+    /// release keeps are started after it, one at a time. A signer the new
+    /// release adds is enabled but never started here: it may be signing
+    /// elsewhere, and its secrets may not be in place yet. On a repair of
+    /// the active release (`old` is `new`) only signers whose files changed
+    /// are stopped and started again.
     pub fn plan(
+        old: Option<&Manifest>,
         new: &Manifest,
         added: &[RelPath],
         changed: &[RelPath],
@@ -87,6 +99,9 @@ impl Hooks {
             .filter_map(|e: &ManifestEntry| unit_of(&e.path))
             .collect();
         let changed_units: BTreeSet<String> = touched.iter().filter_map(|p| unit_of(p)).collect();
+        let old_signers = old.map(signers).unwrap_or_default();
+        let new_signers = signers(new);
+        let repair = old.is_some_and(|o| o == new);
         let mut hooks = Hooks {
             daemon_reload: !changed_units.is_empty() || under("etc/systemd/"),
             sysusers: under("etc/sysusers.d/") || under("usr/lib/sysusers.d/"),
@@ -95,16 +110,21 @@ impl Hooks {
             firewall: touched.iter().any(|p| p.as_str() == FIREWALL_PATH),
             ..Hooks::default()
         };
+        let stopped: BTreeSet<String> = if repair {
+            changed_units.intersection(&new_signers).cloned().collect()
+        } else {
+            old_signers.clone()
+        };
+        hooks.stop_before = stopped.iter().cloned().collect();
+        hooks.start = stopped.intersection(&new_signers).cloned().collect();
         for unit in changed_units {
-            let validator = is_validator_unit(&unit);
-            match (new_units.contains(&unit), validator) {
-                (true, true) => {
-                    hooks.stop_before.push(unit.clone());
-                    hooks.start.push(unit);
-                }
-                (true, false) => hooks.restart.push(unit),
-                (false, true) => hooks.stop_before.push(unit),
-                (false, false) => hooks.stop_after.push(unit),
+            if old_signers.contains(&unit) || new_signers.contains(&unit) {
+                continue;
+            }
+            if new_units.contains(&unit) {
+                hooks.restart.push(unit);
+            } else {
+                hooks.stop_after.push(unit);
             }
         }
         hooks
@@ -234,34 +254,59 @@ mod tests {
         Manifest::parse(json.as_bytes()).unwrap()
     }
 
+    /// `manifest_with(paths)` whose services are `signers` (role signer)
+    /// and `others` (role service), all unit files under etc/systemd/system.
+    fn with_services(paths: &[&str], signers: &[&str], others: &[&str]) -> Manifest {
+        let mut m = manifest_with(paths);
+        let service = |unit: &&str, role: &str| crate::artifact::manifest::ServiceInfo {
+            layer: "chain".into(),
+            role: role.into(),
+            unit: (*unit).to_owned(),
+        };
+        m.services = signers.iter().map(|u| service(u, "signer")).collect();
+        m.services
+            .extend(others.iter().map(|u| service(u, "service")));
+        m
+    }
+
     #[test]
-    fn validators_stop_before_the_switch_and_start_one_at_a_time_after() {
-        let new = manifest_with(&[
-            "etc/systemd/system/app.service",
-            "etc/systemd/system/eth-validator.service",
-            "etc/systemd/system/monad-validator.service",
-        ]);
-        let hooks = Hooks::plan(
-            &new,
-            &[p("etc/systemd/system/monad-validator.service")],
+    fn every_old_signer_stops_before_the_switch_and_kept_ones_start_one_at_a_time_after() {
+        let old = with_services(
             &[
-                p("etc/systemd/system/app.service"),
-                p("etc/systemd/system/eth-validator.service"),
+                "etc/systemd/system/app.service",
+                "etc/systemd/system/bft.service",
+                "etc/systemd/system/retired-signer.service",
             ],
+            &["bft.service", "retired-signer.service"],
+            &["app.service"],
+        );
+        let new = with_services(
             &[
-                p("etc/systemd/system/old-validator.service"),
+                "etc/systemd/system/app.service",
+                "etc/systemd/system/bft.service",
+                "etc/systemd/system/fresh-signer.service",
+            ],
+            &["bft.service", "fresh-signer.service"],
+            &["app.service"],
+        );
+        // bft.service did not change, and is still stopped and started.
+        let hooks = Hooks::plan(
+            Some(&old),
+            &new,
+            &[p("etc/systemd/system/fresh-signer.service")],
+            &[p("etc/systemd/system/app.service")],
+            &[
+                p("etc/systemd/system/retired-signer.service"),
                 p("etc/systemd/system/gone.service"),
             ],
         );
-        // Every changed or removed validator is down before the switch.
         assert_eq!(
             hooks.before(),
             vec![vec![
                 "systemctl",
                 "stop",
-                "eth-validator.service",
-                "monad-validator.service",
-                "old-validator.service"
+                "bft.service",
+                "retired-signer.service"
             ]]
         );
         let after = hooks.after();
@@ -272,15 +317,33 @@ mod tests {
             "try-restart".to_owned(),
             "app.service".to_owned()
         ]));
-        // Started after the reload, each on its own.
+        // Only the kept signer starts, after the reload, on its own; the new
+        // one is never started by apply.
         let starts: Vec<_> = after
             .iter()
             .enumerate()
             .filter(|(_, c)| c[1] == "start")
             .collect();
-        assert_eq!(starts.len(), 2);
-        assert!(starts.iter().all(|(i, c)| *i > reload && c.len() == 3));
-        assert!(!hooks.sysctl && !hooks.firewall);
+        assert_eq!(starts.len(), 1);
+        assert!(starts[0].0 > reload);
+        assert_eq!(starts[0].1, &vec!["systemctl", "start", "bft.service"]);
+        assert!(!after.iter().flatten().any(|a| a.contains("fresh-signer")));
+
+        // A first apply stops and starts no signer.
+        let first = Hooks::plan(None, &new, &[p("etc/systemd/system/bft.service")], &[], &[]);
+        assert!(first.stop_before.is_empty() && first.start.is_empty());
+        // A repair touches only the signers whose files it repairs.
+        let repair = Hooks::plan(
+            Some(&new),
+            &new,
+            &[],
+            &[p("etc/systemd/system/bft.service")],
+            &[],
+        );
+        assert_eq!(repair.stop_before, vec!["bft.service"]);
+        assert_eq!(repair.start, vec!["bft.service"]);
+        let untouched = Hooks::plan(Some(&new), &new, &[], &[p("etc/app.conf")], &[]);
+        assert!(untouched.stop_before.is_empty() && untouched.start.is_empty());
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub struct Drift {
     pub in_release: bool,
 }
 
+/// A secret slot as the host does not provide it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SecretProblem {
+    pub name: String,
+    pub path: String,
+    pub problem: String,
+}
+
 /// A retained release and when it was last activated.
 #[derive(Clone, Debug, Serialize)]
 pub struct Retained {
@@ -45,9 +53,14 @@ pub struct Report {
     pub release: Option<ReleaseInfo>,
     pub retained: Vec<Retained>,
     pub drift: Vec<Drift>,
-    /// Secret slots missing or with the wrong owner or mode (artifacts do not
-    /// declare secret slots yet, so this is empty).
-    pub missing_secrets: Vec<String>,
+    /// Secret slots the host does not provide as declared (missing, not a
+    /// regular file, wrong owner or group, a mode wider than declared).
+    pub missing_secrets: Vec<SecretProblem>,
+    /// Debian packages the release needs that the root's dpkg database does
+    /// not list as installed.
+    pub missing_prerequisites: Vec<String>,
+    /// How many secret slots the active release declares.
+    pub release_secrets: usize,
     /// An activation that was interrupted and not yet completed or reverted.
     pub interrupted: Option<String>,
     /// What could not be checked, and why: the report is incomplete.
@@ -57,7 +70,10 @@ pub struct Report {
 impl Report {
     /// Drift, missing secrets or an interrupted activation: a failed check.
     pub fn failed(&self) -> bool {
-        !self.drift.is_empty() || !self.missing_secrets.is_empty() || self.interrupted.is_some()
+        !self.drift.is_empty()
+            || !self.missing_secrets.is_empty()
+            || !self.missing_prerequisites.is_empty()
+            || self.interrupted.is_some()
     }
 
     /// Checked completely and nothing failed.
@@ -77,6 +93,8 @@ pub fn status(root: &std::path::Path) -> Report {
         retained: Vec::new(),
         drift: Vec::new(),
         missing_secrets: Vec::new(),
+        missing_prerequisites: Vec::new(),
+        release_secrets: 0,
         interrupted: None,
         errors: Vec::new(),
     };
@@ -138,7 +156,130 @@ fn check_into(state: &State, report: &mut Report) -> Result<()> {
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    report.release_secrets = release.manifest.secrets.len();
+    let accounts = Accounts::read(state.live_dir());
+    for slot in &release.manifest.secrets {
+        match check_secret(state, &accounts, slot) {
+            Ok(Some(problem)) => report.missing_secrets.push(SecretProblem {
+                name: slot.name.clone(),
+                path: slot.path.clone(),
+                problem,
+            }),
+            Ok(None) => {}
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    if !release.manifest.prerequisites.is_empty() {
+        match installed_packages(state) {
+            Ok(installed) => {
+                report.missing_prerequisites = release
+                    .manifest
+                    .prerequisites
+                    .iter()
+                    .filter(|p| !installed.contains(p.as_str()))
+                    .cloned()
+                    .collect();
+            }
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
     Ok(())
+}
+
+/// User and group names of the root (`etc/passwd`, `etc/group`), for the
+/// owners of secret slots; numeric names stand for themselves.
+struct Accounts {
+    users: std::collections::HashMap<String, u32>,
+    groups: std::collections::HashMap<String, u32>,
+}
+
+impl Accounts {
+    fn read(root: &Dir) -> Accounts {
+        let table = |file: &str| {
+            let text = root.read(file, 16 << 20).unwrap_or_default();
+            String::from_utf8_lossy(&text)
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    let id = f.nth(1)?.parse().ok()?;
+                    Some((name.to_owned(), id))
+                })
+                .collect()
+        };
+        Accounts {
+            users: table("etc/passwd"),
+            groups: table("etc/group"),
+        }
+    }
+
+    fn id(map: &std::collections::HashMap<String, u32>, name: &str) -> Option<u32> {
+        name.parse().ok().or_else(|| map.get(name).copied())
+    }
+}
+
+/// One secret slot on the live root: `Ok(Some(problem))` when it is not
+/// provided as declared, `Err` when it cannot be checked.
+fn check_secret(
+    state: &State,
+    accounts: &Accounts,
+    slot: &crate::artifact::manifest::SecretSlot,
+) -> Result<Option<String>> {
+    let rel = slot.path.trim_start_matches('/');
+    let path = state.root.join(rel);
+    let meta = match confined::optional(state.live_dir().stat(rel)) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(Some("missing".to_owned())),
+        Err(e) => {
+            return Err(Error::io(
+                &path,
+                "checking a secret slot (run status as root)",
+            )(e));
+        }
+    };
+    if meta.kind != Kind::File {
+        return Ok(Some("is not a regular file".to_owned()));
+    }
+    let want = (
+        Accounts::id(&accounts.users, &slot.owner),
+        Accounts::id(&accounts.groups, &slot.group),
+    );
+    if want != (Some(meta.uid), Some(meta.gid)) {
+        return Ok(Some(format!(
+            "owned by {}:{}, the release wants {}:{}",
+            meta.uid, meta.gid, slot.owner, slot.group
+        )));
+    }
+    if meta.mode & !slot.mode != 0 {
+        return Ok(Some(format!(
+            "mode {:04o} allows more than the declared {:04o}",
+            meta.mode, slot.mode
+        )));
+    }
+    Ok(None)
+}
+
+/// The packages the root's dpkg database lists as installed.
+fn installed_packages(state: &State) -> Result<std::collections::HashSet<String>> {
+    const STATUS: &str = "var/lib/dpkg/status";
+    let text = match confined::optional(state.live_dir().read(STATUS, 256 << 20)) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(Default::default()),
+        Err(e) => return Err(Error::io(&state.root.join(STATUS), "reading")(e)),
+    };
+    let text = String::from_utf8_lossy(&text);
+    Ok(text
+        .split("\n\n")
+        .filter(|para| {
+            para.lines()
+                .any(|l| l.starts_with("Status:") && l.ends_with(" installed"))
+        })
+        .filter_map(|para| {
+            para.lines()
+                .find_map(|l| l.strip_prefix("Package: "))
+                .map(|p| p.trim().to_owned())
+        })
+        .collect())
 }
 
 /// Drift of the active `release`: its live paths and its own files. An
@@ -297,6 +438,12 @@ pub fn textfile(report: &Report) -> String {
         "Secret slots missing or with the wrong owner or mode.",
         String::new(),
         report.missing_secrets.len(),
+    );
+    metric(
+        "infrakit_missing_prerequisites",
+        "Debian packages the release needs that the host does not have installed.",
+        String::new(),
+        report.missing_prerequisites.len(),
     );
     metric(
         "infrakit_activation_interrupted",

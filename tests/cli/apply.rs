@@ -929,4 +929,38 @@ fn services_can_read_their_files_through_the_links_whatever_the_umask() {
     assert_eq!(run.stdout, "a = 1\n");
 }
 
+mod roles_and_slots;
 mod untrusted_state;
+
+/// A copy of release `from` in `dir` whose manifest `edit` changed, signed
+/// again with the release key (stock minisign, trusted comment binding name,
+/// version and the new manifest's digest): what a signer vouches for,
+/// whatever it says. The artifact's bytes stay the same.
+fn resign(f: &Fleet, from: &Path, dir: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = f.dir().join(dir);
+    let art = copy_release(from, &dir, "p");
+    let manifest = dir.join("p.manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    edit(&mut m);
+    let text = serde_json::to_vec(&m).unwrap();
+    fs::write(&manifest, &text).unwrap();
+    let version = m["version"].as_str().unwrap();
+    let comment = format!(
+        "name:p version:{version} manifest-sha256:{}",
+        sha256_hex(&text)
+    );
+    let sig = format!("{}.minisig", s(&art));
+    let args = [
+        "-S",
+        "-s",
+        s(&f.secret),
+        "-m",
+        s(&art),
+        "-x",
+        &sig,
+        "-t",
+        &comment,
+    ];
+    tool(f.dir(), "minisign", &args).ok();
+    art
+}

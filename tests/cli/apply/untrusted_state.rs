@@ -272,34 +272,9 @@ fn a_signed_version_that_is_no_safe_path_component_is_refused_before_writing() {
     // The signer signs whatever manifest it is given: re-sign release 1's
     // manifest with a version that would climb out of releases/.
     let version = "1.5.0/../../../../outside";
-    let dir = f.dir().join("unsafe-version");
-    let art = copy_release(&f.v1, &dir, "p");
-    let manifest = dir.join("p.manifest.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
-    m["version"] = version.into();
-    let text = serde_json::to_vec(&m).unwrap();
-    fs::write(&manifest, &text).unwrap();
-    let comment = format!(
-        "name:p version:{version} manifest-sha256:{}",
-        sha256_hex(&text)
-    );
-    let sig = format!("{}.minisig", s(&art));
-    tool(
-        f.dir(),
-        "minisign",
-        &[
-            "-S",
-            "-s",
-            s(&f.secret),
-            "-m",
-            s(&art),
-            "-x",
-            &sig,
-            "-t",
-            &comment,
-        ],
-    )
-    .ok();
+    let art = resign(&f, &f.v1, "unsafe-version", |m| {
+        m["version"] = version.into()
+    });
     assert_refused_untouched(
         &f,
         &art,
