@@ -202,7 +202,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the active release and drift from it; exit 1 on drift or an interrupted activation.
+    /// Show the active release, drift, secret slots and prerequisites; exit 1 on a finding, 2 if something could not be checked.
     Status {
         /// The root to check.
         #[arg(long, value_name = "DIR", default_value = "/")]
