@@ -28,6 +28,10 @@ pub struct PortDecl {
     pub when_empty: Option<Spanned<String>>,
     /// Rate limit for new connections, like `10/minute`.
     pub limit: Option<Spanned<String>>,
+    /// Published by a container engine (Docker): its packets are DNAT'd to
+    /// a container and cross the forward hook, not the input hook.
+    #[serde(default)]
+    pub forward: Option<Spanned<bool>>,
     pub description: Option<String>,
 }
 
@@ -68,6 +72,9 @@ pub struct Port {
     pub proto: Proto,
     pub exposure: Exposure,
     pub limit: Option<String>,
+    /// Published by a container engine: allowed on the forward path by its
+    /// original destination port.
+    pub forward: bool,
     pub description: Option<String>,
     /// The layer that declared it, and where.
     pub layer: String,
@@ -88,7 +95,7 @@ pub fn merge(ports: &[Port]) -> Result<Vec<Port>, String> {
     let mut by_key: BTreeMap<(u16, Proto), Port> = BTreeMap::new();
     for p in ports {
         match by_key.get(&(p.port, p.proto)) {
-            Some(q) if q.exposure != p.exposure || q.limit != p.limit => {
+            Some(q) if q.exposure != p.exposure || q.limit != p.limit || q.forward != p.forward => {
                 return Err(format!(
                     "port {}/{} is declared with different exposure or limit at {} and at {}; declare it once",
                     p.port,
@@ -205,9 +212,59 @@ pub fn render(ports: &[Port]) -> String {
         }
     }
     r.push_str("\t}\n\n");
-    r.push_str(
-        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n\n",
-    );
+    r.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n");
+    if ports.iter().any(|p| p.forward) {
+        // A container engine's traffic: replies, the containers' own
+        // connections out of their bridges, and the published ports, which
+        // arrive DNAT'd (matched by the port they were sent to).
+        r.push_str(
+            "\t\tct state established,related accept\n\
+             \t\tct state invalid drop\n\
+             \t\tiifname \"docker0\" accept\n\
+             \t\tiifname \"br-*\" accept\n",
+        );
+        for p in ports.iter().filter(|p| p.forward) {
+            let proto = p.proto.name();
+            let dnat = format!(
+                "meta l4proto {proto} ct status dnat ct original proto-dst {}",
+                p.port
+            );
+            match &p.exposure {
+                Exposure::Public => {
+                    let _ = writeln!(
+                        r,
+                        "\t\t# {}/{proto} published by a container engine (layer {:?})",
+                        p.port, p.layer
+                    );
+                    let _ = writeln!(r, "\t\t{dnat} accept");
+                }
+                Exposure::Allow(cidrs) => {
+                    let _ = writeln!(
+                        r,
+                        "\t\t# {}/{proto} published by a container engine, allow-listed (layer {:?})",
+                        p.port, p.layer
+                    );
+                    for (family, v4) in [("ip", true), ("ip6", false)] {
+                        let set: Vec<String> = cidrs
+                            .iter()
+                            .filter(|c| c.is_ipv4() == v4)
+                            .map(Cidr::to_string)
+                            .collect();
+                        if !set.is_empty() {
+                            let _ = writeln!(
+                                r,
+                                "\t\t{family} saddr {{ {} }} {dnat} accept",
+                                set.join(", ")
+                            );
+                        }
+                    }
+                }
+                // Refused when declared: a loopback port is never forwarded.
+                Exposure::Loopback => {}
+            }
+        }
+    }
+    r.push_str("\t}\n\n");
     r.push_str(
         "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t}\n}\n",
     );
@@ -229,10 +286,35 @@ mod tests {
             proto: Proto::Tcp,
             exposure,
             limit: None,
+            forward: false,
             description: None,
             layer: layer.to_owned(),
             location: format!("{layer}/overlay.toml:1:1"),
         }
+    }
+
+    #[test]
+    fn forwarded_ports_open_the_forward_chain_only_for_them() {
+        let plain = render(&[port(40400, Exposure::Public, "a")]);
+        assert!(!plain.contains("ct original"), "{plain}");
+        assert!(plain.contains(
+            "chain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}"
+        ));
+        let mut p = port(40400, Exposure::Public, "aztec");
+        p.forward = true;
+        let mut allowed = port(
+            8081,
+            Exposure::Allow(vec![Cidr::parse("192.0.2.0/24").unwrap()]),
+            "aztec",
+        );
+        allowed.forward = true;
+        let r = render(&[p, allowed]);
+        assert!(
+            r.contains("\t\tmeta l4proto tcp ct status dnat ct original proto-dst 40400 accept\n"),
+            "{r}"
+        );
+        assert!(r.contains("ip saddr { 192.0.2.0/24 } meta l4proto tcp ct status dnat ct original proto-dst 8081 accept"), "{r}");
+        assert!(!r.contains("flush ruleset"));
     }
 
     #[test]

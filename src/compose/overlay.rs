@@ -611,11 +611,19 @@ impl Layer {
             }
             None => None,
         };
+        let forward = decl.forward.as_ref().is_some_and(|f| *f.get_ref());
+        if forward && exposure == Exposure::Loopback {
+            return Err(ctx.err(
+                decl.port.span(),
+                "a loopback port is never forwarded: publish it on 127.0.0.1 and drop forward = true",
+            ));
+        }
         Ok(firewall::Port {
             port,
             proto,
             exposure,
             limit,
+            forward,
             description: decl.description.clone(),
             layer: self.name.to_string(),
             location: ctx.location(decl.port.span()),
