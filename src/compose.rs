@@ -3,14 +3,17 @@
 //! clash, or an entry under a non-directory, is always an error. Every entry
 //! keeps the layer it came from.
 //!
-//! Its inputs are the submodules: profiles, overlays and their parameters,
-//! and what is generated from them (sysusers/tmpfiles text, the firewall).
+//! Its inputs are the submodules: profiles, overlays, adapters and their
+//! parameters, and what is generated from them (sysusers/tmpfiles text,
+//! hardened units, the firewall).
 
+pub mod adapter;
 pub mod firewall;
 pub mod generate;
 pub mod overlay;
 pub mod params;
 pub mod profile;
+pub mod units;
 
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
