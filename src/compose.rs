@@ -97,7 +97,7 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                 if !replaces {
                     return Err(fail(format!(
                         "conflict at directory {path}: layer {:?} gives {:04o} {}:{}, layer {:?} gives {:04o} {}:{}; \
-                         add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                         add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
                         lower.layer,
                         lower.mode,
                         lower.uid,
@@ -112,7 +112,7 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
             } else if !replaces {
                 return Err(fail(format!(
                     "conflict at {path}: provided by layer {:?} and layer {:?}; \
-                     add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                     add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
                     lower.layer, layer.name, layer.name
                 )));
             }

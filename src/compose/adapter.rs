@@ -680,6 +680,17 @@ impl AdapterSource {
             );
         }
         units::exec_line(&exec).map_err(|m| self.err(d.exec.span(), m))?;
+        // `localhost` may resolve to `::1` (geth's and mev-boost's defaults
+        // do): addresses on a command line are written as 127.0.0.1.
+        if let Some(arg) = exec
+            .iter()
+            .find(|a| a.to_ascii_lowercase().contains("localhost"))
+        {
+            return Err(self.err(
+                d.exec.span(),
+                format!("exec argument {arg:?} names localhost, which may resolve to ::1; write 127.0.0.1"),
+            ));
+        }
 
         let user = match &d.user {
             None => None,
@@ -1195,6 +1206,10 @@ mod tests {
                 "a timer starts a oneshot",
             ),
             ("surprise = 1\n", ":9:1: unknown field `surprise`"),
+            (
+                "[[service]]\nname = \"a\"\nexec = [\"/bin/a\", \"--http.addr=localhost\"]\n",
+                ":11:8: exec argument \"--http.addr=localhost\" names localhost",
+            ),
         ];
         for (extra, want) in cases {
             let err = load(&format!("{BASE}{extra}")).unwrap_err().to_string();
