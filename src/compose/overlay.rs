@@ -88,6 +88,8 @@ pub struct Layer {
     pub users: BTreeSet<String>,
     /// Group names this layer declares (`[[group]]`, parameters resolved).
     pub groups: BTreeSet<String>,
+    /// The fixed GIDs among them (`[[group]] gid = …`).
+    pub gids: BTreeMap<String, u32>,
     /// Parameters this layer declares.
     pub params: BTreeSet<String>,
     /// Ports this layer declares, resolved.
@@ -176,31 +178,7 @@ impl Layer {
             path: toml_path,
             text,
         };
-        let mut decls = BTreeMap::new();
-        for (name, decl) in &file.params {
-            if !params::valid_name(name.get_ref()) {
-                return Err(ctx.err(
-                    name.span(),
-                    format!(
-                        "parameter name {:?} must match [a-z][a-z0-9_-]*",
-                        name.get_ref()
-                    ),
-                ));
-            }
-            // Templates see `a-b` as `a_b`: two names must not meet there.
-            let var = name.get_ref().replace('-', "_");
-            if let Some(other) = decls.keys().find(|k: &&String| k.replace('-', "_") == var) {
-                return Err(ctx.err(
-                    name.span(),
-                    format!(
-                        "parameters {other:?} and {:?} are both `{var}` in templates; rename one",
-                        name.get_ref()
-                    ),
-                ));
-            }
-            decls.insert(name.get_ref().clone(), decl.clone());
-        }
-        let values = params.resolve(&decls, toml_path, text)?;
+        let (decls, values) = resolve_params(toml_path, text, file, params)?;
         layer.params = decls.keys().cloned().collect();
         let root = dir.join("root");
         if root.is_dir() {
@@ -515,6 +493,9 @@ impl Layer {
         for g in &mut groups {
             g.name = resolve(&g.name)?;
             self.groups.insert(g.name.get_ref().clone());
+            if let Some(gid) = g.gid {
+                self.gids.insert(g.name.get_ref().clone(), gid);
+            }
         }
         if !users.is_empty() || !groups.is_empty() {
             let text = generate::sysusers(&self.name, &groups, &users)
@@ -699,6 +680,47 @@ fn walk_error(e: walkdir::Error, fallback: &Path, action: &'static str) -> Error
         action,
         source,
     }
+}
+
+/// The parameters a layer file declares (names checked) and their values for
+/// this profile.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resolve_params(
+    toml_path: &Path,
+    text: &str,
+    file: &OverlayFile,
+    params: &ProfileParams,
+) -> Result<(BTreeMap<String, ParamDecl>, BTreeMap<String, Value>)> {
+    let ctx = Ctx {
+        path: toml_path,
+        text,
+    };
+    let mut decls = BTreeMap::new();
+    for (name, decl) in &file.params {
+        if !params::valid_name(name.get_ref()) {
+            return Err(ctx.err(
+                name.span(),
+                format!(
+                    "parameter name {:?} must match [a-z][a-z0-9_-]*",
+                    name.get_ref()
+                ),
+            ));
+        }
+        // Templates see `a-b` as `a_b`: two names must not meet there.
+        let var = name.get_ref().replace('-', "_");
+        if let Some(other) = decls.keys().find(|k: &&String| k.replace('-', "_") == var) {
+            return Err(ctx.err(
+                name.span(),
+                format!(
+                    "parameters {other:?} and {:?} are both `{var}` in templates; rename one",
+                    name.get_ref()
+                ),
+            ));
+        }
+        decls.insert(name.get_ref().clone(), decl.clone());
+    }
+    let values = params.resolve(&decls, toml_path, text)?;
+    Ok((decls, values))
 }
 
 /// Parses a layer file whose top-level keys `extra_keys` belong to `X` and

@@ -38,7 +38,21 @@ default = "alpha"
 name = "tchain"
 home = "/var/lib/tchain"
 [[group]]
+name = "tchain"
+gid = 951
+[[group]]
 name = "tchain-ipc"
+[[tmpfile]]
+type = "d"
+path = "/var/lib/tchain-extra"
+mode = 0o750
+user = "tchain"
+group = "tchain"
+
+[[port]]
+port = 30399
+proto = "udp"
+exposure = "public"
 
 [[secret]]
 name = "keystore-password"
@@ -430,29 +444,43 @@ fn sysusers_and_tmpfiles_accept_the_generated_files() {
     );
     assert!(all.contains("Creating group 'tchain-ipc'"), "{all}");
     assert!(all.contains("Creating user 'tchain'"), "{all}");
+    use std::os::unix::fs::MetadataExt;
+    // The environment file's group is the fixed GID the adapter declares,
+    // carried in the archive (no tmpfiles line needed on an applied host).
+    let env = fs::metadata(root.join("etc/tchain/tchain.env")).unwrap();
+    assert_eq!((env.mode() & 0o7777, env.uid(), env.gid()), (0o640, 0, 951));
+    assert!(
+        all.contains("Creating group 'tchain' with GID 951"),
+        "{all}"
+    );
     for f in ["passwd", "group", "shadow", "gshadow"] {
         copy_into(&format!("/etc/{f}"), &root.join(format!("etc/{f}")));
     }
     tool(tmp.path(), "systemd-sysusers", &[&root_arg]).ok();
-    let group: u32 = read(&root, "etc/group")
+    let group = read(&root, "etc/group");
+    assert!(
+        group.lines().any(|l| l.starts_with("tchain:x:951:")),
+        "{group}"
+    );
+    let passwd = read(&root, "etc/passwd");
+    let user = passwd
         .lines()
         .find(|l| l.starts_with("tchain:"))
-        .expect("sysusers made the tchain group")
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+        .expect("sysusers made tchain");
+    assert_eq!(user.split(':').nth(3), Some("951"), "{user}");
+    let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
     clean(
         tool(tmp.path(), "systemd-tmpfiles", &[&root_arg, "--create"]),
         "systemd-tmpfiles --create",
     );
-    use std::os::unix::fs::MetadataExt;
-    let env = fs::metadata(root.join("etc/tchain/tchain.env")).unwrap();
+    let extra = fs::symlink_metadata(root.join("var/lib/tchain-extra")).unwrap();
+    assert!(extra.is_dir());
     assert_eq!(
-        (env.mode() & 0o7777, env.uid(), env.gid()),
-        (0o640, 0, group)
+        (extra.mode() & 0o7777, extra.uid(), extra.gid()),
+        (0o750, uid, 951)
     );
+    // The adapter's port reaches the one ruleset.
+    assert!(read(&root, "etc/infrakit/firewall.nft").contains("30399"));
     assert_eq!(
         read(&root, "etc/tchain/tchain.env").lines().nth(1),
         Some("CHAIN=\"tchain_testnet\"")
