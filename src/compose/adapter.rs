@@ -545,16 +545,8 @@ impl AdapterSource {
             };
             let mut vars = BTreeMap::new();
             for (k, v) in &e.vars {
-                let rendered = render(
-                    &self.toml_path,
-                    k,
-                    v.get_ref(),
-                    &values,
-                    inputs,
-                    &slots,
-                    false,
-                )
-                .map_err(|m| self.err(v.span(), m))?;
+                let rendered = render(k, v.get_ref(), &values, inputs, &slots, false)
+                    .map_err(|m| self.err(v.span(), m))?;
                 if secret_looking(k, &rendered) {
                     secret_env.push(SecretEnv {
                         path: path.trim_start_matches('/').to_owned(),
@@ -683,16 +675,8 @@ impl AdapterSource {
         let mut exec = Vec::new();
         for (i, arg) in d.exec.get_ref().iter().enumerate() {
             exec.push(
-                render(
-                    &self.toml_path,
-                    &format!("exec[{i}]"),
-                    arg,
-                    values,
-                    inputs,
-                    slots,
-                    true,
-                )
-                .map_err(|m| self.err(d.exec.span(), m))?,
+                render(&format!("exec[{i}]"), arg, values, inputs, slots, true)
+                    .map_err(|m| self.err(d.exec.span(), m))?,
             );
         }
         units::exec_line(&exec).map_err(|m| self.err(d.exec.span(), m))?;
@@ -1053,7 +1037,6 @@ pub fn when_holds(when: &str, values: &BTreeMap<String, Value>) -> Result<bool, 
 /// comes from a value (a parameter, a path) is doubled so systemd does not
 /// expand it; `{{ credentials }}` stays `${CREDENTIALS_DIRECTORY}`.
 fn render(
-    origin: &Path,
     name: &str,
     source: &str,
     values: &BTreeMap<String, Value>,
@@ -1092,13 +1075,15 @@ fn render(
         "credentials".to_owned(),
         minijinja::Value::from_safe_string(CREDENTIALS.to_owned()),
     );
-    overlay::render_str(
-        origin,
-        name,
-        source,
-        &minijinja::Value::from_serialize(&ctx),
-        &env,
-    )
+    let ctx = minijinja::Value::from_serialize(&ctx);
+    env.template_from_named_str(name, source)
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| {
+            let what = e
+                .detail()
+                .map_or_else(|| e.kind().to_string(), str::to_owned);
+            format!("template {name}: {what}")
+        })
 }
 
 /// A name or value that looks like it holds a secret.
@@ -1222,6 +1207,10 @@ mod tests {
                 "a timer starts a oneshot",
             ),
             ("surprise = 1\n", ":9:1: unknown field `surprise`"),
+            (
+                "[[service]]\nname = \"a\"\nexec = [\"/bin/a\", \"{{ inputs.img.reference }}\"]\n",
+                "adapter.toml:11:8: template exec[1]: ",
+            ),
             (
                 "[[env]]\npath = \"/etc/x.env\"\ngroup = \"node\"\n",
                 ":11:9: group \"node\" needs a fixed id",

@@ -751,25 +751,6 @@ pub(crate) fn parse_layer_file<X: serde::de::DeserializeOwned>(
     Ok((overlay, x))
 }
 
-/// Renders `source`, a template from `origin`, strictly with `ctx`; an
-/// error names `origin` and the line of `source`.
-pub(crate) fn render_str(
-    origin: &Path,
-    name: &str,
-    source: &str,
-    ctx: &minijinja::Value,
-    env: &minijinja::Environment<'_>,
-) -> Result<String, String> {
-    env.template_from_named_str(name, source)
-        .and_then(|t| t.render(ctx))
-        .map_err(|e| {
-            let what = e
-                .detail()
-                .map_or_else(|| e.kind().to_string(), str::to_owned);
-            format!("{}: template {name}: {what}", origin.display())
-        })
-}
-
 /// The template variables of a layer's parameters: `params["a-b"]` and,
 /// with `-` turned into `_`, plain variables (`a_b`).
 pub(crate) fn param_vars(values: &BTreeMap<String, Value>) -> BTreeMap<String, minijinja::Value> {
