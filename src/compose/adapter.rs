@@ -1206,7 +1206,10 @@ mod tests {
                 "[[service]]\nname = \"a\"\nexec = [\"/bin/a\"]\ntimer = { on-calendar = \"hourly\" }\n",
                 "a timer starts a oneshot",
             ),
-            ("surprise = 1\n", ":9:1: unknown field `surprise`"),
+            (
+                "surprise = 1\n",
+                ":9:1: unknown field `surprise`, expected one of `name`",
+            ),
             (
                 "[[service]]\nname = \"a\"\nexec = [\"/bin/a\", \"{{ inputs.img.reference }}\"]\n",
                 "adapter.toml:11:8: template exec[1]: ",
@@ -1220,6 +1223,13 @@ mod tests {
                 ":11:8: exec argument \"--http.addr=localhost\" names localhost",
             ),
         ];
+        // At the top level, the adapter's own keys are among those expected.
+        let err = load("surprise = 1\n").unwrap_err().to_string();
+        assert!(
+            err.contains("adapter.toml:1:1: unknown field `surprise`, expected one of `replace`"),
+            "{err}"
+        );
+        assert!(err.ends_with("`symlink`, `description`, `prerequisites`, `input`, `service`, `secret`, `sysctl`, `udev`, `env`"), "{err}");
         for (extra, want) in cases {
             let err = load(&format!("{BASE}{extra}")).unwrap_err().to_string();
             assert!(err.contains(want), "{extra:?}: {err}");

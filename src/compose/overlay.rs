@@ -745,8 +745,21 @@ pub(crate) fn parse_layer_file<X: serde::de::DeserializeOwned>(
             extra.insert(k, v);
         }
     }
+    let top: Vec<_> = common.keys().map(Spanned::span).collect();
     let overlay = OverlayFile::deserialize(Deserializer::from(Spanned::new(span.clone(), common)))
-        .map_err(located)?;
+        .map_err(|e| {
+            // An unknown top-level key: the keys it could have been include
+            // the extra ones.
+            let at_top = e.span().is_some_and(|s| top.contains(&s));
+            if at_top && !extra_keys.is_empty() && e.message().contains("expected one of") {
+                let more: Vec<String> = extra_keys.iter().map(|k| format!("`{k}`")).collect();
+                let offset = e.span().map_or(0, |s| s.start);
+                let msg = format!("{}, {}", e.message().trim_end(), more.join(", "));
+                Error::input_at_offset(path, text, offset, msg)
+            } else {
+                located(e)
+            }
+        })?;
     let x = X::deserialize(Deserializer::from(Spanned::new(span, extra))).map_err(located)?;
     Ok((overlay, x))
 }
