@@ -583,3 +583,62 @@ fn a_bad_adapter_key_is_located() {
         ],
     );
 }
+
+/// The `.wants/` links `tchain-*` units have in `etc/systemd/system` of `root`.
+fn wants_links(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let base = root.join("etc/systemd/system");
+    let mut links = std::collections::BTreeMap::new();
+    for e in walkdir::WalkDir::new(&base).min_depth(2).max_depth(2) {
+        let e = e.unwrap();
+        let name = e.file_name().to_str().unwrap();
+        if e.path_is_symlink() && name.starts_with("tchain-") {
+            let rel = e.path().strip_prefix(&base).unwrap().display().to_string();
+            let target = fs::read_link(e.path()).unwrap().display().to_string();
+            links.insert(rel, target);
+        }
+    }
+    links
+}
+
+#[test]
+fn enablement_links_match_systemctl_enable() {
+    require_tool("systemctl");
+    let tmp = repo("");
+    let root = build(&tmp);
+    let shipped = wants_links(&root);
+    assert_eq!(
+        shipped.keys().collect::<Vec<_>>(),
+        [
+            "multi-user.target.wants/tchain-db.service",
+            "multi-user.target.wants/tchain-rpc.service",
+            "multi-user.target.wants/tchain-signer.service",
+            "timers.target.wants/tchain-prune.timer",
+        ]
+    );
+    // The oracle: `systemctl enable` of every unit in a fresh root holding
+    // the same unit files (and the host's) makes exactly these links, from
+    // the units' own [Install] sections; units without one stay disabled.
+    let s = tmp.path().join("S");
+    copy_into("/usr/lib/systemd/system", &s.join("usr/lib/systemd/system"));
+    let mut units = Vec::new();
+    for e in fs::read_dir(root.join("usr/lib/systemd/system")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.starts_with("tchain-") {
+            copy_into(
+                root.join("usr/lib/systemd/system")
+                    .join(&name)
+                    .to_str()
+                    .unwrap(),
+                &s.join("usr/lib/systemd/system").join(&name),
+            );
+            units.push(name);
+        }
+    }
+    units.sort();
+    let s_arg = s.display().to_string();
+    let mut args = vec!["--root", &s_arg, "enable"];
+    args.extend(units.iter().map(String::as_str));
+    let run = tool(tmp.path(), "systemctl", &args);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(shipped, wants_links(&s), "artifact vs systemctl enable");
+}
