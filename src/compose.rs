@@ -3,14 +3,17 @@
 //! clash, or an entry under a non-directory, is always an error. Every entry
 //! keeps the layer it came from.
 //!
-//! Its inputs are the submodules: profiles, overlays and their parameters,
-//! and what is generated from them (sysusers/tmpfiles text, the firewall).
+//! Its inputs are the submodules: profiles, overlays, adapters and their
+//! parameters, and what is generated from them (sysusers/tmpfiles text,
+//! hardened units, the firewall).
 
+pub mod adapter;
 pub mod firewall;
 pub mod generate;
 pub mod overlay;
 pub mod params;
 pub mod profile;
+pub mod units;
 
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
@@ -94,7 +97,7 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                 if !replaces {
                     return Err(fail(format!(
                         "conflict at directory {path}: layer {:?} gives {:04o} {}:{}, layer {:?} gives {:04o} {}:{}; \
-                         add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                         add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
                         lower.layer,
                         lower.mode,
                         lower.uid,
@@ -109,7 +112,7 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
             } else if !replaces {
                 return Err(fail(format!(
                     "conflict at {path}: provided by layer {:?} and layer {:?}; \
-                     add it to `replace` in {:?}'s overlay.toml if the upper layer should win",
+                     add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
                     lower.layer, layer.name, layer.name
                 )));
             }

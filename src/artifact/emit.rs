@@ -16,6 +16,7 @@ use crate::artifact::archive::{self, Format};
 use crate::artifact::lint;
 use crate::artifact::manifest::{self, Manifest};
 use crate::compose;
+use crate::compose::adapter::{AdapterFacts, AdapterSource, InputVars};
 use crate::compose::overlay::Layer;
 use crate::compose::profile::Profile;
 use crate::error::{Error, Result};
@@ -47,36 +48,90 @@ pub struct Built {
     pub key_id: Option<String>,
 }
 
-/// A profile composed into a tree, with what lint needs from the layers.
+/// A profile composed into a tree, with what lint and the manifest need
+/// from the layers.
 pub struct Composed {
     pub profile: Profile,
     pub tree: Tree,
     pub allow_setuid: std::collections::BTreeSet<crate::model::RelPath>,
+    /// What the adapters add to the manifest and to lint.
+    pub adapters: AdapterFacts,
 }
 
 impl Composed {
     pub fn lint(&self) -> Result<Vec<lint::Finding>> {
-        lint::lint(&self.tree, &self.allow_setuid)
+        let mut findings = lint::lint(&self.tree, &self.allow_setuid)?;
+        findings.extend(self.adapter_findings());
+        Ok(findings)
+    }
+
+    /// The findings about what adapters declare (not about files).
+    pub fn adapter_findings(&self) -> Vec<lint::Finding> {
+        self.adapters
+            .secret_env
+            .iter()
+            .map(lint::secret_environment)
+            .collect()
     }
 }
 
-/// Loads a profile and composes its layers into a tree.
+/// Loads a profile and composes its layers (overlays, then adapters) into a tree.
 pub fn compose_profile(path: &Path) -> Result<Composed> {
     let profile = Profile::load(path)?;
-    if let Some(a) = profile.adapters.first() {
-        return Err(Error::input(
-            path,
-            format!(
-                "adapter {:?}: this infrakit cannot compose adapters yet; remove `adapters` from the profile",
-                a.name
-            ),
-        ));
-    }
-    let layers = profile
+    let mut layers = profile
         .layers
         .iter()
         .map(|l| Layer::load(&l.name, &l.dir, &profile.params))
         .collect::<Result<Vec<_>>>()?;
+    let mut adapters = Vec::new();
+    for a in &profile.adapters {
+        let source = AdapterSource::read(&a.name, &a.dir)?;
+        if !source.inputs().is_empty() {
+            return Err(Error::input(
+                &source.toml_path,
+                format!(
+                    "adapter {:?} declares [[input]] tables, but inputs are not supported by this build yet; \
+                     remove them or use an infrakit that fetches inputs",
+                    a.name
+                ),
+            ));
+        }
+        adapters.push(source.load(&profile.params, &InputVars::new())?);
+    }
+    let mut facts = AdapterFacts::default();
+    for a in &adapters {
+        facts.services.extend(a.services.iter().cloned());
+        facts.secrets.extend(a.secrets.iter().cloned());
+        facts.prerequisites.extend(a.prerequisites.iter().cloned());
+        facts.secret_env.extend(a.secret_env.iter().cloned());
+    }
+    layers.extend(adapters.into_iter().map(|a| a.layer));
+    check_unique(path, &facts)?;
+    facts.services.sort_by(|a, b| a.unit.cmp(&b.unit));
+    facts.secrets.sort_by(|a, b| a.name.cmp(&b.name));
+    facts.prerequisites.sort();
+    facts.prerequisites.dedup();
+    // A slot's content never enters an artifact: no layer may put anything
+    // at its path (checked on every layer, so one a later layer replaces or
+    // removes is refused too).
+    for slot in &facts.secrets {
+        let at = crate::model::RelPath::new(slot.path.trim_start_matches('/'))
+            .map_err(|m| Error::input(path, m))?;
+        if let Some(layer) = layers.iter().find(|l| l.entries.contains_key(&at)) {
+            return Err(Error::input(
+                path,
+                format!(
+                    "secret slot {:?} ({}) of adapter {:?}: layer {:?} puts a {} at that path, but a secret never \
+                     enters an artifact; remove it from that layer and provide it on each host",
+                    slot.name,
+                    slot.path,
+                    slot.layer,
+                    layer.name,
+                    layer.entries[&at].kind.name()
+                ),
+            ));
+        }
+    }
     let declared = layers
         .iter()
         .flat_map(|l| l.params.iter().cloned())
@@ -91,7 +146,37 @@ pub fn compose_profile(path: &Path) -> Result<Composed> {
         profile,
         tree,
         allow_setuid,
+        adapters: facts,
     })
+}
+
+/// Two adapters may not declare one unit or one secret slot.
+fn check_unique(profile: &Path, facts: &AdapterFacts) -> Result<()> {
+    let mut units = std::collections::BTreeMap::new();
+    for s in &facts.services {
+        if let Some(other) = units.insert(s.unit.as_str(), s.layer.as_str()) {
+            return Err(Error::input(
+                profile,
+                format!(
+                    "service {} is declared by adapter {other:?} and adapter {:?}; rename one",
+                    s.unit, s.layer
+                ),
+            ));
+        }
+    }
+    let mut slots = std::collections::BTreeMap::new();
+    for s in &facts.secrets {
+        if let Some(other) = slots.insert(s.name.as_str(), s.layer.as_str()) {
+            return Err(Error::input(
+                profile,
+                format!(
+                    "secret slot {:?} is declared by adapter {other:?} and adapter {:?}; rename one",
+                    s.name, s.layer
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the artifact; `progress(done, total)` is told of content bytes written.
@@ -127,10 +212,15 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         .entries
         .iter()
         .all(|(p, e)| lint::metadata(p, e, &composed.allow_setuid).is_empty());
-    if !clean {
+    if !clean || !composed.adapter_findings().is_empty() {
         return Err(lint_failed(opts.profile, &composed.lint()?));
     }
-    let Composed { profile, tree, .. } = composed;
+    let Composed {
+        profile,
+        tree,
+        adapters,
+        ..
+    } = composed;
     let version = version_override.unwrap_or_else(|| profile.version.to_string());
     let source_date_epoch = opts
         .source_date_epoch
@@ -149,9 +239,9 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
         opts,
         &profile,
         tree,
+        &adapters,
         &version,
         source_date_epoch,
-        level,
         progress,
     );
     if result.is_err() {
@@ -168,11 +258,13 @@ fn write_outputs(
     opts: &BuildOptions<'_>,
     profile: &Profile,
     tree: Tree,
+    adapters: &AdapterFacts,
     version: &str,
     source_date_epoch: u64,
-    level: i32,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Built> {
+    // Checked by `build` before anything was read.
+    let level = opts.level.unwrap_or(opts.format.default_level());
     let artifact_name = format!("{}.{}", profile.name, opts.format.extension());
     let artifact_path = opts.out_dir.join(&artifact_name);
     let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
@@ -218,6 +310,7 @@ fn write_outputs(
         opts.format,
         tree,
         &summary,
+        adapters,
     );
     let mut manifest_tmp = temp_in(opts.out_dir)?;
     let manifest_sha256 = {

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use memchr::memmem;
 use serde::Serialize;
 
+use crate::compose::adapter::SecretEnv;
 use crate::error::{Error, Result};
 use crate::model::{Entry, Kind, RelPath, Source, Tree};
 
@@ -49,6 +50,23 @@ pub fn lint(tree: &Tree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding
         }
     }
     Ok(out)
+}
+
+/// A secret-looking value an adapter sets in a unit's `environment` or an
+/// `[[env]]` file: environment is readable by anyone who can inspect the
+/// process (and the file ships in the artifact); a secret belongs in a
+/// secret slot.
+pub fn secret_environment(e: &SecretEnv) -> Finding {
+    Finding {
+        rule: "secret-environment",
+        path: e.path.clone(),
+        layer: e.layer.clone(),
+        message: format!(
+            "{} looks like a secret (its name says PASSWORD, SECRET, TOKEN, PRIVATE or KEY) and is set to a value; \
+             declare a [[secret]] slot and pass it as a credential instead",
+            e.key
+        ),
+    }
 }
 
 /// How many bytes of a file the content rules look at.

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::archive::{Format, Summary};
+use crate::compose::adapter::AdapterFacts;
 use crate::compose::profile::Profile;
 use crate::model::{Kind, RelPath, Tree};
 use crate::trust::digest::Sha256;
@@ -166,10 +167,12 @@ impl Manifest {
         format: Format,
         tree: Tree,
         summary: &Summary,
+        adapters: &AdapterFacts,
     ) -> Manifest {
         let layers = profile
             .layers
             .iter()
+            .chain(&profile.adapters)
             .map(|l| LayerInfo {
                 name: l.name.clone(),
                 entries: tree
@@ -205,9 +208,30 @@ impl Manifest {
             version: version.to_owned(),
             source_date_epoch,
             inputs: Vec::new(),
-            prerequisites: Vec::new(),
-            secrets: Vec::new(),
-            services: Vec::new(),
+            prerequisites: adapters.prerequisites.clone(),
+            secrets: adapters
+                .secrets
+                .iter()
+                .map(|s| SecretSlot {
+                    description: s.description.clone(),
+                    group: s.group.clone(),
+                    layer: s.layer.clone(),
+                    mode: s.mode,
+                    name: s.name.clone(),
+                    owner: s.owner.clone(),
+                    path: s.path.clone(),
+                    units: s.units.clone(),
+                })
+                .collect(),
+            services: adapters
+                .services
+                .iter()
+                .map(|s| ServiceInfo {
+                    layer: s.layer.clone(),
+                    role: s.role.as_str().to_owned(),
+                    unit: s.unit.clone(),
+                })
+                .collect(),
             profile_sha256: profile.digest,
             layers,
             archive: ArchiveInfo {

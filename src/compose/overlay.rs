@@ -19,9 +19,11 @@ use crate::compose::params::{self, ParamDecl, ProfileParams, Value};
 use crate::error::{Error, Result};
 use crate::model::{self, Entry, Kind, RelPath, Source};
 
+/// Everything `overlay.toml` accepts; `adapter.toml` accepts it too (see
+/// `parse_layer_file`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct OverlayFile {
+pub(crate) struct OverlayFile {
     #[serde(default)]
     replace: Vec<Spanned<String>>,
     #[serde(default)]
@@ -82,6 +84,12 @@ pub struct Layer {
     pub remove: BTreeMap<RelPath, String>,
     /// Paths that may be setuid/setgid.
     pub allow_setuid: BTreeSet<RelPath>,
+    /// User names this layer declares (`[[user]]`, parameters resolved).
+    pub users: BTreeSet<String>,
+    /// Group names this layer declares (`[[group]]`, parameters resolved).
+    pub groups: BTreeSet<String>,
+    /// The fixed GIDs among them (`[[group]] gid = …`).
+    pub gids: BTreeMap<String, u32>,
     /// Parameters this layer declares.
     pub params: BTreeSet<String>,
     /// Ports this layer declares, resolved.
@@ -138,10 +146,6 @@ impl Layer {
     /// Loads the overlay in `dir`; `name` is how the profile names it and
     /// `params` what the profile sets.
     pub fn load(name: &str, dir: &Path, params: &ProfileParams) -> Result<Layer> {
-        let mut layer = Layer {
-            name: name.into(),
-            ..Layer::default()
-        };
         let toml_path = dir.join("overlay.toml");
         let (file, text) = if toml_path.exists() {
             let text = std::fs::read_to_string(&toml_path)
@@ -151,42 +155,37 @@ impl Layer {
         } else {
             (OverlayFile::default(), String::new())
         };
-        let ctx = Ctx {
-            path: &toml_path,
-            text: &text,
+        Ok(Layer::from_file(name, dir, &toml_path, &text, &file, params)?.0)
+    }
+
+    /// Builds the layer of `dir` from its parsed layer file (`toml_path`,
+    /// whose text is `text`): parameters, `root/`, then every table
+    /// `overlay.toml` accepts. Returns the layer and its parameter values.
+    /// Overlays and adapters both load through here.
+    pub(crate) fn from_file(
+        name: &str,
+        dir: &Path,
+        toml_path: &Path,
+        text: &str,
+        file: &OverlayFile,
+        params: &ProfileParams,
+    ) -> Result<(Layer, BTreeMap<String, Value>)> {
+        let mut layer = Layer {
+            name: name.into(),
+            ..Layer::default()
         };
-        let mut decls = BTreeMap::new();
-        for (name, decl) in &file.params {
-            if !params::valid_name(name.get_ref()) {
-                return Err(ctx.err(
-                    name.span(),
-                    format!(
-                        "parameter name {:?} must match [a-z][a-z0-9_-]*",
-                        name.get_ref()
-                    ),
-                ));
-            }
-            // Templates see `a-b` as `a_b`: two names must not meet there.
-            let var = name.get_ref().replace('-', "_");
-            if let Some(other) = decls.keys().find(|k: &&String| k.replace('-', "_") == var) {
-                return Err(ctx.err(
-                    name.span(),
-                    format!(
-                        "parameters {other:?} and {:?} are both `{var}` in templates; rename one",
-                        name.get_ref()
-                    ),
-                ));
-            }
-            decls.insert(name.get_ref().clone(), decl.clone());
-        }
-        let values = params.resolve(&decls, &toml_path, &text)?;
+        let ctx = Ctx {
+            path: toml_path,
+            text,
+        };
+        let (decls, values) = resolve_params(toml_path, text, file, params)?;
         layer.params = decls.keys().cloned().collect();
         let root = dir.join("root");
         if root.is_dir() {
             layer.walk_root(&root, &values)?;
         }
-        layer.apply_toml(&ctx, &file, &values)?;
-        Ok(layer)
+        layer.apply_toml(&ctx, file, &values)?;
+        Ok((layer, values))
     }
 
     fn walk_root(&mut self, root: &Path, values: &BTreeMap<String, Value>) -> Result<()> {
@@ -411,18 +410,38 @@ impl Layer {
 
     /// Adds a generated file (content made by the build) at `path`.
     fn add_generated(&mut self, ctx: &Ctx<'_>, path: &str, kind: Kind) -> Result<()> {
-        let p = RelPath::new(path).map_err(|m| Error::input(ctx.path, m))?;
-        if self.entries.contains_key(&p) {
-            return Err(Error::input(
-                ctx.path,
-                format!("{p} is generated from overlay.toml but root/ provides it too; remove one"),
-            ));
-        }
-        self.add_parents(&p);
         let mode = match kind {
             Kind::Symlink { .. } => model::SYMLINK_MODE,
             _ => model::FILE_MODE,
         };
+        self.add_made(ctx.path, path, kind, mode)
+    }
+
+    /// Adds an entry the build makes (generated text, an enablement link)
+    /// at `path` with `mode`, owned by root, with its parent directories;
+    /// `origin` is the layer file it is generated from. A path this layer
+    /// already has is an error.
+    pub(crate) fn add_made(
+        &mut self,
+        origin: &Path,
+        path: &str,
+        kind: Kind,
+        mode: u32,
+    ) -> Result<()> {
+        let p = RelPath::new(path).map_err(|m| Error::input(origin, m))?;
+        if self.entries.contains_key(&p) {
+            let file = origin.file_name().map_or_else(
+                || origin.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            );
+            return Err(Error::input(
+                origin,
+                format!(
+                    "{p} is generated from {file} but root/ provides it too (or another declaration generates it); remove one"
+                ),
+            ));
+        }
+        self.add_parents(&p);
         let e = self.entry(kind, mode);
         self.entries.insert(p, e);
         Ok(())
@@ -468,10 +487,15 @@ impl Layer {
         let mut users = file.user.clone();
         for u in &mut users {
             u.name = resolve(&u.name)?;
+            self.users.insert(u.name.get_ref().clone());
         }
         let mut groups = file.group.clone();
         for g in &mut groups {
             g.name = resolve(&g.name)?;
+            self.groups.insert(g.name.get_ref().clone());
+            if let Some(gid) = g.gid {
+                self.gids.insert(g.name.get_ref().clone(), gid);
+            }
         }
         if !users.is_empty() || !groups.is_empty() {
             let text = generate::sysusers(&self.name, &groups, &users)
@@ -666,6 +690,102 @@ fn walk_error(e: walkdir::Error, fallback: &Path, action: &'static str) -> Error
     }
 }
 
+/// The parameters a layer file declares (names checked) and their values for
+/// this profile.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resolve_params(
+    toml_path: &Path,
+    text: &str,
+    file: &OverlayFile,
+    params: &ProfileParams,
+) -> Result<(BTreeMap<String, ParamDecl>, BTreeMap<String, Value>)> {
+    let ctx = Ctx {
+        path: toml_path,
+        text,
+    };
+    let mut decls = BTreeMap::new();
+    for (name, decl) in &file.params {
+        if !params::valid_name(name.get_ref()) {
+            return Err(ctx.err(
+                name.span(),
+                format!(
+                    "parameter name {:?} must match [a-z][a-z0-9_-]*",
+                    name.get_ref()
+                ),
+            ));
+        }
+        // Templates see `a-b` as `a_b`: two names must not meet there.
+        let var = name.get_ref().replace('-', "_");
+        if let Some(other) = decls.keys().find(|k: &&String| k.replace('-', "_") == var) {
+            return Err(ctx.err(
+                name.span(),
+                format!(
+                    "parameters {other:?} and {:?} are both `{var}` in templates; rename one",
+                    name.get_ref()
+                ),
+            ));
+        }
+        decls.insert(name.get_ref().clone(), decl.clone());
+    }
+    let values = params.resolve(&decls, toml_path, text)?;
+    Ok((decls, values))
+}
+
+/// Parses a layer file whose top-level keys `extra_keys` belong to `X` and
+/// every other key to `OverlayFile`; both parts are strict (an unknown key
+/// is an error at its line and column), and spans stay offsets into `text`.
+pub(crate) fn parse_layer_file<X: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    extra_keys: &[&str],
+) -> Result<(OverlayFile, X)> {
+    use toml::de::{DeTable, Deserializer};
+    let located = |e: toml::de::Error| {
+        let offset = e.span().map_or(0, |s| s.start);
+        Error::input_at_offset(path, text, offset, e.message().trim_end())
+    };
+    let whole = DeTable::parse(text).map_err(located)?;
+    let span = whole.span();
+    let mut common = whole.into_inner();
+    let mut extra = DeTable::new();
+    for key in extra_keys {
+        if let Some((k, v)) = common.remove_entry(*key) {
+            extra.insert(k, v);
+        }
+    }
+    let top: Vec<_> = common.keys().map(Spanned::span).collect();
+    let overlay = OverlayFile::deserialize(Deserializer::from(Spanned::new(span.clone(), common)))
+        .map_err(|e| {
+            // An unknown top-level key: the keys it could have been include
+            // the extra ones.
+            let at_top = e.span().is_some_and(|s| top.contains(&s));
+            if at_top && !extra_keys.is_empty() && e.message().contains("expected one of") {
+                let more: Vec<String> = extra_keys.iter().map(|k| format!("`{k}`")).collect();
+                let offset = e.span().map_or(0, |s| s.start);
+                let msg = format!("{}, {}", e.message().trim_end(), more.join(", "));
+                Error::input_at_offset(path, text, offset, msg)
+            } else {
+                located(e)
+            }
+        })?;
+    let x = X::deserialize(Deserializer::from(Spanned::new(span, extra))).map_err(located)?;
+    Ok((overlay, x))
+}
+
+/// The template variables of a layer's parameters: `params["a-b"]` and,
+/// with `-` turned into `_`, plain variables (`a_b`).
+pub(crate) fn param_vars(values: &BTreeMap<String, Value>) -> BTreeMap<String, minijinja::Value> {
+    let mut ctx: BTreeMap<String, minijinja::Value> = values
+        .iter()
+        .map(|(k, v)| (k.replace('-', "_"), minijinja::Value::from_serialize(v)))
+        .collect();
+    ctx.insert(
+        "params".to_owned(),
+        minijinja::Value::from_serialize(values),
+    );
+    ctx
+}
+
 fn bytes(text: String) -> Kind {
     Kind::File {
         size: text.len() as u64,
@@ -682,14 +802,7 @@ fn render_template(path: &Path, values: &BTreeMap<String, Value>) -> Result<Vec<
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
     let name = path.display().to_string();
-    let mut ctx: BTreeMap<String, minijinja::Value> = values
-        .iter()
-        .map(|(k, v)| (k.replace('-', "_"), minijinja::Value::from_serialize(v)))
-        .collect();
-    ctx.insert(
-        "params".to_owned(),
-        minijinja::Value::from_serialize(values),
-    );
+    let ctx = param_vars(values);
     let rendered = env
         .template_from_named_str(&name, &source)
         .and_then(|t| t.render(&ctx))

@@ -337,7 +337,7 @@ fn two_layer_conflict_golden() {
     assert_eq!(
         dir.refused(),
         "infrakit: error: profiles/p.toml: conflict at etc/motd: provided by layer \"a\" and layer \"b\"; \
-         add it to `replace` in \"b\"'s overlay.toml if the upper layer should win"
+         add it to `replace` in \"b\"'s overlay.toml (adapter.toml for an adapter) if the upper layer should win"
     );
     // Control: with `replace` it builds.
     write(

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod adapters;
 mod apply;
 mod bad_input;
 mod cli_surface;
