@@ -7,6 +7,7 @@ mod adapters;
 mod apply;
 mod bad_input;
 mod cli_surface;
+mod container_firewall;
 mod differential;
 mod features;
 mod hardening;
