@@ -1,7 +1,8 @@
 //! `diff`: what changes between two releases, from their manifests alone —
 //! name and version, the artifact, the inputs (profile digest, source date),
-//! the layers, and every entry added, removed or changed (type, content,
-//! mode, owner, link target). What an operator reads before a rollout.
+//! the layers, what each declares about its hosts (pinned inputs, services
+//! and their roles, secret slots, prerequisites), and every entry added,
+//! removed or changed (type, content, mode, owner, link target). What an operator reads before a rollout.
 //! Pure: the caller loads (and, with keys, authenticates) the manifests.
 
 use std::collections::BTreeMap;
@@ -64,7 +65,68 @@ pub struct Diff {
     /// Layers, in `b`'s order then those only `a` has; only those whose
     /// entry count differs or that one side lacks.
     pub layers: Vec<LayerChange>,
+    /// What the releases declare about their hosts, by kind and name:
+    /// inputs, services (and their roles), secret slots, prerequisites.
+    pub declared: Vec<Declared>,
     pub entries: Entries,
+}
+
+/// One declaration added (`a` null), removed (`b` null) or changed, each
+/// side in one line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Declared {
+    /// `input`, `service`, `secret` or `prerequisite`.
+    pub kind: &'static str,
+    pub name: String,
+    pub a: Option<String>,
+    pub b: Option<String>,
+}
+
+/// The declarations of `m`, by (kind, name), each summed up in one line.
+fn declarations(m: &Manifest) -> BTreeMap<(&'static str, String), String> {
+    let inputs = m.inputs.iter().map(|i| {
+        let line = format!("{} {} {} sha256 {}", i.kind, i.version, i.url, i.sha256);
+        (("input", i.name.clone()), line)
+    });
+    let services = m
+        .services
+        .iter()
+        .map(|s| (("service", s.unit.clone()), s.role.clone()));
+    let secrets = m.secrets.iter().map(|s| {
+        let line = format!(
+            "{} {}:{} {:04o} for {}",
+            s.path,
+            s.owner,
+            s.group,
+            s.mode,
+            s.units.join(" ")
+        );
+        (("secret", s.name.clone()), line)
+    });
+    let prerequisites = m
+        .prerequisites
+        .iter()
+        .map(|p| (("prerequisite", p.clone()), "required".to_owned()));
+    inputs
+        .chain(services)
+        .chain(secrets)
+        .chain(prerequisites)
+        .collect()
+}
+
+fn declared(a: &Manifest, b: &Manifest) -> Vec<Declared> {
+    let (old, new) = (declarations(a), declarations(b));
+    let keys: std::collections::BTreeSet<&(&'static str, String)> =
+        old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| Declared {
+            kind: k.0,
+            name: k.1.clone(),
+            a: old.get(k).cloned(),
+            b: new.get(k).cloned(),
+        })
+        .collect()
 }
 
 /// Compares release `a` (the one running, say) with `b` (the candidate).
@@ -125,6 +187,7 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Diff {
         profile_sha256: Pair::of(&a.profile_sha256, &b.profile_sha256),
         source_date_epoch: Pair::of(&a.source_date_epoch, &b.source_date_epoch),
         layers,
+        declared: declared(a, b),
         entries,
     }
 }
@@ -192,6 +255,22 @@ impl Diff {
                 l.name,
                 count(l.a),
                 count(l.b)
+            )?;
+        }
+        for d in &self.declared {
+            let side = |s: &Option<String>| s.clone().unwrap_or_else(|| "absent".to_owned());
+            let mark = match (&d.a, &d.b) {
+                (None, _) => '+',
+                (_, None) => '-',
+                _ => '~',
+            };
+            writeln!(
+                out,
+                "declared:  {mark} {} {}: {} -> {}",
+                d.kind,
+                d.name,
+                side(&d.a),
+                side(&d.b)
             )?;
         }
         let e = &self.entries;
@@ -310,8 +389,8 @@ mod tests {
         );
     }
 
-    fn changed_entries(a: &[ManifestEntry], b: &[ManifestEntry]) -> Entries {
-        let m = |entries: &[ManifestEntry]| Manifest {
+    fn manifest(entries: &[ManifestEntry]) -> Manifest {
+        Manifest {
             archive: crate::artifact::manifest::ArchiveInfo {
                 format: "tar.zst".to_owned(),
                 sha256: crate::trust::digest::Sha256::of(b""),
@@ -330,7 +409,71 @@ mod tests {
             schema: 1,
             source_date_epoch: 0,
             version: "1.0.0".to_owned(),
+        }
+    }
+
+    fn changed_entries(a: &[ManifestEntry], b: &[ManifestEntry]) -> Entries {
+        diff(&manifest(a), &manifest(b)).entries
+    }
+
+    #[test]
+    fn declarations_added_removed_and_changed() {
+        use crate::artifact::manifest::{SecretSlot, ServiceInfo};
+        let service = |unit: &str, role: &str| ServiceInfo {
+            layer: "chain".into(),
+            role: role.into(),
+            unit: unit.into(),
         };
-        diff(&m(a), &m(b)).entries
+        let slot = |mode: u32| SecretSlot {
+            description: "d".into(),
+            group: "monad".into(),
+            layer: "chain".into(),
+            mode,
+            name: "keystore-password".into(),
+            owner: "root".into(),
+            path: "/etc/monad/pw".into(),
+            units: vec!["bft.service".into()],
+        };
+        let mut a = manifest(&[]);
+        a.services = vec![
+            service("bft.service", "service"),
+            service("old.service", "service"),
+        ];
+        a.secrets = vec![slot(0o640)];
+        a.prerequisites = vec!["liburing2".into()];
+        let mut b = manifest(&[]);
+        b.services = vec![
+            service("bft.service", "signer"),
+            service("rpc.service", "service"),
+        ];
+        b.secrets = vec![slot(0o600)];
+        b.prerequisites = vec!["liburing2".into(), "docker.io".into()];
+        let d = diff(&a, &b).declared;
+        let got: Vec<(&str, &str, Option<&str>, Option<&str>)> = d
+            .iter()
+            .map(|x| (x.kind, x.name.as_str(), x.a.as_deref(), x.b.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("prerequisite", "docker.io", None, Some("required")),
+                (
+                    "secret",
+                    "keystore-password",
+                    Some("/etc/monad/pw root:monad 0640 for bft.service"),
+                    Some("/etc/monad/pw root:monad 0600 for bft.service")
+                ),
+                ("service", "bft.service", Some("service"), Some("signer")),
+                ("service", "old.service", Some("service"), None),
+                ("service", "rpc.service", None, Some("service")),
+            ]
+        );
+        let mut text = Vec::new();
+        diff(&a, &b).describe(&mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("declared:  ~ service bft.service: service -> signer\n"),
+            "{text}"
+        );
     }
 }
