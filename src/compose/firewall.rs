@@ -32,6 +32,9 @@ pub struct PortDecl {
     /// a container and cross the forward hook, not the input hook.
     #[serde(default)]
     pub forward: Option<Spanned<bool>>,
+    /// `"<param> == <value>"`: the port exists only when that holds.
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
     pub description: Option<String>,
 }
 

@@ -402,6 +402,11 @@ impl Layer {
         }
         self.generate(ctx, file, values)?;
         for decl in &file.port {
+            if let Some(w) = &decl.when
+                && !params::when_holds(w.get_ref(), values).map_err(|m| ctx.err(w.span(), m))?
+            {
+                continue;
+            }
             let port = self.port(ctx, decl, values)?;
             self.ports.push(port);
         }

@@ -204,6 +204,35 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// Whether `when` (`"<param> == <value>"`, the value bare or quoted) holds
+/// for these parameter values; the parameter must be a declared string
+/// parameter.
+pub fn when_holds(when: &str, values: &BTreeMap<String, Value>) -> Result<bool, String> {
+    let Some((param, literal)) = when.split_once("==") else {
+        return Err(format!(
+            "when {when:?} must look like \"<param> == <value>\""
+        ));
+    };
+    let param = param.trim();
+    let literal = literal.trim();
+    let literal = literal
+        .strip_prefix('"')
+        .and_then(|l| l.strip_suffix('"'))
+        .or_else(|| {
+            literal
+                .strip_prefix('\'')
+                .and_then(|l| l.strip_suffix('\''))
+        })
+        .unwrap_or(literal);
+    match values.get(param) {
+        Some(Value::String(s)) => Ok(s == literal),
+        Some(_) => Err(format!("when: {param} is not a string parameter")),
+        None => Err(format!(
+            "when names {param:?}, which is not a parameter this layer declares under [params]"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
