@@ -157,7 +157,18 @@ impl Cache {
             file.set_len(0)
                 .map_err(Error::io(&partial, "truncating a partial download"))?;
         }
-        let digest = self.transfer(asset, &mut file, &partial, progress)?;
+        let digest = match self.transfer(asset, &mut file, &partial, progress) {
+            Ok(d) => d,
+            Err(e) => {
+                // Keep only what a later run can resume: bytes of a locked
+                // asset. Locking always starts afresh.
+                let empty = file.metadata().map_or(true, |m| m.len() == 0);
+                if expected.is_none() || empty {
+                    let _ = std::fs::remove_file(&partial);
+                }
+                return Err(e);
+            }
+        };
         if let Some(want) = expected
             && digest != *want
         {

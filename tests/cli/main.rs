@@ -9,6 +9,7 @@ mod cli_surface;
 mod differential;
 mod features;
 mod hardening;
+mod inputs;
 mod oracles;
 mod repro;
 mod tamper;
