@@ -629,7 +629,7 @@ fn a_cut_transfer_resumes_with_a_range_request() {
         &["fetch", PROFILE, "--locked", &server.mirror()],
     )
     .ok();
-    assert_eq!(cached_files(cache.path()), [sha.clone()]);
+    assert_eq!(cached_files(cache.path()), [sha.as_str()]);
     assert_eq!(
         fs::read(cache.path().join(format!("infrakit/sha256/{sha}"))).expect("cached"),
         bytes
