@@ -1,6 +1,7 @@
 //! The command line: clap definitions and the one place that reads the
 //! environment (`SOURCE_DATE_EPOCH`, `INFRAKIT_SIGN_KEY`,
-//! `INFRAKIT_PASSWORD_FILE`) and the arguments. Only this module knows clap:
+//! `INFRAKIT_PASSWORD_FILE`, and `XDG_CACHE_HOME` or `HOME` for the inputs
+//! cache) and the arguments. Only this module knows clap:
 //! shell completions (clap_complete) and man pages (clap_mangen) are
 //! generated from these definitions here.
 
