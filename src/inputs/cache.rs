@@ -283,7 +283,7 @@ impl Cache {
                     Err(e) => {
                         let _ = file.sync_data();
                         return Err(net(format!(
-                            "the transfer was cut after {done} bytes ({e}); the partial file is kept: run the command again to resume"
+                            "the transfer was cut after {done} bytes ({e}); run the command again: `fetch` resumes a locked input where it stopped"
                         )));
                     }
                 };
@@ -298,7 +298,7 @@ impl Cache {
             if total > 0 && done != total {
                 let _ = file.sync_data();
                 return Err(net(format!(
-                    "the transfer ended after {done} of {total} bytes; the partial file is kept: run the command again to resume"
+                    "the transfer ended after {done} of {total} bytes; run the command again: `fetch` resumes a locked input where it stopped"
                 )));
             }
             file.sync_all()

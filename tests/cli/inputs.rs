@@ -614,7 +614,7 @@ fn a_cut_transfer_resumes_with_a_range_request() {
     let cut = cut.expect_code(2);
     has(
         &cut.stderr,
-        &["input tool", "run the command again to resume"],
+        &["input tool", "after 700000", "resumes a locked input"],
     );
     // Nothing under the final name; the partial transfer is kept.
     assert_eq!(cached_files(cache.path()), Vec::<String>::new());
