@@ -948,3 +948,96 @@ fn an_image_is_pinned_by_its_manifest_digest() {
     .ok();
     assert_eq!(cached_files(cache.path()), Vec::<String>::new());
 }
+
+/// Python's tarfile writes what GNU tar will not: members named `../x`
+/// and `/x`, and a symlink to `/` followed by a member below it.
+const HOSTILE_TAR: &str = r#"
+import io, sys, tarfile
+out, tag = sys.argv[1], sys.argv[2]
+with tarfile.open(out, "w:gz") as t:
+    def add(name, data=b"x\n", kind=tarfile.REGTYPE, target=""):
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.mode = 0o755
+        if kind == tarfile.SYMTYPE:
+            info.linkname = target
+            t.addfile(info)
+        else:
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    add("../" + tag + "-dotdot")
+    add("/tmp/" + tag + "-absolute")
+    add("usr/lib", kind=tarfile.SYMTYPE, target="/tmp")
+    add("usr/lib/" + tag + "-through-link", b"owned\n")
+    add("usr/bin/ok", b"ok\n")
+"#;
+
+#[test]
+fn take_never_writes_outside_its_directory() {
+    let server = Upstream::start();
+    let work = tempdir();
+    let script = work.path().join("hostile.py");
+    fs::write(&script, HOSTILE_TAR).expect("script");
+    let tag = format!("infrakit-escape-{}", std::process::id());
+    let tarball = server.dir.join("hostile-1.0.tar.gz");
+    tool(work.path(), "python3", &[s(&script), s(&tarball), &tag]).ok();
+    let toml = format!(
+        "[[input]]\nname = \"hostile\"\nversion = \"1.0\"\nurl = \"{UPSTREAM}hostile-1.0.tar.gz\"\nkind = \"tar\"\n\
+         [input.members]\n\"usr/bin/ok\" = {{ path = \"usr/bin/ok\", mode = 0o755 }}\n\
+         \"usr/lib/{tag}-through-link\" = {{ path = \"usr/lib/x\", mode = 0o644 }}\n"
+    );
+    let repo = repo_with(&toml);
+    let cache = tempdir();
+    run(&repo, cache.path(), &["fetch", PROFILE, &server.mirror()]).ok();
+    let profile =
+        infrakit::compose::profile::Profile::load(&repo.path().join(PROFILE)).expect("profile");
+    let declared = decl::read(&profile).expect("inputs");
+    let locked = lock::Lock::read(&lock::path_for(&profile)).expect("lock");
+    let store = Cache::new(cache.path().join("infrakit"));
+    let sha = locked.entries["hostile"].sha256;
+    let taken = take(&declared[0], &sha, &store, "infrakit fetch").expect("take");
+    // The member below the symlinked directory is a plain file in a real
+    // directory of the extraction, never written through the link.
+    let through = store
+        .extracted(&sha)
+        .join(format!("usr/lib/{tag}-through-link"));
+    assert_eq!(taken[1].source, through);
+    assert_eq!(fs::read(&through).expect("member"), b"owned\n");
+    assert!(
+        !fs::symlink_metadata(store.extracted(&sha).join("usr/lib"))
+            .expect("usr/lib")
+            .file_type()
+            .is_symlink()
+    );
+    for outside in [
+        PathBuf::from(format!("/tmp/{tag}-absolute")),
+        PathBuf::from(format!("/tmp/{tag}-through-link")),
+        store.root().join(format!("extracted/{tag}-dotdot")),
+        store.root().join(format!("{tag}-dotdot")),
+    ] {
+        assert!(!outside.exists(), "{} was written", outside.display());
+    }
+    let files: Vec<String> = list_files(&store.extracted(&sha))
+        .into_iter()
+        .filter(|p| store.extracted(&sha).join(p).is_file())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "usr/bin/ok".to_owned(),
+            format!("usr/lib/{tag}-through-link")
+        ]
+    );
+
+    // A declared member that would climb out is refused where it is declared.
+    let bad = toml.replace("\"usr/bin/ok\" = {", "\"../usr/bin/ok\" = {");
+    repo.file("adapters/chain/adapter.toml", bad);
+    let line = assert_refused(
+        &run(&repo, cache.path(), &["inputs", PROFILE]),
+        &repo.path().join("dist"),
+    );
+    has(
+        &line,
+        &["adapters/chain/adapter.toml:7:1", "`..` component"],
+    );
+}
