@@ -1,6 +1,7 @@
 //! The command line: clap definitions and the one place that reads the
 //! environment (`SOURCE_DATE_EPOCH`, `INFRAKIT_SIGN_KEY`,
-//! `INFRAKIT_PASSWORD_FILE`) and the arguments. Only this module knows clap:
+//! `INFRAKIT_PASSWORD_FILE`, and `XDG_CACHE_HOME` or `HOME` for the inputs
+//! cache) and the arguments. Only this module knows clap:
 //! shell completions (clap_complete) and man pages (clap_mangen) are
 //! generated from these definitions here.
 
@@ -54,6 +55,19 @@ impl From<FormatArg> for Format {
             FormatArg::TarGz => Format::TarGz,
         }
     }
+}
+
+/// Where `lock` and `fetch` get inputs from.
+#[derive(Debug, Args)]
+pub struct PinFlags {
+    /// The profile, e.g. profiles/monad-validator.toml; its lock is profiles/<name>.lock.
+    pub profile: PathBuf,
+    /// Fetch URLs starting with FROM from TO instead (repeatable; the lock keeps the upstream URL).
+    #[arg(long = "mirror", value_name = "FROM=TO")]
+    pub mirrors: Vec<String>,
+    /// Directory of upstream signing keys (<FINGERPRINT>.asc or .gpg); default: each adapter's keys/.
+    #[arg(long, value_name = "DIR")]
+    pub upstream_keys: Option<PathBuf>,
 }
 
 /// The shells `completions` writes for.
@@ -236,6 +250,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the upstream inputs a profile's adapters declare, with their locked digests.
+    Inputs {
+        /// The profile, e.g. profiles/monad-validator.toml.
+        profile: PathBuf,
+        /// Print the list as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download each new or changed input, check upstream's signature, and record its sha256 in profiles/<name>.lock.
+    Lock {
+        #[command(flatten)]
+        pin: PinFlags,
+    },
+    /// Download every input into the cache ($XDG_CACHE_HOME/infrakit), checking each against the lock.
+    Fetch {
+        #[command(flatten)]
+        pin: PinFlags,
+        /// Refuse any input missing from the lock or whose entry no longer matches (CI).
+        #[arg(long)]
+        locked: bool,
+    },
     /// Print shell completions for bash, zsh or fish.
     Completions {
         /// The shell.
@@ -263,6 +298,9 @@ impl Command {
             Command::Status { .. } => "status",
             Command::Inspect { .. } => "inspect",
             Command::Diff { .. } => "diff",
+            Command::Inputs { .. } => "inputs",
+            Command::Lock { .. } => "lock",
+            Command::Fetch { .. } => "fetch",
             Command::Completions { .. } => "completions",
             Command::Man { .. } => "man",
         }
@@ -276,8 +314,11 @@ impl Command {
             | Command::Rollback { json, .. }
             | Command::Status { json, .. }
             | Command::Inspect { json, .. }
-            | Command::Diff { json, .. } => *json,
+            | Command::Diff { json, .. }
+            | Command::Inputs { json, .. } => *json,
             Command::Keygen { .. }
+            | Command::Lock { .. }
+            | Command::Fetch { .. }
             | Command::Build { .. }
             | Command::Completions { .. }
             | Command::Man { .. } => false,
@@ -310,6 +351,22 @@ fn source_date_epoch() -> Result<Option<u64>> {
             )
         }),
         Err(_) => Err(Error::usage("SOURCE_DATE_EPOCH", "is not valid UTF-8")),
+    }
+}
+
+/// The download cache: `$XDG_CACHE_HOME/infrakit`, else
+/// `$HOME/.cache/infrakit` (an empty `XDG_CACHE_HOME` counts as unset, as
+/// the XDG spec says).
+fn cache_dir() -> Result<PathBuf> {
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(v) if !v.is_empty() => Ok(PathBuf::from(v).join("infrakit")),
+        _ => match std::env::var_os("HOME") {
+            Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".cache/infrakit")),
+            _ => Err(Error::usage(
+                "XDG_CACHE_HOME",
+                "neither it nor HOME is set: set XDG_CACHE_HOME to the cache directory's parent",
+            )),
+        },
     }
 }
 
@@ -435,6 +492,9 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
         } => commands::rollback(ui, &root, &Trusted::Dir(keyring), dry_run),
         Command::Status { root, textfile, .. } => commands::status(ui, &root, textfile.as_deref()),
         Command::Lint { profile, .. } => commands::lint(ui, &profile),
+        Command::Inputs { profile, .. } => commands::inputs(ui, &profile),
+        Command::Lock { pin } => commands::pin_inputs(ui, &pin_args(pin, false)?, false),
+        Command::Fetch { pin, locked } => commands::pin_inputs(ui, &pin_args(pin, locked)?, true),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             let mut cmd = Cli::command();
@@ -448,6 +508,16 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
         }
         Command::Man { out } => commands::man(ui, &out, &man_pages(&out)?),
     }
+}
+
+fn pin_args(pin: PinFlags, locked: bool) -> Result<commands::PinArgs> {
+    Ok(commands::PinArgs {
+        profile: pin.profile,
+        cache: cache_dir()?,
+        mirrors: pin.mirrors,
+        upstream_keys: pin.upstream_keys,
+        locked,
+    })
 }
 
 /// `infrakit.1` and one page per subcommand (`infrakit-build.1`, …),
@@ -513,7 +583,9 @@ mod tests {
             // The least each needs to parse.
             args.extend(match name {
                 "keygen" | "man" => &["--out", "x"][..],
-                "build" | "lint" | "verify" | "apply" | "inspect" => &["x"],
+                "build" | "lint" | "verify" | "apply" | "inspect" | "inputs" | "lock" | "fetch" => {
+                    &["x"]
+                }
                 "diff" => &["x", "y"],
                 "completions" => &["bash"],
                 _ => &[],

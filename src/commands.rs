@@ -1012,3 +1012,134 @@ pub fn man(ui: &Ui, dir: &Path, pages: &[(String, Vec<u8>)]) -> Result<()> {
     }
     Ok(())
 }
+
+/// What `lock` and `fetch` are given, validated by `cli`.
+pub struct PinArgs {
+    pub profile: PathBuf,
+    /// The cache directory (`$XDG_CACHE_HOME/infrakit`, read by `cli`).
+    pub cache: PathBuf,
+    /// `--mirror FROM=TO` items, as given.
+    pub mirrors: Vec<String>,
+    pub upstream_keys: Option<PathBuf>,
+    /// `fetch --locked`.
+    pub locked: bool,
+}
+
+/// The profile's inputs and its lock (empty when there is none yet).
+fn profile_inputs(
+    profile: &Path,
+) -> Result<(
+    crate::compose::profile::Profile,
+    Vec<crate::inputs::decl::Input>,
+    PathBuf,
+    crate::inputs::lock::Lock,
+)> {
+    let loaded = crate::compose::profile::Profile::load(profile)?;
+    let inputs = crate::inputs::decl::read(&loaded)?;
+    let lock_path = crate::inputs::lock::path_for(&loaded);
+    let lock = crate::inputs::lock::Lock::read(&lock_path)?;
+    Ok((loaded, inputs, lock_path, lock))
+}
+
+/// `infrakit inputs PROFILE`: every input the profile's adapters declare,
+/// with its locked digest (null until locked).
+pub fn inputs(ui: &Ui, profile: &Path) -> Result<()> {
+    ui.put("profile", profile.display().to_string());
+    let (_, inputs, _, lock) = profile_inputs(profile)?;
+    let mut listed = Vec::new();
+    for input in &inputs {
+        let sha = lock
+            .entries
+            .get(&input.name)
+            .filter(|l| l.changed(input).is_none())
+            .map(|l| l.sha256);
+        let members: Vec<&str> = input.members.keys().map(|m| m.as_str()).collect();
+        ui.show(format_args!(
+            "{} {} {} {} {}",
+            input.name,
+            input.kind,
+            input.version,
+            input.url(),
+            sha.map_or_else(|| "(not locked)".to_owned(), |s| format!("sha256:{s}"))
+        ));
+        for (member, target) in &input.members {
+            ui.show(format_args!(
+                "  {member} -> {} {:04o}",
+                target.path, target.mode
+            ));
+        }
+        if let Some(target) = &input.file {
+            ui.show(format_args!("  -> {} {:04o}", target.path, target.mode));
+        }
+        listed.push(json!({
+            "name": input.name,
+            "adapter": input.adapter,
+            "kind": input.kind,
+            "version": input.version,
+            "url": input.url(),
+            "sha256": sha,
+            "members": members,
+        }));
+    }
+    ui.put("inputs", listed);
+    Ok(())
+}
+
+/// `infrakit lock` and `infrakit fetch`: pin every input (`fetch
+/// --locked` refuses to change the lock), write the lock if it changed,
+/// and with `fetch`, make sure every locked asset is in the cache.
+pub fn pin_inputs(ui: &Ui, args: &PinArgs, fetch: bool) -> Result<()> {
+    use crate::inputs::{self, Outcome, cache};
+    let (_, inputs, lock_path, old) = profile_inputs(&args.profile)?;
+    let cache = cache::Cache::new(args.cache.clone());
+    let mirrors = cache::Mirrors::parse(&args.mirrors)?;
+    let ctx = inputs::Context {
+        cache: &cache,
+        mirrors: &mirrors,
+        upstream_keys: args.upstream_keys.as_deref(),
+        locked: args.locked,
+        profile: &args.profile,
+        lock_path: &lock_path,
+    };
+    let mut new = crate::inputs::lock::Lock::default();
+    for input in &inputs {
+        let (entry, pinned) = ui.with_bar(&input.name, |progress| {
+            inputs::pin(input, old.entries.get(&input.name), &ctx, progress)
+        })?;
+        if pinned == Outcome::Locked {
+            ui.say(format_args!(
+                "locked {} {} sha256:{}",
+                entry.name, entry.version, entry.sha256
+            ));
+        }
+        if fetch {
+            let got = ui.with_bar(&input.name, |progress| {
+                inputs::ensure_cached(&entry, &ctx, progress)
+            })?;
+            match got {
+                Outcome::Downloaded => ui.say(format_args!("fetched {}", entry.name)),
+                Outcome::Replaced => ui.warn(format_args!(
+                    "input {}: the cached copy had been modified; fetched it again",
+                    entry.name
+                )),
+                _ => {}
+            }
+        }
+        new.entries.insert(entry.name.clone(), entry);
+    }
+    if new != old && !args.locked {
+        new.write(&lock_path)?;
+        ui.say(format_args!(
+            "wrote {} ({} inputs)",
+            lock_path.display(),
+            new.entries.len()
+        ));
+    } else {
+        ui.say(format_args!(
+            "{} is up to date ({} inputs)",
+            lock_path.display(),
+            new.entries.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,11 +1,12 @@
 //! InfraKit: signed, byte-reproducible host artifacts for validator fleets.
 //!
 //! The folders group the modules by stage (ARCHITECTURE.md has the map):
-//! `host` (apply, status, state, hooks, confined), `inputs` (fetch),
+//! `host` (apply, status, state, hooks, confined), `inputs` (decl, lock,
+//! cache, upstream, take, fetch),
 //! `trust` (keyring, verify, sign, digest), `artifact` (emit, lint, archive,
 //! manifest, prefetch), `compose` (profile, overlay, params, generate,
 //! firewall). Imports run one way between modules: `cli → commands → {emit,
-//! apply, fetch, keyring, diff} → status → {verify, state, hooks} → {lint,
+//! apply, fetch, inputs, keyring, diff} → status → {verify, state, hooks} → {lint,
 //! archive, manifest, sign} → prefetch → compose → {profile, overlay} →
 //! model → confined → digest`. Only `cli` knows clap; nothing below
 //! `commands` reads the environment, the clock or the terminal.

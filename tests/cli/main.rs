@@ -11,6 +11,7 @@ mod container_firewall;
 mod differential;
 mod features;
 mod hardening;
+mod inputs;
 mod oracles;
 mod repro;
 mod tamper;
