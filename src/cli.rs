@@ -149,6 +149,9 @@ pub enum Command {
         /// Version to record instead of the profile's (semver).
         #[arg(long, value_name = "VERSION")]
         release_version: Option<String>,
+        /// Take pinned input NAME from PATH instead of the cache (it must have the locked sha256); repeatable.
+        #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input_override)]
+        inputs: Vec<(String, PathBuf)>,
     },
     /// Check an artifact's signature, name, manifest and every entry; exit 1 if anything is off.
     Verify {
@@ -357,6 +360,16 @@ fn source_date_epoch() -> Result<Option<u64>> {
 /// The download cache: `$XDG_CACHE_HOME/infrakit`, else
 /// `$HOME/.cache/infrakit` (an empty `XDG_CACHE_HOME` counts as unset, as
 /// the XDG spec says).
+/// `NAME=PATH` of `build --input`.
+fn parse_input_override(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{s:?} is not NAME=PATH")),
+    }
+}
+
 fn cache_dir() -> Result<PathBuf> {
     match std::env::var_os("XDG_CACHE_HOME") {
         Some(v) if !v.is_empty() => Ok(PathBuf::from(v).join("infrakit")),
@@ -425,6 +438,7 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
             format,
             level,
             release_version,
+            inputs,
         } => {
             let sign_key = match sign_key {
                 Some(k) => Some(k),
@@ -444,6 +458,8 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
                 release_version,
                 source_date_epoch: source_date_epoch()?,
                 workers: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                cache: cache_dir().ok(),
+                inputs,
             };
             commands::build(ui, &args)
         }
@@ -491,7 +507,7 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
             ..
         } => commands::rollback(ui, &root, &Trusted::Dir(keyring), dry_run),
         Command::Status { root, textfile, .. } => commands::status(ui, &root, textfile.as_deref()),
-        Command::Lint { profile, .. } => commands::lint(ui, &profile),
+        Command::Lint { profile, .. } => commands::lint(ui, &profile, cache_dir().ok().as_deref()),
         Command::Inputs { profile, .. } => commands::inputs(ui, &profile),
         Command::Lock { pin } => commands::pin_inputs(ui, &pin_args(pin, false)?, false),
         Command::Fetch { pin, locked } => commands::pin_inputs(ui, &pin_args(pin, locked)?, true),

@@ -270,6 +270,10 @@ pub struct BuildArgs {
     pub release_version: Option<String>,
     pub source_date_epoch: Option<u64>,
     pub workers: u32,
+    /// The input cache (`None` when no cache directory can be named).
+    pub cache: Option<PathBuf>,
+    /// `--input NAME=PATH`.
+    pub inputs: Vec<(String, PathBuf)>,
 }
 
 pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
@@ -287,6 +291,10 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
         source_date_epoch: args.source_date_epoch,
         sign_key: key.as_ref(),
         workers: args.workers,
+        inputs: emit::InputSources {
+            cache: args.cache.as_deref(),
+            overrides: &args.inputs,
+        },
     };
     let built = ui.with_bar("building", |progress| emit::build(&opts, progress))?;
     let m = &built.manifest;
@@ -638,9 +646,13 @@ fn write_human(
     Ok(())
 }
 
-pub fn lint(ui: &Ui, profile: &Path) -> Result<()> {
+pub fn lint(ui: &Ui, profile: &Path, cache: Option<&Path>) -> Result<()> {
     ui.put("profile", profile.display().to_string());
-    let composed = emit::compose_profile(profile)?;
+    let sources = emit::InputSources {
+        cache,
+        overrides: &[],
+    };
+    let composed = emit::compose_profile(profile, &sources)?;
     let findings = composed.lint()?;
     ui.put("entries", composed.tree.len());
     ui.put("findings", &findings);

@@ -342,6 +342,7 @@ mod tests {
     fn entry(path: &str, kind: EntryType, mode: u32, content: Option<u8>) -> ManifestEntry {
         ManifestEntry {
             gid: 0,
+            input: None,
             layer: "l".to_owned(),
             mode,
             path: RelPath::new(path).unwrap(),

@@ -119,6 +119,9 @@ pub enum Source {
     Overlay(Arc<Path>),
     /// Bytes made by the build itself (rendered templates, generated files).
     Bytes(Arc<[u8]>),
+    /// A file taken from a pinned upstream input: its exact path (in the
+    /// input cache) and the input's name, its provenance.
+    Input { path: Arc<Path>, input: Arc<str> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

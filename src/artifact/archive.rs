@@ -239,7 +239,7 @@ fn write_tar<W: Write>(
                     inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
                     Sha256::of(bytes)
                 }
-                Source::Overlay(root) => {
+                Source::Overlay(_) | Source::Input { .. } => {
                     head.clear();
                     let copy = Copy {
                         buf: &mut buf,
@@ -247,8 +247,8 @@ fn write_tar<W: Write>(
                         head_limit: opts.head,
                         prefetch: &prefetch,
                     };
-                    let digest =
-                        copy_file(&root.join(path.as_str()), size, &mut tar.out, copy, werr)?;
+                    let src = source_path(path, source).expect("a file on disk");
+                    let digest = copy_file(&src, size, &mut tar.out, copy, werr)?;
                     inspect(path, entry, &head);
                     digest
                 }
@@ -267,15 +267,22 @@ fn write_tar<W: Write>(
     Ok((out, files, sha, size))
 }
 
-/// The files `write_tar` reads from overlays, in the order it reads them.
+/// Where the bytes of the file at `path` lie on disk (`None`: made by the
+/// build itself).
+pub fn source_path(path: &RelPath, source: &Source) -> Option<PathBuf> {
+    match source {
+        Source::Overlay(root) => Some(root.join(path.as_str())),
+        Source::Input { path, .. } => Some(path.to_path_buf()),
+        Source::Bytes(_) => None,
+    }
+}
+
+/// The files `write_tar` reads from disk, in the order it reads them.
 fn overlay_files(tree: &Tree) -> impl Iterator<Item = (PathBuf, u64)> + Send + '_ {
     tree.entries
         .iter()
         .filter_map(|(path, entry)| match &entry.kind {
-            Kind::File {
-                source: Source::Overlay(root),
-                size,
-            } => Some((root.join(path.as_str()), *size)),
+            Kind::File { source, size } => source_path(path, source).map(|p| (p, *size)),
             _ => None,
         })
 }

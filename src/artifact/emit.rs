@@ -16,12 +16,13 @@ use crate::artifact::archive::{self, Format};
 use crate::artifact::lint;
 use crate::artifact::manifest::{self, Manifest};
 use crate::compose;
-use crate::compose::adapter::{AdapterFacts, AdapterSource, InputVars};
+use crate::compose::adapter::{AdapterFacts, AdapterSource, InputRecord, InputVars};
 use crate::compose::overlay::Layer;
 use crate::compose::profile::Profile;
 use crate::error::{Error, Result};
+use crate::inputs::decl::Input;
 use crate::model::Tree;
-use crate::trust::digest::HashingWriter;
+use crate::trust::digest::{HashingWriter, Sha256};
 use crate::trust::sign::{Prehasher, SecretKey};
 
 /// Everything `build` needs, already validated by the command layer.
@@ -36,6 +37,127 @@ pub struct BuildOptions<'a> {
     pub source_date_epoch: Option<u64>,
     pub sign_key: Option<&'a SecretKey>,
     pub workers: u32,
+    /// Where pinned inputs come from (never the network).
+    pub inputs: InputSources<'a>,
+}
+
+/// Where a build takes pinned inputs from: the cache `infrakit fetch`
+/// fills, and files given on the command line (`--input NAME=PATH`), which
+/// must have the locked digest. Never the network.
+#[derive(Clone, Debug, Default)]
+pub struct InputSources<'a> {
+    pub cache: Option<&'a Path>,
+    pub overrides: &'a [(String, PathBuf)],
+}
+
+/// The inputs `mine` of one adapter whose `when` holds, checked against the
+/// lock, as template variables (image references) and files to add; each
+/// used input is recorded in `used`.
+fn take_inputs(
+    profile: &Profile,
+    mine: &[&Input],
+    values: &std::collections::BTreeMap<String, crate::compose::params::Value>,
+    sources: &InputSources<'_>,
+    used: &mut Vec<InputRecord>,
+) -> Result<(InputVars, Vec<crate::inputs::take::Taken>)> {
+    let lock_path = crate::inputs::lock::path_for(profile);
+    let lock = crate::inputs::lock::Lock::read(&lock_path)?;
+    let fix_lock = format!("infrakit lock {}", profile.path.display());
+    let fix_fetch = format!("infrakit fetch {} --locked", profile.path.display());
+    let mut vars = InputVars::new();
+    let mut taken = Vec::new();
+    for input in mine {
+        let holds = input.when.as_ref().is_none_or(|w| {
+            w.holds(|p| match values.get(p) {
+                Some(crate::compose::params::Value::String(s)) => Some(s.clone()),
+                _ => None,
+            })
+        });
+        if !holds {
+            continue;
+        }
+        let what = format!("input {} ({})", input.name, input.at);
+        let locked = lock.entries.get(&input.name).ok_or_else(|| {
+            Error::usage(
+                &what,
+                format!("is not in {}: run `{fix_lock}`", lock_path.display()),
+            )
+        })?;
+        if let Some(why) = locked.changed(input) {
+            return Err(Error::usage(
+                &what,
+                format!(
+                    "{why} since {} was written: run `{fix_lock}`",
+                    lock_path.display()
+                ),
+            ));
+        }
+        used.push(InputRecord {
+            name: input.name.clone(),
+            kind: input.kind.as_str().to_owned(),
+            version: input.version.clone(),
+            url: locked.url.clone(),
+            sha256: locked.sha256,
+            layer: input.adapter.clone(),
+        });
+        if input.kind == crate::inputs::decl::Kind::Image {
+            vars.entry(input.name.clone())
+                .or_default()
+                .insert("reference".to_owned(), locked.reference());
+            continue;
+        }
+        let cache_root = sources
+            .cache
+            .ok_or_else(|| Error::usage(&what, "no input cache: set XDG_CACHE_HOME or HOME"))?;
+        let cache = crate::inputs::cache::Cache::new(cache_root.to_path_buf());
+        if let Some((_, file)) = sources.overrides.iter().find(|(n, _)| *n == input.name) {
+            import(&what, file, &locked.sha256, &cache)?;
+        }
+        taken.extend(crate::inputs::take::take(
+            input,
+            &locked.sha256,
+            &cache,
+            &fix_fetch,
+        )?);
+    }
+    used.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((vars, taken))
+}
+
+/// Puts the file given for an input (`--input NAME=PATH`) into the cache,
+/// after checking it has the locked digest.
+fn import(
+    what: &str,
+    file: &Path,
+    sha: &Sha256,
+    cache: &crate::inputs::cache::Cache,
+) -> Result<()> {
+    let got = crate::inputs::cache::hash_all(
+        std::fs::File::open(file).map_err(Error::io(file, "opening --input file"))?,
+    )
+    .map_err(Error::io(file, "reading --input file"))?;
+    if got != *sha {
+        return Err(Error::check(format!(
+            "{what}: {} has sha256 {got}, the lock says {sha}: give the locked file",
+            file.display()
+        )));
+    }
+    let dest = cache.file(sha);
+    if dest.exists() {
+        return Ok(());
+    }
+    let dir = dest.parent().expect("cache files lie in a directory");
+    std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating the cache directory"))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating a temp file"))?;
+    std::io::copy(
+        &mut std::fs::File::open(file).map_err(Error::io(file, "opening --input file"))?,
+        &mut tmp,
+    )
+    .map_err(Error::io(&dest, "copying an --input file into the cache"))?;
+    tmp.persist(&dest)
+        .map_err(|e| Error::io(&dest, "saving an --input file in the cache")(e.error))?;
+    Ok(())
 }
 
 /// What `build` wrote.
@@ -76,29 +198,47 @@ impl Composed {
 }
 
 /// Loads a profile and composes its layers (overlays, then adapters) into a tree.
-pub fn compose_profile(path: &Path) -> Result<Composed> {
+pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Composed> {
     let profile = Profile::load(path)?;
     let mut layers = profile
         .layers
         .iter()
         .map(|l| Layer::load(&l.name, &l.dir, &profile.params))
         .collect::<Result<Vec<_>>>()?;
+    let declared = crate::inputs::decl::read(&profile)?;
     let mut adapters = Vec::new();
+    let mut used = Vec::new();
     for a in &profile.adapters {
         let source = AdapterSource::read(&a.name, &a.dir)?;
-        if !source.inputs().is_empty() {
-            return Err(Error::input(
-                &source.toml_path,
-                format!(
-                    "adapter {:?} declares [[input]] tables, but inputs are not supported by this build yet; \
-                     remove them or use an infrakit that fetches inputs",
-                    a.name
-                ),
-            ));
+        let mine: Vec<&Input> = declared.iter().filter(|i| i.adapter == a.name).collect();
+        let (vars, taken) = if mine.is_empty() {
+            (InputVars::new(), Vec::new())
+        } else {
+            let values = source.param_values(&profile.params)?;
+            take_inputs(&profile, &mine, &values, sources, &mut used)?
+        };
+        let mut adapter = source.load(&profile.params, &vars)?;
+        for t in taken {
+            let size = std::fs::metadata(&t.source)
+                .map_err(Error::io(&t.source, "reading a taken input file"))?
+                .len();
+            let kind = crate::model::Kind::File {
+                source: crate::model::Source::Input {
+                    path: t.source.as_path().into(),
+                    input: t.input.as_str().into(),
+                },
+                size,
+            };
+            adapter
+                .layer
+                .add_made(&source.toml_path, t.image_path.as_str(), kind, t.mode)?;
         }
-        adapters.push(source.load(&profile.params, &InputVars::new())?);
+        adapters.push(adapter);
     }
-    let mut facts = AdapterFacts::default();
+    let mut facts = AdapterFacts {
+        inputs: used,
+        ..AdapterFacts::default()
+    };
     for a in &adapters {
         facts.services.extend(a.services.iter().cloned());
         facts.secrets.extend(a.secrets.iter().cloned());
@@ -203,7 +343,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
             ),
         ));
     }
-    let composed = compose_profile(opts.profile)?;
+    let composed = compose_profile(opts.profile, &opts.inputs)?;
     // Lint: the metadata rules now; the content rules see each file's head
     // as the archive streams it (one read per file). Any metadata finding
     // runs the whole lint at once, so every finding is reported together.

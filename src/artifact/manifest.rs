@@ -122,6 +122,10 @@ pub enum EntryType {
 #[serde(deny_unknown_fields)]
 pub struct ManifestEntry {
     pub gid: u32,
+    /// The pinned input a file was taken from (its provenance within its
+    /// layer, the adapter that declares the input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     pub layer: String,
     /// Octal permission bits, like "0644".
     #[serde(with = "octal")]
@@ -185,12 +189,20 @@ impl Manifest {
         let mut digests = summary.files.iter().copied();
         let mut entries = Vec::with_capacity(tree.entries.len());
         for (path, e) in tree.entries {
+            let input = match &e.kind {
+                Kind::File {
+                    source: crate::model::Source::Input { input, .. },
+                    ..
+                } => Some(input.to_string()),
+                _ => None,
+            };
             let (kind, size, sha256, target) = match e.kind {
                 Kind::Dir => (EntryType::Dir, None, None, None),
                 Kind::File { size, .. } => (EntryType::File, Some(size), digests.next(), None),
                 Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
             };
             entries.push(ManifestEntry {
+                input,
                 path,
                 kind,
                 mode: e.mode,
@@ -207,7 +219,18 @@ impl Manifest {
             name: profile.name.clone(),
             version: version.to_owned(),
             source_date_epoch,
-            inputs: Vec::new(),
+            inputs: adapters
+                .inputs
+                .iter()
+                .map(|i| InputInfo {
+                    kind: i.kind.clone(),
+                    layer: i.layer.clone(),
+                    name: i.name.clone(),
+                    sha256: i.sha256,
+                    url: i.url.clone(),
+                    version: i.version.clone(),
+                })
+                .collect(),
             prerequisites: adapters.prerequisites.clone(),
             secrets: adapters
                 .secrets
@@ -364,6 +387,7 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_round_trips() {
         let entry = ManifestEntry {
+            input: None,
             path: RelPath::new("etc/motd").unwrap(),
             kind: EntryType::File,
             mode: 0o644,

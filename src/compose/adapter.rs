@@ -202,6 +202,9 @@ pub struct SecretEnv {
 /// What the adapters of a profile declare beyond their files.
 #[derive(Clone, Debug, Default)]
 pub struct AdapterFacts {
+    /// The pinned inputs the build took files (or image references) from,
+    /// sorted by name.
+    pub inputs: Vec<InputRecord>,
     /// Sorted by unit.
     pub services: Vec<ServiceRecord>,
     /// Sorted by name.
@@ -209,6 +212,20 @@ pub struct AdapterFacts {
     /// Sorted, unique.
     pub prerequisites: Vec<String>,
     pub secret_env: Vec<SecretEnv>,
+}
+
+/// A pinned input a build used, as the manifest records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputRecord {
+    pub name: String,
+    /// `file`, `tar`, `deb` or `image`.
+    pub kind: String,
+    pub version: String,
+    /// The upstream URL (or image reference) the lock records.
+    pub url: String,
+    pub sha256: crate::trust::digest::Sha256,
+    /// The adapter that declares it.
+    pub layer: String,
 }
 
 /// An adapter's files, parsed but not yet rendered: `inputs` may read its

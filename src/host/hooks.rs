@@ -236,6 +236,7 @@ mod tests {
             .iter()
             .map(|path| ManifestEntry {
                 gid: 0,
+                input: None,
                 layer: "l".into(),
                 mode: 0o644,
                 path: p(path),

@@ -528,9 +528,9 @@ fn a_file_at_a_secret_slot_path_is_refused_in_any_layer() {
 }
 
 #[test]
-fn inputs_are_refused_until_this_build_supports_them() {
+fn inputs_need_a_lock_entry_before_a_build() {
     let tmp = repo(
-        "\n[[input]]\nname = \"tchain\"\nversion = \"1.0.0\"\nurl = \"https://example.invalid/t-{version}\"\nkind = \"file\"\npath = \"usr/bin/t\"\n",
+        "\n[[input]]\nname = \"tchain\"\nversion = \"1.0.0\"\nurl = \"https://example.invalid/t-{version}\"\nkind = \"file\"\npath = \"usr/bin/t\"\nmode = 0o755\n",
     );
     let line = refuse(
         tmp.path(),
@@ -539,11 +539,7 @@ fn inputs_are_refused_until_this_build_supports_them() {
     );
     has(
         &line,
-        &[
-            "adapter \"tchain\"",
-            "inputs are not supported by this build yet",
-            "adapter.toml",
-        ],
+        &["input tchain", "adapter.toml", "is not in", "infrakit lock"],
     );
 }
 

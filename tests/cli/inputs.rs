@@ -249,13 +249,21 @@ fn file_input(name: &str, version: &str) -> String {
 
 /// A repo whose profile names the adapter `chain` with `adapter_toml`.
 fn repo_with(adapter_toml: &str) -> Repo {
+    repo_params(adapter_toml, "")
+}
+
+/// Like `repo_with`, with `params` (TOML lines) under the profile's `[params]`.
+fn repo_params(adapter_toml: &str, params: &str) -> Repo {
     let repo = Repo::new();
     repo.overlay("base", "");
     repo.file(
         "adapters/chain/adapter.toml",
         format!("description = \"test chain\"\n\n{adapter_toml}"),
     );
-    repo.profile(&["base"], "adapters = [\"chain\"]\n");
+    repo.profile(
+        &["base"],
+        &format!("adapters = [\"chain\"]\n[params]\n{params}"),
+    );
     repo
 }
 
@@ -1040,4 +1048,144 @@ fn take_never_writes_outside_its_directory() {
         &line,
         &["adapters/chain/adapter.toml:7:1", "`..` component"],
     );
+}
+
+#[test]
+fn build_takes_locked_inputs_from_the_cache_or_the_command_line_only() {
+    let stand = build_stand_ins();
+    let server = Upstream::start();
+    for (name, bytes) in &stand.files {
+        server.serve(name, bytes);
+    }
+    // Two file inputs, of which the parameter picks one.
+    let mut toml = String::from("[params.flavour]\ntype = \"string\"\ndefault = \"a\"\n\n");
+    toml.push_str(&archive_input("debzst", "deb", "node_1.0_zstd.deb"));
+    toml.push_str(&file_input("tool", "1.0").replace(
+        "kind = \"file\"",
+        "kind = \"file\"\nwhen = \"flavour == a\"",
+    ));
+    toml.push_str(
+        &file_input("other", "1.0")
+            .replace("usr/bin/tool", "usr/bin/other")
+            .replace(
+                "kind = \"file\"",
+                "kind = \"file\"\nwhen = \"flavour == b\"",
+            ),
+    );
+    let repo = repo_params(&toml, "");
+    let cache = tempdir();
+    let build = |out: &str, extra: &[&str]| {
+        let mut args = vec!["build", PROFILE, "--out", out];
+        args.extend_from_slice(extra);
+        run(&repo, cache.path(), &args)
+    };
+
+    // Without a lock: refused, naming the command that fixes it.
+    let refused = build("dist", &[]).expect_code(2);
+    has(
+        &refused.stderr,
+        &["input debzst", "is not in", "p.lock", "infrakit lock"],
+    );
+    assert!(!repo.path().join("dist").exists());
+
+    run(&repo, cache.path(), &["lock", PROFILE, &server.mirror()]).ok();
+    // Not in the cache (lock downloads into it: start from an empty one):
+    // refused, naming fetch.
+    let fresh = tempdir();
+    let refused = run(&repo, fresh.path(), &["build", PROFILE, "--out", "dist"]).expect_code(2);
+    has(
+        &refused.stderr,
+        &["not in the cache", "infrakit fetch", "--locked"],
+    );
+    run(
+        &repo,
+        cache.path(),
+        &["fetch", PROFILE, "--locked", &server.mirror()],
+    )
+    .ok();
+    // The build itself never uses the network: stop the server first.
+    drop(server);
+    build("dist", &[]).ok();
+    build("again", &[]).ok();
+    let bytes = |d: &str| fs::read(repo.path().join(d).join("p.tar.zst")).expect("artifact");
+    assert_eq!(
+        bytes("dist"),
+        bytes("again"),
+        "the same inputs give the same bytes"
+    );
+
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(repo.path().join("dist/p.manifest.json")).expect("manifest"),
+    )
+    .expect("JSON");
+    let inputs = manifest["inputs"].as_array().expect("inputs");
+    let names: Vec<&str> = inputs.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["debzst", "tool"],
+        "only the inputs whose `when` holds"
+    );
+    assert_eq!(inputs[0]["sha256"], locked_sha(&repo, "debzst"));
+    assert_eq!(inputs[0]["url"], format!("{UPSTREAM}node_1.0_zstd.deb"));
+    assert_eq!(inputs[0]["layer"], "chain");
+    let entry = |path: &str| {
+        manifest["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("{path} not in the manifest"))
+            .clone()
+    };
+    assert_eq!(entry("usr/bin/node")["input"], "debzst");
+    assert_eq!(entry("usr/bin/node")["mode"], "0755");
+    assert_eq!(entry("usr/bin/tool")["input"], "tool");
+    assert!(
+        manifest["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["path"] != "usr/bin/other")
+    );
+    // GNU tar finds the upstream bytes under the declared path and mode.
+    let out = repo.path().join("x");
+    fs::create_dir_all(&out).unwrap();
+    tool(
+        repo.path(),
+        "tar",
+        &["--zstd", "-xf", "dist/p.tar.zst", "-C", s(&out)],
+    )
+    .ok();
+    assert_eq!(
+        fs::read(out.join("usr/bin/node")).unwrap(),
+        fs::read(stand.src.join("usr/local/bin/node")).unwrap()
+    );
+    assert_eq!(mode(&out.join("usr/bin/node")), 0o755);
+
+    // A tampered cache file is refused with both digests.
+    let sha = locked_sha(&repo, "tool");
+    let cached = cache.path().join("infrakit/sha256").join(&sha);
+    chmod(&cached, 0o644);
+    write(&cached, "#!/bin/sh\necho evil\n");
+    let refused = build("tampered", &[]).expect_code(1);
+    has(
+        &refused.stderr,
+        &["input tool", &sha, "the cache was modified"],
+    );
+    assert!(!repo.path().join("tampered").exists());
+
+    // --input: the locked file from elsewhere, checked, into a fresh cache;
+    // the wrong file is refused.
+    fs::remove_file(&cached).unwrap();
+    let wrong = repo.path().join("wrong-tool");
+    write(&wrong, "not the tool\n");
+    let arg = format!("tool={}", wrong.display());
+    let refused = build("wrong", &["--input", &arg]).expect_code(1);
+    has(&refused.stderr, &["input tool", "the lock says", &sha]);
+    let right = repo.path().join("right-tool");
+    let tool_bytes = &stand.files.iter().find(|(n, _)| n == "tool-1.0").unwrap().1;
+    write(&right, tool_bytes);
+    let arg = format!("tool={}", right.display());
+    build("given", &["--input", &arg]).ok();
+    assert_eq!(bytes("given"), bytes("dist"));
 }
