@@ -428,6 +428,7 @@ mod tests {
         let slot = |mode: u32| SecretSlot {
             description: "d".into(),
             group: "monad".into(),
+            kind: None,
             layer: "chain".into(),
             mode,
             name: "keystore-password".into(),

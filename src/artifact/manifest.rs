@@ -64,6 +64,9 @@ pub struct InputInfo {
 pub struct SecretSlot {
     pub description: String,
     pub group: String,
+    /// `dir` for a directory the host fills; a regular file otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     /// The adapter that declares it.
     pub layer: String,
     #[serde(with = "octal")]
@@ -238,6 +241,7 @@ impl Manifest {
                 .map(|s| SecretSlot {
                     description: s.description.clone(),
                     group: s.group.clone(),
+                    kind: (s.kind != "file").then(|| s.kind.clone()),
                     layer: s.layer.clone(),
                     mode: s.mode,
                     name: s.name.clone(),

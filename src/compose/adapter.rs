@@ -116,6 +116,9 @@ struct SecretDecl {
     #[serde(default)]
     description: String,
     credential: Option<bool>,
+    /// `file` (default) or `dir` (a directory the host fills, e.g. a
+    /// validator client's keystores).
+    kind: Option<Spanned<String>>,
     when: Option<Spanned<String>>,
 }
 
@@ -185,6 +188,8 @@ pub struct SlotRecord {
     pub description: String,
     /// `true`: consumers get `LoadCredential=`; `false`: `AssertPathExists=`.
     pub credential: bool,
+    /// `file` or `dir`.
+    pub kind: String,
     /// Consuming units (`x.service`), sorted.
     pub units: Vec<String>,
     pub layer: String,
@@ -380,6 +385,11 @@ impl AdapterSource {
                 }
             };
             let mode = self.mode(&s.mode)?.unwrap_or(0o600);
+            let kind = match &s.kind {
+                None => "file".to_owned(),
+                Some(k) if k.get_ref() == "file" || k.get_ref() == "dir" => k.get_ref().clone(),
+                Some(k) => return Err(self.err(k.span(), "kind must be \"file\" or \"dir\"")),
+            };
             if s.description.chars().any(char::is_control) {
                 return Err(self.err(s.name.span(), "description must be one line"));
             }
@@ -393,6 +403,7 @@ impl AdapterSource {
                     mode,
                     description: s.description.clone(),
                     credential: s.credential.unwrap_or(true),
+                    kind,
                     units: Vec::new(),
                     layer: self.name.clone(),
                 },

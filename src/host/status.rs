@@ -237,8 +237,11 @@ fn check_secret(
             )(e));
         }
     };
-    if meta.kind != Kind::File {
-        return Ok(Some("is not a regular file".to_owned()));
+    let dir = slot.kind.as_deref() == Some("dir");
+    match (dir, meta.kind) {
+        (false, Kind::File) | (true, Kind::Dir) => {}
+        (false, _) => return Ok(Some("is not a regular file".to_owned())),
+        (true, _) => return Ok(Some("is not a directory".to_owned())),
     }
     let want = (
         Accounts::id(&accounts.users, &slot.owner),

@@ -97,6 +97,10 @@ fn status_reports_each_missing_or_wrong_secret_slot_and_missing_prerequisites() 
             "description": "keystore password", "group": "app", "layer": "app", "mode": "0640",
             "name": "keystore-password", "owner": "root", "path": "/etc/app/keystore-password",
             "units": ["app.service"]
+        }, {
+            "description": "validator keystores", "group": "app", "kind": "dir", "layer": "app",
+            "mode": "0700", "name": "validators", "owner": "root", "path": "/var/lib/app/validators",
+            "units": ["app.service"]
         }]);
     });
     let root = f.root("slots");
@@ -120,11 +124,28 @@ fn status_reports_each_missing_or_wrong_secret_slot_and_missing_prerequisites() 
     };
     let doc = report(1);
     assert_eq!(doc["missing_secrets"][0]["problem"], "missing", "{doc}");
+    assert_eq!(doc["missing_secrets"][1]["problem"], "missing", "{doc}");
+    assert_eq!(doc["release_secrets"], 2);
+    // A directory slot wants a directory.
+    let dir = root.join("var/lib/app/validators");
+    write(&dir, "a file\n");
+    let doc = report(1);
+    assert_eq!(doc["missing_secrets"][1]["problem"], "is not a directory");
+    fs::remove_file(&dir).unwrap();
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(0), Some(990)).unwrap();
+    chmod(&dir, 0o700);
+    let doc = report(1);
+    assert_eq!(doc["missing_secrets"].as_array().unwrap().len(), 1, "{doc}");
     assert_eq!(
         doc["missing_prerequisites"],
         serde_json::json!(["docker.io", "liburing2"])
     );
-    assert_eq!(metric("infrakit_missing_secrets"), "1");
+    assert_eq!(
+        metric("infrakit_missing_secrets"),
+        "1",
+        "the directory slot is provided now"
+    );
     assert_eq!(metric("infrakit_missing_prerequisites"), "2");
     let human = status(&root, &[]).expect_code(1).stdout;
     has(
