@@ -32,7 +32,7 @@ const NOT_NATIVE: [(&str, &str); 2] = [
 ];
 
 /// A copy of the repo's profiles, overlays and adapters.
-fn workspace() -> tempfile::TempDir {
+pub(crate) fn workspace() -> tempfile::TempDir {
     let w = tempdir();
     tool(
         repo_dir(),
@@ -45,7 +45,7 @@ fn workspace() -> tempfile::TempDir {
 
 /// Builds `profile` (relative to `w`) from stand-ins into `w/out`; returns
 /// the extracted root.
-fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
+pub(crate) fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
     require_tool("dpkg-deb");
     let script = w.join("standins.py");
     write(&script, STANDINS);

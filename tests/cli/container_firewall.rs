@@ -7,7 +7,11 @@
 //! ruleset, built from a profile. The client may reach exactly the port
 //! declared public and forwarded; the loopback-published port and the
 //! unpublished admin port stay closed; reloading InfraKit's ruleset leaves
-//! Docker's tables as they were.
+//! Docker's tables as they were. The same namespaces then check each chain
+//! profile's ruleset (built from stand-in inputs) with listeners on the
+//! host: exactly the declared public ports answer, TCP and UDP; loopback
+//! ports and undeclared ones time out; allow-listed ones answer only the
+//! allowed address.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +24,8 @@ use crate::support::*;
 
 const HOST: &str = "127.0.12.1";
 const CLIENT: &str = "127.0.12.2";
+/// A second client address, outside any allow-list.
+const OTHER: &str = "127.0.12.3";
 const BRIDGE: &str = "127.0.13.1";
 const CONTAINER: &str = "127.0.13.2";
 
@@ -47,11 +53,38 @@ print("ready", flush=True)
 threading.Event().wait()
 "#;
 
-/// `probe.py SRC DST PROTO/PORT...`: one line each: `open <banner>` or `timeout`.
+/// `host.py ADDR PROTO/PORT...`: a TCP listener (all addresses) or a UDP
+/// echo (at ADDR, so replies leave from it) on each, answering with the
+/// peer's address.
+const HOST_PY: &str = r#"
+import socket, sys, threading
+addr = sys.argv[1]
+def tcp(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, a = s.accept()
+        c.sendall(("port %d peer %s\n" % (port, a[0])).encode()); c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, port))
+    while True:
+        d, a = s.recvfrom(100)
+        s.sendto(("udp %d peer %s" % (port, a[0])).encode(), a)
+for job in sys.argv[2:]:
+    proto, port = job.split("/")
+    threading.Thread(target=tcp if proto == "tcp" else udp, args=(int(port),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+/// `probe.py SRC DST PROTO/PORT...`: all at once, one line each, in order:
+/// `open <banner>`, `timeout` or `error <message>`.
 const PROBE_PY: &str = r#"
-import socket, sys
+import socket, sys, threading
 src, dst = sys.argv[1], sys.argv[2]
-for job in sys.argv[3:]:
+jobs = sys.argv[3:]
+out = [None] * len(jobs)
+def probe(i, job):
     proto, port = job.split("/")
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     s = socket.socket(socket.AF_INET, kind); s.settimeout(1.5); s.bind((src, 0))
@@ -59,13 +92,17 @@ for job in sys.argv[3:]:
         s.connect((dst, int(port)))
         if proto == "udp":
             s.send(b"hello")
-        print("open " + s.recv(200).decode().strip())
+        out[i] = "open " + s.recv(200).decode().strip()
     except socket.timeout:
-        print("timeout")
+        out[i] = "timeout"
     except OSError as e:
-        print("error %s" % e)
+        out[i] = "error %s" % e
     finally:
         s.close()
+threads = [threading.Thread(target=probe, args=(i, j)) for i, j in enumerate(jobs)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("\n".join(out))
 "#;
 
 /// Docker's rules for a container at CONTAINER publishing 40400/tcp+udp on
@@ -97,6 +134,16 @@ table ip filter {
 	}
 }
 "#;
+
+/// A child process killed (and reaped) when dropped, a panic included.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 struct Namespaces {
     names: [String; 3],
@@ -135,6 +182,7 @@ impl Namespaces {
         let scripts = tempdir();
         write(&scripts.path().join("container.py"), CONTAINER_PY);
         write(&scripts.path().join("probe.py"), PROBE_PY);
+        write(&scripts.path().join("host.py"), HOST_PY);
         let mut n = Namespaces {
             names,
             container: None,
@@ -190,6 +238,7 @@ impl Namespaces {
             "dev",
             "vc",
         ]);
+        ip(&["-n", &c, "addr", "add", &format!("{OTHER}/24"), "dev", "vc"]);
         ip(&["-n", &h, "addr", "add", &format!("{HOST}/24"), "dev", "vh"]);
         ip(&[
             "-n",
@@ -236,6 +285,24 @@ impl Namespaces {
         n
     }
 
+    /// Listeners in the host namespace itself on `jobs` (`tcp/N`, `udp/N`).
+    fn serve_on_host(&self, jobs: &[&str]) -> Child {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.names[1], "python3"])
+            .arg(self.scripts.path().join("host.py"))
+            .arg(HOST)
+            .args(jobs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the host's listeners");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    }
+
     fn host(&self) -> &str {
         &self.names[1]
     }
@@ -252,6 +319,10 @@ impl Namespaces {
     }
 
     fn probe(&self, jobs: &[&str]) -> Vec<String> {
+        self.probe_from(CLIENT, jobs)
+    }
+
+    fn probe_from(&self, src: &str, jobs: &[&str]) -> Vec<String> {
         let script = self.scripts.path().join("probe.py");
         let mut args = vec![
             "netns",
@@ -259,7 +330,7 @@ impl Namespaces {
             &self.names[0],
             "python3",
             s(&script),
-            CLIENT,
+            src,
             HOST,
         ];
         args.extend_from_slice(jobs);
@@ -352,4 +423,138 @@ fn published_container_ports_open_only_as_declared_and_docker_rules_survive_relo
         &tables,
         &["table ip nat", "table ip filter", "table inet infrakit"],
     );
+}
+
+/// Builds `profile` (a repo profile, or one written from it with `edit`)
+/// from stand-ins and checks from the client namespace that exactly the
+/// `open` ports answer (from CLIENT; `open_to_client_only` from CLIENT but
+/// not from OTHER) and the `closed` ones time out, TCP and UDP, with a
+/// listener on every one of them on the host.
+fn ports_as_declared(
+    profile: &str,
+    edit: &[(&str, &str)],
+    open: &[&str],
+    open_to_client_only: &[&str],
+    closed: &[&str],
+) {
+    require_tool("nft");
+    let w = crate::chain_profiles::workspace();
+    let mut path = format!("profiles/{profile}.toml");
+    if !edit.is_empty() {
+        let mut text = std::fs::read_to_string(w.path().join(&path)).unwrap();
+        for (from, to) in edit {
+            assert!(text.contains(from), "{from:?} not in {path}");
+            text = text.replace(from, to);
+        }
+        let name = format!("{profile}-variant");
+        text = text.replace(
+            &format!("name = \"{profile}\""),
+            &format!("name = \"{name}\""),
+        );
+        path = format!("profiles/{name}.toml");
+        write(&w.path().join(&path), text);
+    }
+    let root = crate::chain_profiles::build(w.path(), &path, "fw");
+    let ruleset = root.join("etc/infrakit/firewall.nft");
+    let n = Namespaces::new();
+    n.load(&ruleset);
+    let all: Vec<&str> = open
+        .iter()
+        .chain(open_to_client_only)
+        .chain(closed)
+        .copied()
+        .collect();
+    let _listener = KillOnDrop(n.serve_on_host(&all));
+    let got = n.probe(&all);
+    let mut wrong = Vec::new();
+    for (job, got) in all.iter().zip(&got) {
+        let answers = got.starts_with("open ");
+        let want = open.contains(job) || open_to_client_only.contains(job);
+        if answers != want || (!want && got != "timeout") {
+            wrong.push(format!("{job} from {CLIENT}: {got}"));
+        }
+    }
+    for (job, got) in open_to_client_only
+        .iter()
+        .zip(n.probe_from(OTHER, open_to_client_only))
+    {
+        if got != "timeout" {
+            wrong.push(format!("{job} from {OTHER}: {got} (want timeout)"));
+        }
+    }
+    assert!(wrong.is_empty(), "{profile}:\n{}", wrong.join("\n"));
+}
+
+const UNDECLARED: [&str; 2] = ["tcp/2222", "udp/2222"];
+
+#[test]
+fn monad_validator_opens_exactly_its_public_ports() {
+    let mut closed = vec!["tcp/8080", "tcp/8081", "tcp/4317", "tcp/4318", "tcp/8889"];
+    closed.extend(UNDECLARED);
+    ports_as_declared(
+        "monad-validator",
+        &[],
+        &["tcp/8000", "udp/8000", "udp/8001"],
+        &[],
+        &closed,
+    );
+    // RPC allow-listed to the client's address only.
+    ports_as_declared(
+        "monad-validator",
+        &[(
+            "[params]\n",
+            "[params]\nrpc-exposure = \"allow-listed\"\nrpc-cidrs = [\"127.0.12.2/32\"]\n",
+        )],
+        &["tcp/8000"],
+        &["tcp/8080", "tcp/8081"],
+        &["tcp/4317", "tcp/2222"],
+    );
+}
+
+#[test]
+fn ethereum_validator_opens_exactly_its_public_ports() {
+    let mut closed = vec![
+        "tcp/8545",
+        "tcp/8546",
+        "tcp/8551",
+        "tcp/5052",
+        "tcp/5054",
+        "tcp/5064",
+        "tcp/18550",
+        "tcp/6060",
+        "udp/9200",
+    ];
+    closed.extend(UNDECLARED);
+    ports_as_declared(
+        "ethereum-validator",
+        &[],
+        &["tcp/30303", "udp/30303", "tcp/9000", "udp/9000", "udp/9001"],
+        &[],
+        &closed,
+    );
+    // reth opens its discv5 port 9200/udp; nimbus has no QUIC port.
+    ports_as_declared(
+        "ethereum-validator",
+        &[
+            ("execution-client = \"geth\"", "execution-client = \"reth\""),
+            (
+                "consensus-client = \"lighthouse\"",
+                "consensus-client = \"nimbus\"",
+            ),
+            (
+                "validator-client = \"lighthouse\"",
+                "validator-client = \"nimbus\"",
+            ),
+        ],
+        &["tcp/30303", "udp/30303", "udp/9200", "tcp/9000", "udp/9000"],
+        &[],
+        &["udp/9001", "tcp/8008", "tcp/8108", "tcp/8551", "tcp/2222"],
+    );
+}
+
+#[test]
+fn aztec_node_opens_exactly_its_p2p_port() {
+    let mut closed = vec!["tcp/8080", "tcp/8880"];
+    closed.extend(UNDECLARED);
+    ports_as_declared("aztec-node", &[], &["tcp/40400", "udp/40400"], &[], &closed);
 }
