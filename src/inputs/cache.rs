@@ -1,6 +1,6 @@
 //! The content-addressed download cache (`$XDG_CACHE_HOME/infrakit/`, the
 //! directory given by `cli`): `sha256/<hex>` holds a file whose SHA-256 is
-//! `<hex>`, `partial/` transfers in progress, `extracted/<hex>/` members
+//! `<hex>`, `partial/` transfers in progress, `extracted/<hex>/<input>/` members
 //! taken from archives (`take`). A download streams into
 //! `partial/<hex>.partial` while hashing, resumes a kept partial file with
 //! an HTTP `Range` request, and is renamed to its final name only after its

@@ -3,7 +3,7 @@
 //! told by magic bytes) or `deb` (an `ar` archive read here, whose
 //! `data.tar.{xz,zst,gz}` is read; maintainer scripts are never looked at,
 //! let alone run) gives exactly its declared members, extracted into
-//! `extracted/<sha256>/<member>` in the cache. Refused: a declared member
+//! `extracted/<sha256>/<input>/<member>` in the cache. Refused: a declared member
 //! that is missing, present twice, or not a regular file (a link or a
 //! directory where a file is declared). Nothing else in the archive is
 //! written, so no archive path can escape: files are created only under the
@@ -129,7 +129,12 @@ fn extract(
             "declared member {member} is not in it; check [input.members] against the archive (e.g. `tar -tf` or `dpkg-deb -c`)"
         )));
     }
-    let dest = cache.extracted(sha);
+    // One directory per input: two inputs may take different members of
+    // one archive, and a build streams both sets.
+    let dest = cache.extracted(sha).join(&input.name);
+    let dest_parent = cache.extracted(sha);
+    std::fs::create_dir_all(&dest_parent)
+        .map_err(Error::io(&dest_parent, "creating the cache directory"))?;
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(Error::io(&dest, "replacing an extraction"))?;
     }

@@ -4,9 +4,9 @@
 //! in `systemd-analyze security --offline=yes`. The stand-ins
 //! (tests/cli/standins.py) are made in the test with the stock tools
 //! (`dpkg-deb`, Python's tarfile), have the member paths each adapter
-//! declares, and are given to `build` with `--input` under a lock written
-//! for them: the build never reaches the network, and the repo holds no
-//! checksum. Every Ethereum client combination builds.
+//! declares, are locked by a lock written for them (the repo holds no
+//! checksum), served on loopback and fetched through `--mirror`; the build
+//! itself reads only the cache. Every Ethereum client combination builds.
 
 #![allow(clippy::unwrap_used)]
 
@@ -60,10 +60,30 @@ pub(crate) fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
         },
     )
     .ok();
-    let mut args = vec!["build", profile, "--out", out];
-    let given: Vec<&str> = made.stdout.split_whitespace().collect();
-    args.extend(given);
-    infrakit_env(w, &args, &[("XDG_CACHE_HOME", s(&cache))]).ok();
+    // Served on loopback, fetched through --mirror like release CI does
+    // with an internal mirror; the build itself reads only the cache.
+    let server = Server::start(&inputs.join("served"));
+    let mut fetch = vec![
+        "fetch".to_owned(),
+        profile.to_owned(),
+        "--locked".to_owned(),
+    ];
+    for prefix in made.stdout.split_whitespace() {
+        let host = prefix.trim_end_matches('/').rsplit('/').next().unwrap();
+        fetch.push(format!(
+            "--mirror={prefix}={}",
+            server.url(&format!("{host}/"))
+        ));
+    }
+    let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
+    infrakit_env(w, &fetch, &[("XDG_CACHE_HOME", s(&cache))]).ok();
+    drop(server);
+    infrakit_env(
+        w,
+        &["build", profile, "--out", out],
+        &[("XDG_CACHE_HOME", s(&cache))],
+    )
+    .ok();
     infrakit_env(w, &["lint", profile], &[("XDG_CACHE_HOME", s(&cache))]).ok();
     let root = w.join(format!("R-{out}"));
     fs::create_dir_all(&root).unwrap();

@@ -435,7 +435,7 @@ fn lock_fetch_and_take_every_kind() {
         );
         assert_eq!(fs::read(&taken[1].source).expect("README"), b"read me\n");
         // Only the declared members were written.
-        let extracted = store.extracted(&sha);
+        let extracted = store.extracted(&sha).join(&input.name);
         assert!(taken[0].source.starts_with(&extracted));
         let files: Vec<String> = list_files(&extracted)
             .into_iter()
@@ -1008,11 +1008,12 @@ fn take_never_writes_outside_its_directory() {
     // directory of the extraction, never written through the link.
     let through = store
         .extracted(&sha)
+        .join("hostile")
         .join(format!("usr/lib/{tag}-through-link"));
     assert_eq!(taken[1].source, through);
     assert_eq!(fs::read(&through).expect("member"), b"owned\n");
     assert!(
-        !fs::symlink_metadata(store.extracted(&sha).join("usr/lib"))
+        !fs::symlink_metadata(store.extracted(&sha).join("hostile/usr/lib"))
             .expect("usr/lib")
             .file_type()
             .is_symlink()
@@ -1020,14 +1021,15 @@ fn take_never_writes_outside_its_directory() {
     for outside in [
         PathBuf::from(format!("/tmp/{tag}-absolute")),
         PathBuf::from(format!("/tmp/{tag}-through-link")),
+        store.extracted(&sha).join(format!("{tag}-dotdot")),
         store.root().join(format!("extracted/{tag}-dotdot")),
         store.root().join(format!("{tag}-dotdot")),
     ] {
         assert!(!outside.exists(), "{} was written", outside.display());
     }
-    let files: Vec<String> = list_files(&store.extracted(&sha))
+    let files: Vec<String> = list_files(&store.extracted(&sha).join("hostile"))
         .into_iter()
-        .filter(|p| store.extracted(&sha).join(p).is_file())
+        .filter(|p| store.extracted(&sha).join("hostile").join(p).is_file())
         .collect();
     assert_eq!(
         files,

@@ -1,15 +1,31 @@
-"""Stand-in inputs for a profile: python3 make.py REPO PROFILE OUTDIR -> writes OUTDIR/<name> files,
-REPO/profiles/<name>.lock, and prints --input args."""
+"""Stand-in inputs for a profile (tests/cli/chain_profiles.rs).
+
+python3 standins.py REPO PROFILE OUTDIR: asks `infrakit inputs PROFILE --json` (the binary in
+$INFRAKIT) what the profile's adapters declare, and makes for every input a stand-in with the
+declared member paths (a small shell script for each file: GNU-format tarballs with Python's
+tarfile, .debs with dpkg-deb). Each is laid out as OUTDIR/<host>/<path> of its upstream URL, to
+be served on loopback and reached through `--mirror https://<host>/=<server>/<host>/`. Writes
+REPO/profiles/<name>.lock with the stand-ins' digests (image inputs get a made-up digest) and
+prints the --mirror arguments, one per upstream host."""
 import hashlib, json, os, subprocess, sys, tarfile, io, shutil
+from urllib.parse import urlsplit
 repo, profile, out = sys.argv[1:4]
 binary = os.environ.get("INFRAKIT", "infrakit")
 doc = json.loads(subprocess.run([binary, "inputs", profile, "--json"], cwd=repo, check=True, capture_output=True).stdout)
 os.makedirs(out, exist_ok=True)
 script = b"#!/bin/sh\nexit 0\n"
 entries, args = [], []
+# Inputs that share an upstream URL (one tarball, members for two binaries)
+# share one stand-in holding every member any of them takes.
+members_of = {}
+for i in doc["inputs"]:
+    members_of.setdefault(i["url"], set()).update(i["members"] or [])
+for i in doc["inputs"]:
+    i["members"] = sorted(members_of[i["url"]])
 for i in doc["inputs"]:
     name, kind = i["name"], i["kind"]
-    path = os.path.join(out, name)
+    path = os.path.join(out, "made", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind == "file":
         open(path, "wb").write(script)
     elif kind == "tar":
@@ -34,11 +50,17 @@ for i in doc["inputs"]:
         sha = hashlib.sha256(("stand-in image " + name).encode()).hexdigest()
     else:
         sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
-        args.append("--input=%s=%s" % (name, path))
+        url = urlsplit(i["url"])
+        served = os.path.join(out, "served", url.netloc, url.path.lstrip("/"))
+        os.makedirs(os.path.dirname(served), exist_ok=True)
+        shutil.copyfile(path, served)
+        mirror = "%s://%s/" % (url.scheme, url.netloc)
+        if mirror not in args:
+            args.append(mirror)
     entries.append((name, kind, i["version"], i["url"], sha))
 lock = os.path.join(repo, os.path.dirname(profile), os.path.basename(profile)[:-5] + ".lock")
 with open(lock, "w") as f:
     f.write("# stand-in lock\n")
     for name, kind, version, url, sha in sorted(entries):
         f.write('\n[[input]]\nname = "%s"\nkind = "%s"\nversion = "%s"\nurl = "%s"\nsha256 = "%s"\n' % (name, kind, version, url, sha))
-print(" ".join(args))
+print(" ".join(args))  # the upstream prefixes to mirror
