@@ -116,6 +116,22 @@ pub fn merge(ports: &[Port]) -> Result<Vec<Port>, String> {
     Ok(by_key.into_values().collect())
 }
 
+/// `cidrs` split by family, each non-empty family once: (`ip` or `ip6`,
+/// whether IPv4, the set's elements joined for an anonymous set).
+fn saddr_sets(cidrs: &[Cidr]) -> Vec<(&'static str, bool, String)> {
+    [("ip", true), ("ip6", false)]
+        .into_iter()
+        .filter_map(|(family, v4)| {
+            let set: Vec<String> = cidrs
+                .iter()
+                .filter(|c| c.is_ipv4() == v4)
+                .map(Cidr::to_string)
+                .collect();
+            (!set.is_empty()).then(|| (family, v4, set.join(", ")))
+        })
+        .collect()
+}
+
 /// The nftables ruleset for merged `ports`.
 pub fn render(ports: &[Port]) -> String {
     let mut r = String::new();
@@ -195,21 +211,13 @@ pub fn render(ports: &[Port]) -> String {
                     "\t\t# {}/{proto} allow-listed (layer {:?}){what}",
                     p.port, p.layer
                 );
-                for (family, v4) in [("ip", true), ("ip6", false)] {
-                    let set: Vec<String> = cidrs
-                        .iter()
-                        .filter(|c| c.is_ipv4() == v4)
-                        .map(Cidr::to_string)
-                        .collect();
-                    if !set.is_empty() {
-                        let _ = writeln!(
-                            r,
-                            "\t\t{family} saddr {{ {} }} {proto} dport {} {}",
-                            set.join(", "),
-                            p.port,
-                            accept(if v4 { "v4" } else { "v6" }, family)
-                        );
-                    }
+                for (family, v4, set) in saddr_sets(cidrs) {
+                    let _ = writeln!(
+                        r,
+                        "\t\t{family} saddr {{ {set} }} {proto} dport {} {}",
+                        p.port,
+                        accept(if v4 { "v4" } else { "v6" }, family)
+                    );
                 }
             }
         }
@@ -247,19 +255,8 @@ pub fn render(ports: &[Port]) -> String {
                         "\t\t# {}/{proto} published by a container engine, allow-listed (layer {:?})",
                         p.port, p.layer
                     );
-                    for (family, v4) in [("ip", true), ("ip6", false)] {
-                        let set: Vec<String> = cidrs
-                            .iter()
-                            .filter(|c| c.is_ipv4() == v4)
-                            .map(Cidr::to_string)
-                            .collect();
-                        if !set.is_empty() {
-                            let _ = writeln!(
-                                r,
-                                "\t\t{family} saddr {{ {} }} {dnat} accept",
-                                set.join(", ")
-                            );
-                        }
+                    for (family, _, set) in saddr_sets(cidrs) {
+                        let _ = writeln!(r, "\t\t{family} saddr {{ {set} }} {dnat} accept");
                     }
                 }
                 // Refused when declared: a loopback port is never forwarded.
