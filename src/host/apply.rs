@@ -209,6 +209,7 @@ fn decide(
         }
     };
     refuse_conflicts(&plan)?;
+    refuse_bad_units(&plan)?;
     Ok(Some(Decision {
         action,
         current,
@@ -445,6 +446,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
     }
     let plan = plan(state, &to, Some(&old.manifest), &target.manifest, false)?;
     refuse_conflicts(&plan)?;
+    refuse_bad_units(&plan)?;
     if dry_run {
         return Ok(Outcome::Activated {
             action: Action::Rollback,
@@ -507,6 +509,17 @@ impl Journal {
             hooks: plan.hooks.clone(),
         }
     }
+}
+
+/// The hooks name units `systemctl` gets as arguments, and the journal
+/// keeps them: a name systemd could not load is refused before anything is
+/// written (it would also make the journal unreadable later).
+fn refuse_bad_units(plan: &Plan) -> Result<()> {
+    plan.hooks.check().map_err(|m| {
+        Error::Refused(format!(
+            "the release's units: {m}; fix the unit's file name or the adapter"
+        ))
+    })
 }
 
 fn refuse_conflicts(plan: &Plan) -> Result<()> {

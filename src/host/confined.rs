@@ -292,8 +292,10 @@ impl Dir {
         Ok(())
     }
 
-    /// Owner (and then mode, which chown may clear) of `rel`, not following
-    /// a final symlink; give no mode for a symlink (chmod would follow it).
+    /// Owner of `rel`, not following a final symlink; with `mode`, `rel`
+    /// must be a directory, whose owner and then mode (which chown may
+    /// clear) are set through a descriptor opened without following links:
+    /// a link planted in its place between two calls is never chmodded.
     pub fn set_owner_mode(
         &self,
         rel: impl AsRef<Path>,
@@ -301,28 +303,36 @@ impl Dir {
         gid: u32,
         mode: Option<u32>,
     ) -> io::Result<()> {
-        let (parent, name) = self.parent(rel.as_ref())?;
-        rustix::fs::chownat(
-            parent.fd(),
-            name.as_os_str(),
+        let (uid, gid) = (
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        );
         match mode {
-            Some(mode) => self.set_mode(rel, mode),
-            None => Ok(()),
+            Some(mode) => {
+                let dir = self.open_dir(rel)?;
+                rustix::fs::fchown(&dir.fd, uid, gid)?;
+                rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(mode))?;
+                Ok(())
+            }
+            None => {
+                let (parent, name) = self.parent(rel.as_ref())?;
+                rustix::fs::chownat(
+                    parent.fd(),
+                    name.as_os_str(),
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+                Ok(())
+            }
         }
     }
 
+    /// The mode of the directory `rel`, set through a descriptor opened
+    /// without following links (`chmod` by name would follow one).
     pub fn set_mode(&self, rel: impl AsRef<Path>, mode: u32) -> io::Result<()> {
-        let (parent, name) = self.parent(rel.as_ref())?;
-        rustix::fs::chmodat(
-            parent.fd(),
-            name.as_os_str(),
-            Mode::from_raw_mode(mode),
-            AtFlags::empty(),
-        )?;
+        let dir = self.open_dir(rel)?;
+        rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(mode))?;
         Ok(())
     }
 
@@ -383,7 +393,8 @@ impl Dir {
         Ok(names)
     }
 
-    /// Moves `from` (below this handle) to `to` below `dest`.
+    /// Moves `from` (below this handle) to `to` below `dest`, which must
+    /// not exist (`RENAME_NOREPLACE`: nothing is ever overwritten).
     pub fn rename(
         &self,
         from: impl AsRef<Path>,
@@ -392,7 +403,20 @@ impl Dir {
     ) -> io::Result<()> {
         let (a, a_name) = self.parent(from.as_ref())?;
         let (b, b_name) = dest.parent(to.as_ref())?;
-        rustix::fs::renameat(a.fd(), a_name.as_os_str(), b.fd(), b_name.as_os_str())?;
+        rustix::fs::renameat_with(
+            a.fd(),
+            a_name.as_os_str(),
+            b.fd(),
+            b_name.as_os_str(),
+            RenameFlags::NOREPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// Replaces `to` with `from`, both in this directory (one atomic
+    /// `rename`: the switch of `current`).
+    pub fn replace(&self, from: &str, to: &str) -> io::Result<()> {
+        rustix::fs::renameat(&self.fd, from, &self.fd, to)?;
         Ok(())
     }
 
@@ -504,6 +528,24 @@ mod tests {
             .expect("/lib -> /real resolves inside the root");
         assert!(root.join("real/new").is_dir());
         assert!(!t.path().join("outside/new").exists());
+    }
+
+    #[test]
+    fn modes_are_never_set_through_a_link() {
+        let (t, dir) = setup();
+        let victim = t.path().join("outside/secret");
+        std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let root = Dir::open(&t.path().join("root"), Resolve::InRoot).expect("open");
+        std::os::unix::fs::symlink(&victim, t.path().join("root/planted")).expect("symlink");
+        assert!(root.set_mode("planted", 0o755).is_err());
+        assert!(root.set_owner_mode("planted", 0, 0, Some(0o755)).is_err());
+        assert!(dir.set_mode("out", 0o755).is_err());
+        let mode = std::fs::metadata(&victim).expect("stat").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -592,7 +592,7 @@ impl State {
                 &self.path("current.new"),
                 "creating the new current link",
             ))?;
-        dir.rename("current.new", dir, "current")
+        dir.replace("current.new", "current")
             .and_then(|()| dir.sync())
             .map_err(Error::io(&path, "switching the current release"))
     }
@@ -715,9 +715,14 @@ impl State {
         if self.live_meta(path)?.is_some() || !self.has_backup(id, path)? {
             return Ok(());
         }
-        self.dir()?
+        // Never over something that appeared in its place since.
+        match self
+            .dir()?
             .rename(State::backup_rel(id, path), &self.live, path.as_str())
-            .map_err(Error::io(&self.live(path), "restoring an adopted file"))
+        {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map_err(Error::io(&self.live(path), "restoring an adopted file")),
+        }
     }
 
     /// Flushes the filesystem of the root (one `syncfs`).

@@ -191,3 +191,23 @@ fn status_reports_each_missing_or_wrong_secret_slot_and_missing_prerequisites() 
     assert_eq!(metric("infrakit_missing_secrets"), "0");
     assert_eq!(metric("infrakit_missing_prerequisites"), "0");
 }
+
+#[test]
+fn a_unit_name_systemd_could_not_load_is_refused_before_anything_is_written() {
+    let f = Fleet::new();
+    // Release 1 (as a signer declares it) names a unit "-H evil.service":
+    // moving on from it would hand that to systemctl and to the journal.
+    let odd = resign(&f, &f.v1, "odd-unit", |m| {
+        m["version"] = "1.0.3".into();
+        m["services"] = serde_json::json!([
+            {"layer": "app", "role": "signer", "unit": "-H evil.service"}
+        ]);
+    });
+    let root = f.root("odd-unit");
+    f.apply(&odd, &root, &[]).ok();
+    let before = snapshot(&root);
+    let run = f.apply(&f.v2, &root, &[]).expect_code(1);
+    has(&run.stderr, &["-H evil.service", "not a systemd unit name"]);
+    assert_eq!(snapshot(&root), before, "the refusal wrote");
+    status(&root, &[]).ok();
+}
