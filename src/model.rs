@@ -121,7 +121,13 @@ pub enum Source {
     Bytes(Arc<[u8]>),
     /// A file taken from a pinned upstream input: its exact path (in the
     /// input cache) and the input's name, its provenance.
-    Input { path: Arc<Path>, input: Arc<str> },
+    /// `sha256` is the digest the file had when it was checked: the archive
+    /// writer refuses other bytes.
+    Input {
+        path: Arc<Path>,
+        input: Arc<str>,
+        sha256: crate::trust::digest::Sha256,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -249,6 +249,14 @@ fn write_tar<W: Write>(
                     };
                     let src = source_path(path, source).expect("a file on disk");
                     let digest = copy_file(&src, size, &mut tar.out, copy, werr)?;
+                    if let Source::Input { input, sha256, .. } = source
+                        && digest != *sha256
+                    {
+                        return Err(Error::check(format!(
+                            "input {input}: {} changed since it was checked (sha256 {digest}, was {sha256}); run the build again, and check what writes to the cache",
+                            src.display()
+                        )));
+                    }
                     inspect(path, entry, &head);
                     digest
                 }
@@ -650,6 +658,42 @@ mod tests {
 
     fn message(result: Result<Summary>) -> String {
         result.expect_err("the build must fail").to_string()
+    }
+
+    #[test]
+    fn an_input_file_whose_bytes_changed_since_its_check_fails_the_build() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node");
+        std::fs::write(&file, b"genuine\n").expect("write");
+        let input = |sha256| {
+            let mut tree = Tree::default();
+            tree.entries.insert(
+                RelPath::new("usr/bin/node").expect("valid path"),
+                Entry {
+                    kind: Kind::File {
+                        source: Source::Input {
+                            path: Arc::from(file.as_path()),
+                            input: Arc::from("node"),
+                            sha256,
+                        },
+                        size: 8,
+                    },
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    layer: Arc::from("chain"),
+                },
+            );
+            tree
+        };
+        build(&input(Sha256::of(b"genuine\n"))).expect("the checked bytes build");
+        // Same size, other bytes: what a rewrite after the check looks like.
+        std::fs::write(&file, b"altered\n").expect("write");
+        let m = message(build(&input(Sha256::of(b"genuine\n"))));
+        assert!(
+            m.contains("input node") && m.contains("changed since it was checked"),
+            "{m}"
+        );
     }
 
     /// What `decode` makes of `compressed`: the bytes, or the error.

@@ -124,37 +124,32 @@ fn take_inputs(
     Ok((vars, taken))
 }
 
-/// Puts the file given for an input (`--input NAME=PATH`) into the cache,
-/// after checking it has the locked digest.
+/// Puts the file given for an input (`--input NAME=PATH`) into the cache:
+/// copied from one open descriptor while it is hashed, and saved (over
+/// whatever the cache held) only when it has the locked digest.
 fn import(
     what: &str,
     file: &Path,
     sha: &Sha256,
     cache: &crate::inputs::cache::Cache,
 ) -> Result<()> {
-    let got = crate::inputs::cache::hash_all(
-        std::fs::File::open(file).map_err(Error::io(file, "opening --input file"))?,
+    let dest = cache.file(sha);
+    let dir = dest.parent().expect("cache files lie in a directory");
+    std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating the cache directory"))?;
+    let tmp = NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating a temp file"))?;
+    let mut out = HashingWriter::new(tmp);
+    std::io::copy(
+        &mut File::open(file).map_err(Error::io(file, "opening --input file"))?,
+        &mut out,
     )
     .map_err(Error::io(file, "reading --input file"))?;
+    let (tmp, got, _) = out.finish();
     if got != *sha {
         return Err(Error::check(format!(
             "{what}: {} has sha256 {got}, the lock says {sha}: give the locked file",
             file.display()
         )));
     }
-    let dest = cache.file(sha);
-    if dest.exists() {
-        return Ok(());
-    }
-    let dir = dest.parent().expect("cache files lie in a directory");
-    std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating the cache directory"))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir, "creating a temp file"))?;
-    std::io::copy(
-        &mut std::fs::File::open(file).map_err(Error::io(file, "opening --input file"))?,
-        &mut tmp,
-    )
-    .map_err(Error::io(&dest, "copying an --input file into the cache"))?;
     tmp.persist(&dest)
         .map_err(|e| Error::io(&dest, "saving an --input file in the cache")(e.error))?;
     Ok(())
@@ -226,6 +221,7 @@ pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Compos
                 source: crate::model::Source::Input {
                     path: t.source.as_path().into(),
                     input: t.input.as_str().into(),
+                    sha256: t.sha256,
                 },
                 size,
             };

@@ -34,6 +34,9 @@ pub struct Taken {
     pub source: PathBuf,
     /// The input it came from (its provenance).
     pub input: String,
+    /// The digest `source` had when it was checked: the build compares the
+    /// bytes it streams with it.
+    pub sha256: Sha256,
 }
 
 /// The files `input`, locked at `sha`, puts into the image, sorted by
@@ -62,6 +65,7 @@ pub fn take(input: &Input, sha: &Sha256, cache: &Cache, fix: &str) -> Result<Vec
                 mode: target.mode,
                 source,
                 input: input.name.clone(),
+                sha256: *sha,
             }])
         }
         Kind::Tar | Kind::Deb => {
@@ -148,6 +152,7 @@ fn extract(
             mode: *mode,
             source: dest.join(member.as_str()),
             input: input.name.clone(),
+            sha256: found[member],
         })
         .collect();
     taken.sort_by(|a, b| a.image_path.cmp(&b.image_path));
@@ -184,7 +189,7 @@ fn read_tar(
     members: &BTreeMap<RelPath, Target>,
     dir: &Path,
     bad: &dyn Fn(String) -> Error,
-) -> Result<BTreeMap<RelPath, ()>> {
+) -> Result<BTreeMap<RelPath, Sha256>> {
     let decoded = decompress(r, what).map_err(bad)?;
     let mut archive = tar::Archive::new(decoded);
     let mut found = BTreeMap::new();
@@ -201,7 +206,7 @@ fn read_tar(
         else {
             continue;
         };
-        if found.insert(member.clone(), ()).is_some() {
+        if found.contains_key(&member) {
             return Err(bad(format!(
                 "member {member} appears twice in {what}; refusing to choose"
             )));
@@ -224,11 +229,14 @@ fn read_tar(
             std::fs::create_dir_all(parent)
                 .map_err(Error::io(parent, "creating an extraction directory"))?;
         }
-        let mut out = File::create_new(&dest).map_err(Error::io(&dest, "extracting a member"))?;
+        let out = File::create_new(&dest).map_err(Error::io(&dest, "extracting a member"))?;
+        let mut out = crate::trust::digest::HashingWriter::new(out);
         std::io::copy(&mut entry, &mut out)
             .map_err(|e| bad(format!("reading {member} from {what}: {e}")))?;
+        let (out, sha, _) = out.finish();
         out.sync_all()
             .map_err(Error::io(&dest, "extracting a member"))?;
+        found.insert(member, sha);
     }
     Ok(found)
 }
