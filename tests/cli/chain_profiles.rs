@@ -106,13 +106,14 @@ pub(crate) fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
         ],
     )
     .ok();
-    // What the host OS provides and the units run: systemd's own units,
-    // a shell, nft and the docker client (stand-ins).
+    // What the host OS provides and the units run: systemd's own units
+    // (never over the release's own: -n), a shell, nft and the docker
+    // client (stand-ins).
     tool(
         Path::new("/"),
         "cp",
         &[
-            "-a",
+            "-an",
             "/usr/lib/systemd/system/.",
             s(&root.join("usr/lib/systemd/system")),
         ],

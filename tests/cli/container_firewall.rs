@@ -33,22 +33,23 @@ const CONTAINER: &str = "127.0.13.2";
 /// at ADDR, answering with the peer's address.
 const CONTAINER_PY: &str = r#"
 import socket, sys, threading
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(16)
+def tcp(s, port):
     while True:
         c, a = s.accept()
         c.sendall(("port %d peer %s\n" % (port, a[0])).encode()); c.close()
-def udp(port):
-    # Bound to the container's address, so replies leave from it (an
-    # unbound socket would pick a loopback source for a 127.x peer).
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], port))
+def udp(s, port):
     while True:
         d, a = s.recvfrom(100)
         s.sendto(("udp %d peer %s" % (port, a[0])).encode(), a)
+# Every socket listens before "ready" is printed.
 for p in (40400, 8080, 8880):
-    threading.Thread(target=tcp, args=(p,), daemon=True).start()
-threading.Thread(target=udp, args=(40400,), daemon=True).start()
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", p)); s.listen(16)
+    threading.Thread(target=tcp, args=(s, p), daemon=True).start()
+# Bound to the container's address, so replies leave from it (an unbound
+# socket would pick a loopback source for a 127.x peer).
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((sys.argv[1], 40400))
+threading.Thread(target=udp, args=(u, 40400), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 "#;
@@ -59,20 +60,25 @@ threading.Event().wait()
 const HOST_PY: &str = r#"
 import socket, sys, threading
 addr = sys.argv[1]
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(16)
+def tcp(s, port):
     while True:
         c, a = s.accept()
         c.sendall(("port %d peer %s\n" % (port, a[0])).encode()); c.close()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, port))
+def udp(s, port):
     while True:
         d, a = s.recvfrom(100)
         s.sendto(("udp %d peer %s" % (port, a[0])).encode(), a)
+# Every socket is bound (and listening) before "ready" is printed.
 for job in sys.argv[2:]:
     proto, port = job.split("/")
-    threading.Thread(target=tcp if proto == "tcp" else udp, args=(int(port),), daemon=True).start()
+    port = int(port)
+    if proto == "tcp":
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port)); s.listen(16)
+        threading.Thread(target=tcp, args=(s, port), daemon=True).start()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, port))
+        threading.Thread(target=udp, args=(s, port), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 "#;

@@ -29,11 +29,10 @@ fn signers_stop_before_the_switch_and_start_after_it_in_apply_and_rollback() {
     let first = f.apply(&v1, &root, &["--dry-run", "--json"]).ok();
     let plan: serde_json::Value = serde_json::from_str(first.stdout.trim()).unwrap();
     assert_eq!(plan["plan"]["hooks"]["before"], serde_json::json!([]));
-    assert!(
-        !plan["plan"]["hooks"]["after"]
-            .to_string()
-            .contains("\"start\"")
-    );
+    let after = plan["plan"]["hooks"]["after"]
+        .as_array()
+        .expect("a list of commands");
+    assert!(!after.iter().any(|c| c[1] == "start"), "{after:?}");
     f.apply(&v1, &root, &[]).ok();
 
     let hooks = |run: Run| -> (Vec<Vec<String>>, Vec<Vec<String>>) {
@@ -79,6 +78,7 @@ fn signers_stop_before_the_switch_and_start_after_it_in_apply_and_rollback() {
     .ok();
     let (before, after) = hooks(run);
     assert_eq!(before, vec![stop]);
+    assert_eq!(after.last(), Some(&start), "started last: {after:?}");
     assert_eq!(after.iter().filter(|c| **c == start).count(), 1);
     assert!(
         !after

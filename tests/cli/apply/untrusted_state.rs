@@ -207,7 +207,8 @@ fn symlinks_in_the_state_directory_are_never_followed() {
         } else {
             fs::remove_file(&path).unwrap();
         }
-        std::os::unix::fs::symlink(scene.outside.join("victim"), &path).unwrap();
+        // To a file that does not exist: a followed O_CREAT would make it.
+        std::os::unix::fs::symlink(scene.outside.join("victim/made-through-link"), &path).unwrap();
         refused(
             &f,
             &scene,
