@@ -767,10 +767,14 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
     use crate::host::apply::Outcome;
     use crate::host::state::Action;
     match outcome {
-        Outcome::AlreadyActive { id } => {
+        Outcome::AlreadyActive { id, recovered } => {
             ui.put("action", "already-active");
             ui.put("release", id);
             ui.put("hooks_run", false);
+            ui.put("recovered", recovered);
+            if let Some(r) = recovered {
+                ui.say(r);
+            }
             ui.say(format_args!(
                 "{id} is already active on {} and the root matches it: nothing to do",
                 root.display()

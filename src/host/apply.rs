@@ -85,7 +85,12 @@ pub struct ApplyOptions {
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum Outcome {
     /// The release is active and the root matches it: nothing to do.
-    AlreadyActive { id: ReleaseId },
+    AlreadyActive {
+        id: ReleaseId,
+        /// An interrupted activation finished or reverted first (or, in a
+        /// dry run, that would be).
+        recovered: Option<String>,
+    },
     /// `dry_run` false: activated, and `hooks_run` says whether the hooks
     /// ran or are only a plan. `dry_run` true: nothing was written; this is
     /// what the real run would do.
@@ -127,7 +132,7 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
         }
         let recovered = describe_recovery(state)?;
         return match decide(state, verified, &id, opts)? {
-            None => Ok(Outcome::AlreadyActive { id }),
+            None => Ok(Outcome::AlreadyActive { id, recovered }),
             Some(d) => Ok(Outcome::Activated {
                 action: d.action,
                 id,
@@ -144,7 +149,10 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
         let _lock = state.lock()?;
         let recovered = recover(state)?;
         let Some(d) = decide(state, verified, &id, opts)? else {
-            return Ok(Outcome::AlreadyActive { id: id.clone() });
+            return Ok(Outcome::AlreadyActive {
+                id: id.clone(),
+                recovered,
+            });
         };
         if d.plan.stage {
             stage(state, verified, &id)?;
@@ -727,9 +735,8 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
     }
     state.sync_fs()?;
     let mut record = state.record()?;
-    record
-        .created_dirs
-        .extend(journal.created_dirs.iter().cloned());
+    let (created, adopted) = vouched(journal, &new);
+    record.created_dirs.extend(created);
     remove_empty_dirs(state, &mut record.created_dirs, &new_paths);
     // Host files adopted for paths no active release has any more go back.
     let gone: Vec<(RelPath, ReleaseId)> = record
@@ -742,8 +749,8 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
         state.restore(&id, &p)?;
         record.adopted.remove(&p);
     }
-    for p in &journal.adopted {
-        record.adopted.insert(p.clone(), journal.to.clone());
+    for p in adopted {
+        record.adopted.insert(p, journal.to.clone());
     }
     record.history = journal.history.clone();
     record
@@ -761,6 +768,28 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
         )?;
     }
     state.remove_journal()
+}
+
+/// The journal's directories and adopted paths that `to` (the release the
+/// journal activates) vouches for: a journal read back from disk may name
+/// any path, and only a directory of `to` can have been created, only a
+/// file or symlink of `to` adopted.
+fn vouched(journal: &Journal, to: &Manifest) -> (Vec<RelPath>, Vec<RelPath>) {
+    let kind: BTreeMap<&RelPath, EntryType> =
+        to.entries.iter().map(|e| (&e.path, e.kind)).collect();
+    let created = journal
+        .created_dirs
+        .iter()
+        .filter(|p| kind.get(p) == Some(&EntryType::Dir))
+        .cloned()
+        .collect();
+    let adopted = journal
+        .adopted
+        .iter()
+        .filter(|p| kind.get(p).is_some_and(|k| *k != EntryType::Dir))
+        .cloned()
+        .collect();
+    (created, adopted)
 }
 
 /// Removes the farm links of `manifest`'s files and symlinks unless `keep`
@@ -865,10 +894,15 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
             .collect(),
         None => HashSet::new(),
     };
-    if let Ok(to) = state.release(&journal.to) {
-        remove_links(state, &to.manifest, |p| from_paths.contains(p))?;
-    }
-    for p in &journal.adopted {
+    // Without the release it activated, the journal vouches for no path.
+    let (created, adopted) = match state.release(&journal.to) {
+        Ok(to) => {
+            remove_links(state, &to.manifest, |p| from_paths.contains(p))?;
+            vouched(journal, &to.manifest)
+        }
+        Err(_) => (Vec::new(), Vec::new()),
+    };
+    for p in &adopted {
         // The new link stands where the host's file was: it goes first.
         if state.has_backup(&journal.to, p)? && state.is_farm_link(p) {
             state.unlink(p)?;
@@ -876,7 +910,7 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
         state.restore(&journal.to, p)?;
     }
     let keep: HashSet<&RelPath> = from_paths.iter().collect();
-    let mut created: BTreeSet<RelPath> = journal.created_dirs.iter().cloned().collect();
+    let mut created: BTreeSet<RelPath> = created.into_iter().collect();
     remove_empty_dirs(state, &mut created, &keep);
     let record = state.record()?;
     if !record.history.contains(&journal.to) {

@@ -472,9 +472,20 @@ impl State {
         };
         let journal: Option<Journal> = read_json(dir, Path::new("journal.json"))?;
         if let Some(j) = &journal {
-            j.hooks
-                .check()
-                .map_err(|m| Error::input(&self.path("journal.json"), m))?;
+            let path = self.path("journal.json");
+            j.hooks.check().map_err(|m| Error::input(&path, m))?;
+            // The history it records becomes state.json's, and releases it
+            // does not list are deleted: it must end with the release it
+            // activates.
+            if j.history.last() != Some(&j.to) {
+                return Err(Error::input(
+                    &path,
+                    format!(
+                        "its history does not end with {}, the release it activates",
+                        j.to
+                    ),
+                ));
+            }
         }
         Ok(journal)
     }

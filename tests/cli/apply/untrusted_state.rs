@@ -620,3 +620,40 @@ fn rollback_checks_the_retained_release_again_before_activating_it() {
     has(&run.stdout, &["activated p-1.0.0-"]);
     status(&scene.root, &[]).ok();
 }
+
+#[test]
+fn a_planted_journal_undoes_nothing_its_release_does_not_vouch_for() {
+    let f = Fleet::new();
+    let scene = Scene::new(&f, "vouch", true);
+    // An empty host directory no release has, and a planted journal that
+    // claims apply created it (and adopted a host file), for the release
+    // that is active: recovery "completes" it.
+    fs::create_dir_all(scene.root.join("srv/data")).unwrap();
+    let id = fs::read_link(scene.state().join("current")).unwrap();
+    let id = id.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut journal = planted_journal(&id, &[]);
+    journal["history"] = serde_json::json!([id]);
+    journal["created_dirs"] = serde_json::json!(["srv", "srv/data"]);
+    journal["adopted"] = serde_json::json!(["etc/hostname"]);
+    write(&scene.state().join("journal.json"), journal.to_string());
+    let run = f.apply(&f.v2, &scene.root, &[]).ok();
+    has(&run.stdout, &["completed the interrupted apply"]);
+    assert!(
+        scene.root.join("srv/data").is_dir(),
+        "a directory the release never had was removed"
+    );
+    assert_eq!(
+        fs::read_to_string(scene.root.join("etc/hostname")).unwrap(),
+        "host-1\n"
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(scene.state().join("state.json")).unwrap()).unwrap();
+    assert!(!record.to_string().contains("srv"), "{record}");
+    assert!(
+        !record["adopted"]
+            .as_object()
+            .unwrap()
+            .contains_key("etc/hostname")
+    );
+    status(&scene.root, &[]).ok();
+}
