@@ -353,6 +353,16 @@ impl Checker<'_> {
                         path: to,
                         mode: self.mode(&target.mode)?,
                     };
+                    if let Some(parent) = members.keys().find(|m: &&RelPath| {
+                        from.ancestors().contains(m) || m.ancestors().contains(&from)
+                    }) {
+                        return Err(self.at(
+                            member.span(),
+                            format!(
+                                "members {parent} and {from} are a file and a path under it: a member is a file, so nothing lies under it"
+                            ),
+                        ));
+                    }
                     if members.insert(from, target).is_some() {
                         return Err(self.at(
                             member.span(),
@@ -511,6 +521,10 @@ mod tests {
             (
                 "url = \"https://h/a\"\nkind = \"tar\"\n[input.members]\n\"a\" = { path = \"x\", mode = 0o755 }\n\"b\" = { path = \"x\", mode = 0o755 }\n",
                 "adapter.toml:8:16: members \"a\" and \"b\" both go to x",
+            ),
+            (
+                "url = \"https://h/a\"\nkind = \"tar\"\n[input.members]\n\"a\" = { path = \"x\", mode = 0o755 }\n\"a/b\" = { path = \"y\", mode = 0o755 }\n",
+                "members a and a/b are a file and a path under it",
             ),
             (
                 "url = \"docker.io/a/b:1\"\nkind = \"image\"\n[input.signature]\nkind = \"checksums\"\nurl = \"https://h/s\"\n",
