@@ -199,7 +199,39 @@ pub enum Command {
         /// How many releases to keep for rollback, the active one included (at least 2).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..))]
         retain: u16,
+        /// Refuse any release whose signed manifest has another sha256 (checked after the signature; first-boot bundles pin it).
+        #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+        manifest_sha256: Option<String>,
         /// Print the outcome (or the dry run's plan) as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make cloud-init first-boot bundles (<host>.user-data, and <host>.seed.iso for nocloud) for a built, signed artifact.
+    Bundle {
+        /// The artifact (.tar.zst or .tar.gz); its .minisig and manifest must lie beside it.
+        artifact: PathBuf,
+        /// Where the user-data goes; it sets the size budget and the form (docs/first-boot.md).
+        #[arg(long, value_enum)]
+        provider: crate::bundle::Provider,
+        /// A minisign public key to pin on the hosts (repeatable); the artifact must verify against them.
+        #[arg(long = "key", value_name = "PUB", required = true)]
+        keys: Vec<PathBuf>,
+        /// One [hosts.<name>] table per host: hostname, ssh-authorized-keys, params; default: one bundle named after the artifact.
+        #[arg(long, value_name = "HOSTS.toml")]
+        hosts: Option<PathBuf>,
+        /// Where hosts download the artifact (its .minisig and manifest beside it); required except for nocloud.
+        #[arg(long, value_name = "URL")]
+        artifact_url: Option<String>,
+        /// Where hosts download the infrakit binary; required except for nocloud.
+        #[arg(long, value_name = "URL")]
+        infrakit_url: Option<String>,
+        /// The infrakit binary to carry or pin; default: the one running.
+        #[arg(long, value_name = "PATH")]
+        infrakit_binary: Option<PathBuf>,
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Print what was written as JSON (docs/json.md), also on failure.
         #[arg(long)]
         json: bool,
     },
@@ -297,6 +329,7 @@ impl Command {
             Command::Verify { .. } => "verify",
             Command::Lint { .. } => "lint",
             Command::Apply { .. } => "apply",
+            Command::Bundle { .. } => "bundle",
             Command::Rollback { .. } => "rollback",
             Command::Status { .. } => "status",
             Command::Inspect { .. } => "inspect",
@@ -314,6 +347,7 @@ impl Command {
             Command::Verify { json, .. }
             | Command::Lint { json, .. }
             | Command::Apply { json, .. }
+            | Command::Bundle { json, .. }
             | Command::Rollback { json, .. }
             | Command::Status { json, .. }
             | Command::Inspect { json, .. }
@@ -360,6 +394,15 @@ fn source_date_epoch() -> Result<Option<u64>> {
 /// The download cache: `$XDG_CACHE_HOME/infrakit`, else
 /// `$HOME/.cache/infrakit` (an empty `XDG_CACHE_HOME` counts as unset, as
 /// the XDG spec says).
+/// A sha256 in hex (64 digits), lowercased.
+fn parse_sha256(s: &str) -> std::result::Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err("give 64 hex digits".to_owned())
+    }
+}
+
 /// `NAME=PATH` of `build --input`.
 fn parse_input_override(s: &str) -> std::result::Result<(String, PathBuf), String> {
     match s.split_once('=') {
@@ -486,12 +529,14 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
             allow_downgrade,
             adopt,
             retain,
+            manifest_sha256,
             json: _,
         } => commands::apply(
             ui,
             &artifact,
             &root,
             &Trusted::Dir(keyring),
+            manifest_sha256.as_deref(),
             &crate::host::apply::ApplyOptions {
                 dry_run,
                 allow_downgrade,
@@ -500,6 +545,39 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
                 now: 0,
             },
         ),
+        Command::Bundle {
+            artifact,
+            provider,
+            keys,
+            hosts,
+            artifact_url,
+            infrakit_url,
+            infrakit_binary,
+            out,
+            json: _,
+        } => {
+            let binary = match infrakit_binary {
+                Some(b) => b,
+                None => std::env::current_exe().map_err(crate::Error::io(
+                    std::path::Path::new("/proc/self/exe"),
+                    "finding the running infrakit binary (give --infrakit-binary)",
+                ))?,
+            };
+            commands::bundle(
+                ui,
+                &artifact,
+                &keys,
+                &crate::bundle::Options {
+                    provider,
+                    keys: &[],
+                    hosts: hosts.as_deref(),
+                    artifact_url: artifact_url.as_deref(),
+                    infrakit_url: infrakit_url.as_deref(),
+                    infrakit_binary: &binary,
+                    out: &out,
+                },
+            )
+        }
         Command::Rollback {
             root,
             keyring,

@@ -721,6 +721,7 @@ pub fn apply(
     artifact: &Path,
     root: &Path,
     trusted: &Trusted,
+    manifest_sha256: Option<&str>,
     opts: &crate::host::apply::ApplyOptions,
 ) -> Result<()> {
     ui.put("artifact", artifact.display().to_string());
@@ -738,17 +739,92 @@ pub fn apply(
         let verified = ui.with_bar("verifying", |progress| {
             verify::authenticate(&verify_opts, progress)
         })?;
+        if let Some(pinned) = manifest_sha256 {
+            let signed = crate::trust::digest::hex(
+                crate::trust::digest::Sha256::of(verified.manifest_bytes()).as_bytes(),
+            );
+            if signed != pinned {
+                return Err(Error::Refused(format!(
+                    "{} {} is validly signed, but its manifest has sha256 {signed}, not {pinned} \
+                     (--manifest-sha256): another release than the one pinned",
+                    verified.manifest().name,
+                    verified.manifest().version
+                )));
+            }
+        }
         let mut state = crate::host::state::State::open(root)?;
         let opts = crate::host::apply::ApplyOptions {
             now: now(),
             ..*opts
         };
         let outcome = crate::host::apply::apply(&mut state, &verified, &opts)?;
+        if !opts.dry_run {
+            // A release is active: a failed first boot is superseded.
+            state.clear_first_boot_failure()?;
+        }
         Ok((outcome, verified.key_id().to_owned()))
     })()
     .map_err(|e| op.own(e))?;
     ui.put("key_id", &key_id);
     report(ui, &outcome, root, &format!("signed by key {key_id}"));
+    Ok(())
+}
+
+/// Verifies `artifact` against the keys to pin, then writes its bundles.
+pub fn bundle(
+    ui: &Ui,
+    artifact: &Path,
+    key_files: &[PathBuf],
+    opts: &crate::bundle::Options<'_>,
+) -> Result<()> {
+    ui.put("artifact", artifact.display().to_string());
+    ui.put("provider", opts.provider.name());
+    let keyring = Keyring::load(&Trusted::Files(key_files.to_vec()))?;
+    let verify_opts = VerifyOptions {
+        artifact,
+        manifest: None,
+        signature: None,
+        keys: keyring.keys(),
+    };
+    let verified = ui
+        .with_bar("verifying", |progress| {
+            verify::verify(&verify_opts, progress)
+        })
+        .map_err(|e| match e {
+            Error::Check(m) => Error::Check(format!(
+                "{m}; hosts pinning these keys would refuse it, so no bundle was made"
+            )),
+            e => e,
+        })?;
+    let written = crate::bundle::make(
+        &crate::bundle::Options {
+            keys: keyring.keys(),
+            ..*opts
+        },
+        &verified,
+    )?;
+    ui.put(
+        "release",
+        format!(
+            "{} {}",
+            verified.manifest().name,
+            verified.manifest().version
+        ),
+    );
+    ui.put("bundles", &written);
+    for w in &written {
+        let budget = w.limit.map_or_else(String::new, |l| format!(" of {l}"));
+        ui.say(format_args!(
+            "{}: {} ({} bytes{budget}, {}){}",
+            w.host,
+            w.user_data.display(),
+            w.size,
+            w.form.describe(),
+            w.seed
+                .as_ref()
+                .map_or_else(String::new, |s| format!(", seed {}", s.display()))
+        ));
+    }
     Ok(())
 }
 
@@ -860,6 +936,9 @@ pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
     }
     if let Some(i) = &report.interrupted {
         ui.show(format_args!("interrupted: {i}"));
+    }
+    if let Some(why) = &report.first_boot_failed {
+        ui.show(format_args!("first boot failed: {why}"));
     }
     if report.errors.is_empty() {
         ui.show(format_args!("drift: {} path(s)", report.drift.len()));

@@ -11,6 +11,7 @@
 //! model → confined → digest`. Only `cli` knows clap; nothing below
 //! `commands` reads the environment, the clock or the terminal.
 
+pub mod bundle;
 pub mod cli;
 pub mod commands;
 pub mod diff;

@@ -38,6 +38,8 @@ use crate::trust::digest::Sha256;
 
 /// Where the state lives, relative to the root.
 pub const STATE_DIR: &str = "var/lib/infrakit";
+/// Written by a bundle's first-boot script when it fails (docs/first-boot.md).
+pub const FIRST_BOOT_FAILED: &str = "first-boot.failed";
 /// State records larger than this are refused unread.
 const RECORD_MAX: u64 = 64 << 20;
 
@@ -495,6 +497,45 @@ impl State {
             return Ok(Record::default());
         };
         Ok(read_json(dir, Path::new("state.json"))?.unwrap_or_default())
+    }
+
+    /// Why the first boot failed, as its bundle's script recorded in
+    /// `first-boot.failed` (untrusted text: one line, printable, at most
+    /// 1000 characters), or `None`.
+    pub fn first_boot_failure(&self) -> Result<Option<String>> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let path = self.path(FIRST_BOOT_FAILED);
+        let bytes = confined::optional(dir.read(FIRST_BOOT_FAILED, 64 << 10))
+            .map_err(state_error(path, "reading"))?;
+        Ok(bytes.map(|b| {
+            let text = String::from_utf8_lossy(&b);
+            let line: String = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(1000)
+                .collect();
+            if line.trim().is_empty() {
+                "no reason recorded".to_owned()
+            } else {
+                line
+            }
+        }))
+    }
+
+    /// Removes the failed-first-boot marker: a successful activation
+    /// supersedes it.
+    pub fn clear_first_boot_failure(&self) -> Result<()> {
+        let dir = self.dir()?;
+        match dir.remove_file(FIRST_BOOT_FAILED) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(state_error(self.path(FIRST_BOOT_FAILED), "removing")(e)),
+        }
     }
 
     pub fn write_journal(&self, journal: &Journal) -> Result<()> {

@@ -63,6 +63,8 @@ pub struct Report {
     pub release_secrets: usize,
     /// An activation that was interrupted and not yet completed or reverted.
     pub interrupted: Option<String>,
+    /// Why the first boot's bundle failed (its `first-boot.failed` marker).
+    pub first_boot_failed: Option<String>,
     /// What could not be checked, and why: the report is incomplete.
     pub errors: Vec<String>,
 }
@@ -74,6 +76,7 @@ impl Report {
             || !self.missing_secrets.is_empty()
             || !self.missing_prerequisites.is_empty()
             || self.interrupted.is_some()
+            || self.first_boot_failed.is_some()
     }
 
     /// Checked completely and nothing failed.
@@ -96,6 +99,7 @@ pub fn status(root: &std::path::Path) -> Report {
         missing_prerequisites: Vec::new(),
         release_secrets: 0,
         interrupted: None,
+        first_boot_failed: None,
         errors: Vec::new(),
     };
     if let Err(e) = State::open(root).and_then(|state| check_into(&state, &mut report)) {
@@ -106,6 +110,7 @@ pub fn status(root: &std::path::Path) -> Report {
 
 fn check_into(state: &State, report: &mut Report) -> Result<()> {
     let _lock = state.lock_shared()?;
+    report.first_boot_failed = state.first_boot_failure()?;
     let partial = state.partials()?.first().map(|p| {
         format!(
             "extracting {} was interrupted; the next apply removes it",
@@ -453,6 +458,12 @@ pub fn textfile(report: &Report) -> String {
         "1 while an activation is interrupted and not yet completed or reverted.",
         String::new(),
         usize::from(report.interrupted.is_some()),
+    );
+    metric(
+        "infrakit_first_boot_failed",
+        "1 when the first boot's bundle failed (var/lib/infrakit/first-boot.failed).",
+        String::new(),
+        usize::from(report.first_boot_failed.is_some()),
     );
     metric(
         "infrakit_status_error",
