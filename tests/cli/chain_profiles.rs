@@ -46,6 +46,11 @@ pub(crate) fn workspace() -> tempfile::TempDir {
 /// Builds `profile` (relative to `w`) from stand-ins into `w/out`; returns
 /// the extracted root.
 pub(crate) fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
+    build_with(w, profile, out, &[])
+}
+
+/// `build`, with `env` (a signing key, say) for the build itself.
+pub(crate) fn build_with(w: &Path, profile: &str, out: &str, env: &[(&str, &str)]) -> PathBuf {
     require_tool("dpkg-deb");
     let script = w.join("standins.py");
     write(&script, STANDINS);
@@ -78,12 +83,9 @@ pub(crate) fn build(w: &Path, profile: &str, out: &str) -> PathBuf {
     let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
     infrakit_env(w, &fetch, &[("XDG_CACHE_HOME", s(&cache))]).ok();
     drop(server);
-    infrakit_env(
-        w,
-        &["build", profile, "--out", out],
-        &[("XDG_CACHE_HOME", s(&cache))],
-    )
-    .ok();
+    let mut build_env = vec![("XDG_CACHE_HOME", s(&cache))];
+    build_env.extend_from_slice(env);
+    infrakit_env(w, &["build", profile, "--out", out], &build_env).ok();
     infrakit_env(w, &["lint", profile], &[("XDG_CACHE_HOME", s(&cache))]).ok();
     let root = w.join(format!("R-{out}"));
     fs::create_dir_all(&root).unwrap();

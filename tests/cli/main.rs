@@ -6,6 +6,7 @@ mod support;
 mod adapters;
 mod apply;
 mod bad_input;
+mod bundle;
 mod chain_profiles;
 mod cli_surface;
 mod container_firewall;
