@@ -681,6 +681,7 @@ mod tests {
                     &["x"]
                 }
                 "diff" => &["x", "y"],
+                "bundle" => &["x", "--provider", "ec2", "--key", "k", "--out", "o"],
                 "completions" => &["bash"],
                 _ => &[],
             });

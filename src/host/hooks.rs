@@ -14,6 +14,18 @@ use crate::compose::FIREWALL_PATH;
 use crate::error::{Error, Result};
 use crate::model::RelPath;
 
+/// Configuration of base-OS services that read it only when they start or
+/// reload: a release that changes a path under the prefix has the service
+/// reloaded (`try-reload-or-restart`: only if it runs), so the running
+/// daemon uses the release's configuration, not only the files on disk.
+const CONFIG_OWNERS: [(&str, &str); 5] = [
+    ("etc/ssh/", "ssh.service"),
+    ("etc/fail2ban/", "fail2ban.service"),
+    ("etc/systemd/timesyncd.conf", "systemd-timesyncd.service"),
+    ("etc/systemd/journald.conf", "systemd-journald.service"),
+    ("etc/systemd/resolved.conf", "systemd-resolved.service"),
+];
+
 /// Directories whose unit files systemd loads.
 const UNIT_DIRS: [&str; 2] = ["etc/systemd/system/", "usr/lib/systemd/system/"];
 const UNIT_SUFFIXES: [&str; 4] = [".service", ".socket", ".timer", ".path"];
@@ -32,6 +44,10 @@ pub struct Hooks {
     pub sysctl: bool,
     pub firewall: bool,
     pub restart: Vec<String>,
+    /// Base-OS services whose configuration the release changed
+    /// (`CONFIG_OWNERS`): reloaded, or restarted, if running.
+    #[serde(default)]
+    pub reload: Vec<String>,
     /// Signer units started after the switch, one at a time.
     pub start: Vec<String>,
 }
@@ -117,6 +133,12 @@ impl Hooks {
         };
         hooks.stop_before = stopped.iter().cloned().collect();
         hooks.start = stopped.intersection(&new_signers).cloned().collect();
+        hooks.reload = CONFIG_OWNERS
+            .iter()
+            .filter(|(prefix, _)| under(prefix))
+            .map(|(_, unit)| (*unit).to_owned())
+            .filter(|u| !changed_units.contains(u))
+            .collect();
         for unit in changed_units {
             if old_signers.contains(&unit) || new_signers.contains(&unit) {
                 continue;
@@ -137,6 +159,7 @@ impl Hooks {
             &self.stop_before,
             &self.stop_after,
             &self.restart,
+            &self.reload,
             &self.start,
         ];
         match units.into_iter().flatten().find(|u| !is_unit_name(u)) {
@@ -178,6 +201,9 @@ impl Hooks {
         }
         if !self.restart.is_empty() {
             out.push(systemctl("try-restart", &self.restart));
+        }
+        if !self.reload.is_empty() {
+            out.push(systemctl("try-reload-or-restart", &self.reload));
         }
         out.extend(start_one_by_one(&self.start));
         out
@@ -226,6 +252,33 @@ pub fn run(commands: &[Vec<String>], then: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_os_configuration_reloads_its_service() {
+        let m = manifest_with(&["etc/motd", "etc/ssh/sshd_config.d/00-infrakit.conf"]);
+        let h = Hooks::plan(
+            None,
+            &m,
+            &[p("etc/ssh/sshd_config.d/00-infrakit.conf"), p("etc/motd")],
+            &[],
+            &[],
+        );
+        assert_eq!(h.reload, ["ssh.service"]);
+        assert_eq!(
+            h.after().last().unwrap(),
+            &["systemctl", "try-reload-or-restart", "ssh.service"]
+        );
+        let h = Hooks::plan(None, &m, &[p("etc/motd")], &[], &[]);
+        assert!(h.reload.is_empty() && h.after().is_empty());
+        let h = Hooks::plan(
+            None,
+            &m,
+            &[p("etc/systemd/timesyncd.conf.d/50-infrakit.conf")],
+            &[],
+            &[],
+        );
+        assert_eq!(h.reload, ["systemd-timesyncd.service"]);
+    }
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
