@@ -70,6 +70,40 @@ pub struct PinFlags {
     pub upstream_keys: Option<PathBuf>,
 }
 
+/// Where `bundle`'s user-data goes (docs/first-boot.md has each budget).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProviderArg {
+    /// AWS EC2: 16,384 bytes raw; gzip if over
+    Ec2,
+    /// Google Compute Engine: 256 KiB, text
+    Gcp,
+    /// Azure customData: 65,535 bytes decoded; gzip if over
+    Azure,
+    /// Hetzner Cloud: 32 KiB, text
+    Hetzner,
+    /// DigitalOcean: 64 KiB, plain text
+    Digitalocean,
+    /// OpenStack Nova: 65,535 bytes after base64; gzip if over
+    Openstack,
+    /// A NoCloud seed ISO carrying the release and the binary (bare metal, virtual media)
+    Nocloud,
+}
+
+impl From<ProviderArg> for crate::bundle::Provider {
+    fn from(p: ProviderArg) -> Self {
+        use crate::bundle::Provider as P;
+        match p {
+            ProviderArg::Ec2 => P::Ec2,
+            ProviderArg::Gcp => P::Gcp,
+            ProviderArg::Azure => P::Azure,
+            ProviderArg::Hetzner => P::Hetzner,
+            ProviderArg::Digitalocean => P::Digitalocean,
+            ProviderArg::Openstack => P::Openstack,
+            ProviderArg::Nocloud => P::Nocloud,
+        }
+    }
+}
+
 /// The shells `completions` writes for.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ShellArg {
@@ -212,7 +246,7 @@ pub enum Command {
         artifact: PathBuf,
         /// Where the user-data goes; it sets the size budget and the form (docs/first-boot.md).
         #[arg(long, value_enum)]
-        provider: crate::bundle::Provider,
+        provider: ProviderArg,
         /// A minisign public key to pin on the hosts (repeatable); the artifact must verify against them.
         #[arg(long = "key", value_name = "PUB", required = true)]
         keys: Vec<PathBuf>,
@@ -568,7 +602,7 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
                 &artifact,
                 &keys,
                 &crate::bundle::Options {
-                    provider,
+                    provider: provider.into(),
                     keys: &[],
                     hosts: hosts.as_deref(),
                     artifact_url: artifact_url.as_deref(),

@@ -125,5 +125,7 @@ if ! "$BIN" apply "$src" --keyring "$KEYRING" --adopt --manifest-sha256 "$MANIFE
     fail "infrakit apply $RELEASE: ${why:-failed, see $LOG}"
 fi
 cat "$work/apply.log" >>"$LOG" || true
+# The plan (adopted files, hooks run) goes to cloud-init-output.log too.
+cat "$work/apply.log" || true
 rm -f "$MARKER"
 echo "infrakit first boot: $RELEASE is active"

@@ -17,7 +17,7 @@ use base64::Engine;
 use crate::error::{Error, Result};
 
 /// Where the user-data goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Provider {
     Ec2,
     Gcp,
