@@ -48,6 +48,13 @@ pub struct Hooks {
     /// (`CONFIG_OWNERS`): reloaded, or restarted, if running.
     #[serde(default)]
     pub reload: Vec<String>,
+    /// Units this activation enables (a `.wants/` link it adds) that are
+    /// neither signers nor consumers of a secret slot: started, or
+    /// reloaded if already running, so the release's services run without
+    /// a reboot. Units that need a host's secrets start once they are
+    /// provided; signers only as `start` says.
+    #[serde(default)]
+    pub start_enabled: Vec<String>,
     /// Signer units started after the switch, one at a time.
     pub start: Vec<String>,
 }
@@ -133,14 +140,28 @@ impl Hooks {
         };
         hooks.stop_before = stopped.iter().cloned().collect();
         hooks.start = stopped.intersection(&new_signers).cloned().collect();
+        let needs_secrets: BTreeSet<&str> = new
+            .secrets
+            .iter()
+            .flat_map(|slot| slot.units.iter().map(String::as_str))
+            .collect();
+        let enabled: BTreeSet<String> = added
+            .iter()
+            .filter_map(|p| wanted_unit(p))
+            .filter(|u| !new_signers.contains(u) && !needs_secrets.contains(u.as_str()))
+            .collect();
+        hooks.start_enabled = enabled.iter().cloned().collect();
         hooks.reload = CONFIG_OWNERS
             .iter()
             .filter(|(prefix, _)| under(prefix))
             .map(|(_, unit)| (*unit).to_owned())
-            .filter(|u| !changed_units.contains(u))
+            .filter(|u| !changed_units.contains(u) && !enabled.contains(u))
             .collect();
         for unit in changed_units {
             if old_signers.contains(&unit) || new_signers.contains(&unit) {
+                continue;
+            }
+            if enabled.contains(&unit) {
                 continue;
             }
             if new_units.contains(&unit) {
@@ -160,6 +181,7 @@ impl Hooks {
             &self.stop_after,
             &self.restart,
             &self.reload,
+            &self.start_enabled,
             &self.start,
         ];
         match units.into_iter().flatten().find(|u| !is_unit_name(u)) {
@@ -205,9 +227,22 @@ impl Hooks {
         if !self.reload.is_empty() {
             out.push(systemctl("try-reload-or-restart", &self.reload));
         }
+        if !self.start_enabled.is_empty() {
+            out.push(systemctl("reload-or-restart", &self.start_enabled));
+        }
         out.extend(start_one_by_one(&self.start));
         out
     }
+}
+
+/// The unit a `.wants/` (or `.requires/`) link under a unit directory
+/// enables.
+fn wanted_unit(path: &RelPath) -> Option<String> {
+    let p = path.as_str();
+    let rest = UNIT_DIRS.iter().find_map(|d| p.strip_prefix(d))?;
+    let (dir, unit) = rest.split_once('/')?;
+    let linked = (dir.ends_with(".wants") || dir.ends_with(".requires")) && !unit.contains('/');
+    (linked && is_unit_name(unit)).then(|| unit.to_owned())
 }
 
 /// `systemctl start` for each unit on its own, each waited for: never two
@@ -278,6 +313,27 @@ mod tests {
             &[],
         );
         assert_eq!(h.reload, ["systemd-timesyncd.service"]);
+        // Enabled by the release: started (or reloaded), not merely reloaded.
+        let h = Hooks::plan(
+            None,
+            &m,
+            &[
+                p("etc/systemd/system/multi-user.target.wants/systemd-timesyncd.service"),
+                p("etc/systemd/timesyncd.conf.d/50-infrakit.conf"),
+            ],
+            &[],
+            &[],
+        );
+        assert!(h.reload.is_empty());
+        assert_eq!(h.start_enabled, ["systemd-timesyncd.service"]);
+        assert_eq!(
+            h.after().last().unwrap(),
+            &[
+                "systemctl",
+                "reload-or-restart",
+                "systemd-timesyncd.service"
+            ]
+        );
     }
 
     fn p(s: &str) -> RelPath {
@@ -321,6 +377,48 @@ mod tests {
         m.services
             .extend(others.iter().map(|u| service(u, "service")));
         m
+    }
+
+    #[test]
+    fn enabled_units_start_unless_they_sign_or_need_a_secret() {
+        let links = [
+            "etc/systemd/system/multi-user.target.wants/bft.service",
+            "etc/systemd/system/multi-user.target.wants/exec.service",
+            "etc/systemd/system/multi-user.target.wants/metrics.service",
+        ];
+        let mut paths = vec![
+            "etc/systemd/system/bft.service",
+            "etc/systemd/system/exec.service",
+            "etc/systemd/system/metrics.service",
+        ];
+        paths.extend(links);
+        paths.sort();
+        let mut m = with_services(
+            &paths,
+            &["bft.service"],
+            &["exec.service", "metrics.service"],
+        );
+        m.secrets = vec![crate::artifact::manifest::SecretSlot {
+            description: "d".into(),
+            group: "root".into(),
+            kind: None,
+            layer: "chain".into(),
+            mode: 0o600,
+            name: "key".into(),
+            owner: "root".into(),
+            path: "/etc/chain/key".into(),
+            units: vec!["exec.service".into()],
+        }];
+        let added: Vec<RelPath> = paths.iter().map(|x| p(x)).collect();
+        let h = Hooks::plan(None, &m, &added, &[], &[]);
+        assert_eq!(h.start_enabled, ["metrics.service"]);
+        // The unit that needs a secret is only try-restarted (if running).
+        assert_eq!(h.restart, ["exec.service"]);
+        assert!(
+            h.start.is_empty(),
+            "a new signer was started: {:?}",
+            h.start
+        );
     }
 
     #[test]
