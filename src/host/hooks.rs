@@ -147,7 +147,7 @@ impl Hooks {
             .collect();
         let enabled: BTreeSet<String> = added
             .iter()
-            .filter_map(|p| wanted_unit(p))
+            .filter_map(wanted_unit)
             .filter(|u| !new_signers.contains(u) && !needs_secrets.contains(u.as_str()))
             .collect();
         hooks.start_enabled = enabled.iter().cloned().collect();
