@@ -348,8 +348,13 @@ impl State {
             }
         }
         let lock = Path::new(STATE_DIR).join("lock");
-        match strict.create_file(&lock, 0o644) {
-            Ok(_) => made.push(lock.clone()),
+        // 0644 whatever the umask (a first boot runs under umask 077).
+        let created = strict.create_file(&lock, 0o644).and_then(|f| {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        });
+        match created {
+            Ok(()) => made.push(lock.clone()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 self.discard(Created(made));
