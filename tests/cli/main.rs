@@ -16,3 +16,4 @@ mod inputs;
 mod oracles;
 mod repro;
 mod tamper;
+mod vm;
