@@ -17,3 +17,4 @@ mod inputs;
 mod oracles;
 mod repro;
 mod tamper;
+mod vm;

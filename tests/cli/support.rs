@@ -468,6 +468,12 @@ impl Server {
     pub fn url(&self, file: &str) -> String {
         format!("http://127.0.0.1:{}/{file}", self.port)
     }
+
+    /// The loopback port it listens on (tests/cli/vm.rs forwards a guest
+    /// address to it).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 impl Drop for Server {
