@@ -970,13 +970,18 @@ pub fn status(ui: &Ui, root: &Path, textfile: Option<&Path>) -> Result<()> {
     }
     if report.failed() {
         return Err(Error::Unhealthy(format!(
-            "{}: {} drifted path(s), {} secret slot(s) not provided, {} missing prerequisite(s){}{}",
+            "{}: {} drifted path(s), {} secret slot(s) not provided, {} missing prerequisite(s){}{}{}",
             root.display(),
             report.drift.len(),
             report.missing_secrets.len(),
             report.missing_prerequisites.len(),
             if report.interrupted.is_some() {
                 ", an interrupted activation"
+            } else {
+                ""
+            },
+            if report.first_boot_failed.is_some() {
+                ", the first boot failed (var/lib/infrakit/first-boot.failed)"
             } else {
                 ""
             },

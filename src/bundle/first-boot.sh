@@ -84,7 +84,8 @@ for key in "$KEYRING"/*.pub; do
 done
 [ -n "$found" ] || fail "no pinned keys in $KEYRING: nothing can be trusted"
 
-work=$(mktemp -d /run/infrakit-first-boot.XXXXXX) || fail "cannot make a work directory under /run"
+# On disk, not in /run: a tmpfs there holds a few hundred MB at most.
+work=$(mktemp -d /var/tmp/infrakit-first-boot.XXXXXX) || fail "cannot make a work directory under /var/tmp"
 
 if [ -z "$INFRAKIT_URL" ] || [ -z "$ARTIFACT_URL" ]; then
     step='mounting the seed volume'

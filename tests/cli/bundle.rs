@@ -327,14 +327,7 @@ fn the_seed_iso_reads_back_as_built_and_two_builds_are_identical() {
     require_tool("xorriso");
     let w = tempdir();
     let w = w.path();
-    let (key, public) = keypair(w, "release");
-    copy_repo_profiles(w);
-    infrakit_env(
-        w,
-        &["build", "profiles/base.toml", "--out", "dist"],
-        &[("INFRAKIT_SIGN_KEY", s(&key))],
-    )
-    .ok();
+    let public = signed_base_release(w);
     let hosts = w.join("hosts.toml");
     write(
         &hosts,
@@ -442,15 +435,8 @@ fn the_seed_iso_reads_back_as_built_and_two_builds_are_identical() {
 fn refusals_write_nothing() {
     let w = tempdir();
     let w = w.path();
-    let (key, public) = keypair(w, "release");
+    let public = signed_base_release(w);
     let (_, other) = keypair(w, "other");
-    copy_repo_profiles(w);
-    infrakit_env(
-        w,
-        &["build", "profiles/base.toml", "--out", "dist"],
-        &[("INFRAKIT_SIGN_KEY", s(&key))],
-    )
-    .ok();
     let urls = [
         "--artifact-url",
         "https://releases.example/base/base.tar.zst",
@@ -577,14 +563,7 @@ fn refusals_write_nothing() {
 fn apply_refuses_another_validly_signed_release_than_the_pinned_manifest() {
     let w = tempdir();
     let w = w.path();
-    let (key, _public) = keypair(w, "release");
-    copy_repo_profiles(w);
-    infrakit_env(
-        w,
-        &["build", "profiles/base.toml", "--out", "dist"],
-        &[("INFRAKIT_SIGN_KEY", s(&key))],
-    )
-    .ok();
+    let _public = signed_base_release(w);
     let keys = w.join("keys");
     fs::create_dir(&keys).unwrap();
     fs::copy(w.join("release.pub"), keys.join("release.pub")).unwrap();

@@ -12,6 +12,7 @@ mod cli_surface;
 mod container_firewall;
 mod differential;
 mod features;
+mod first_boot;
 mod hardening;
 mod inputs;
 mod oracles;

@@ -236,6 +236,20 @@ pub fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (prefix.with_extension("key"), prefix.with_extension("pub"))
 }
 
+/// The repo's base profile built into `w/dist` and signed with a new key
+/// pair `w/release.{key,pub}`; returns the public key.
+pub fn signed_base_release(w: &Path) -> PathBuf {
+    let (key, public) = keypair(w, "release");
+    copy_repo_profiles(w);
+    infrakit_env(
+        w,
+        &["build", "profiles/base.toml", "--out", "dist"],
+        &[("INFRAKIT_SIGN_KEY", s(&key))],
+    )
+    .ok();
+    public
+}
+
 /// A temp dir that other users can enter (for tests that drop privileges).
 pub fn tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
