@@ -305,6 +305,16 @@ fn cloud_config(
             content: host_values(host),
         });
     }
+    for (unit, cpus) in &host.cpu_affinity {
+        files.push(File {
+            path: format!("/etc/systemd/system/{unit}.d/60-infrakit-host.conf"),
+            mode: 0o644,
+            content: format!(
+                "# This host's CPU pinning, from its InfraKit bundle (docs/first-boot.md).\n\
+                 [Service]\nCPUAffinity=\nCPUAffinity={cpus}\n"
+            ),
+        });
+    }
     files.push(File {
         path: FIRST_BOOT_PATH.to_owned(),
         mode: 0o700,

@@ -26,6 +26,8 @@ pub struct Host {
     pub params: toml::Table,
     /// NoCloud `network-config` (v1 or v2, without a top-level `network:`).
     pub network_config: Option<String>,
+    /// Per-unit host tuning: unit name → its `CPUAffinity=` (a drop-in).
+    pub cpu_affinity: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +47,14 @@ struct HostToml {
     #[serde(default)]
     params: BTreeMap<String, Spanned<toml::Value>>,
     network_config: Option<Spanned<String>>,
+    #[serde(default)]
+    units: BTreeMap<String, Spanned<UnitToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct UnitToml {
+    cpu_affinity: Spanned<String>,
 }
 
 /// The base overlay's default admin group (its `admin-group` parameter).
@@ -75,6 +85,7 @@ pub fn single(name: &str) -> Host {
         ssh_authorized_keys: Vec::new(),
         params: toml::Table::new(),
         network_config: None,
+        cpu_affinity: BTreeMap::new(),
     }
 }
 
@@ -136,8 +147,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Host>> {
             }
             None => None,
         };
+        let mut cpu_affinity = BTreeMap::new();
+        for (unit, values) in h.units {
+            let start = values.span().start;
+            check_service_name(&unit).map_err(|m| at(start, format!("units.{unit:?}: {m}")))?;
+            let cpus = values.into_inner().cpu_affinity;
+            check_cpu_list(cpus.get_ref()).map_err(|m| {
+                at(
+                    cpus.span().start,
+                    format!("units.{unit:?}.cpu-affinity: {m}"),
+                )
+            })?;
+            cpu_affinity.insert(unit, cpus.into_inner());
+        }
         hosts.push(Host {
             name,
+            cpu_affinity,
             hostname,
             admin_user,
             admin_group,
@@ -160,6 +185,43 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names the bundle's files)".into())
+    }
+}
+
+/// A systemd service name: `[A-Za-z0-9:_.@-]+.service`, not starting with `-`.
+fn check_service_name(unit: &str) -> Result<(), String> {
+    let ok = unit.len() <= 256
+        && !unit.starts_with(['-', '.'])
+        && unit.ends_with(".service")
+        && unit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.@-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a service name like \"monad-bft.service\"".into())
+    }
+}
+
+/// `CPUAffinity=` syntax as used here: CPU numbers and ranges, comma-separated
+/// ("8-11", "1-7,16").
+fn check_cpu_list(cpus: &str) -> Result<(), String> {
+    let item_ok = |item: &str| {
+        let mut ends = item.splitn(2, '-');
+        let mut num = || {
+            ends.next().is_some_and(|n| {
+                !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit())
+            })
+        };
+        let first = num();
+        first && (!item.contains('-') || num())
+    };
+    if !cpus.is_empty() && cpus.split(',').all(item_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cpus:?} is not a CPU list like \"8-11\" or \"1-7,16\""
+        ))
     }
 }
 
@@ -349,6 +411,14 @@ mod tests {
                 "top-level `network:`",
             ),
             ("[hosts.a]\nbogus = 1\n", "unknown field"),
+            (
+                "[hosts.a.units.\"x.service\"]\ncpu-affinity = \"8-11; rm\"\n",
+                "not a CPU list",
+            ),
+            (
+                "[hosts.a.units.\"../x.service\"]\ncpu-affinity = \"1\"\n",
+                "not a service name",
+            ),
             ("", "missing field"),
         ] {
             let e = parse_str(text).expect_err(text);

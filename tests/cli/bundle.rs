@@ -45,7 +45,8 @@ fn hosts_toml() -> String {
         "[hosts.val-1]\nhostname = \"val-1.fra.example.net\"\n\
          ssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4 ops@laptop\"]\n\
          [hosts.val-1.params]\npublic-ip = \"203.0.113.10\"\nbft-cpus = \"8-11\"\n\
-         triedb-partuuid = \"0b9a5c3e-7c55-4c9a-9c57-2f6c1f1d7e11\"\n\n\
+         triedb-partuuid = \"0b9a5c3e-7c55-4c9a-9c57-2f6c1f1d7e11\"\n\
+         [hosts.val-1.units.\"monad-bft.service\"]\ncpu-affinity = \"8-11\"\n\n\
          [hosts.big]\nhostname = \"big\"\n[hosts.big.params]\nallow-cidrs = [{}]\n",
         cidrs.join(", ")
     )
@@ -229,15 +230,23 @@ fn every_profile_and_provider_gives_user_data_cloud_init_accepts_and_decodes_as_
                     .map(|f| (f["path"].as_str().unwrap().to_owned(), f))
                     .collect();
                 let key_path = format!("/etc/infrakit/keys/{key_id}.pub");
-                assert_eq!(
-                    wf.keys().cloned().collect::<Vec<_>>(),
-                    vec![
-                        "/etc/infrakit/host.toml".to_owned(),
-                        key_path.clone(),
-                        "/usr/local/lib/infrakit/first-boot".to_owned()
-                    ],
-                    "{path:?}"
-                );
+                let drop_in = "/etc/systemd/system/monad-bft.service.d/60-infrakit-host.conf";
+                let mut want_files = vec![
+                    "/etc/infrakit/host.toml".to_owned(),
+                    key_path.clone(),
+                    "/usr/local/lib/infrakit/first-boot".to_owned(),
+                ];
+                if host == "val-1" {
+                    want_files.push(drop_in.to_owned());
+                    assert_eq!(
+                        String::from_utf8(b64(&wf[drop_in]["content"])).unwrap(),
+                        "# This host's CPU pinning, from its InfraKit bundle (docs/first-boot.md).\n\
+                         [Service]\nCPUAffinity=\nCPUAffinity=8-11\n"
+                    );
+                    assert_eq!(wf[drop_in]["permissions"], "0644");
+                }
+                want_files.sort();
+                assert_eq!(wf.keys().cloned().collect::<Vec<_>>(), want_files, "{path:?}");
                 for f in wf.values() {
                     assert_eq!(f["owner"], "root:root");
                 }
