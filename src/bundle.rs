@@ -260,11 +260,18 @@ fn check_url(url: &str, flag: &str, file: Option<&str>) -> Result<String> {
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && url.len() <= 2048
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
-        && !url.contains(['\'', '"', '\\', '`', '$', '?', '#']);
+        && !url.contains(['\'', '"', '\\', '`', '$', '?', '#'])
+        // No user:password@: user-data is stored and shown in the clear.
+        && !url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or_default().contains('@'));
     if !ok {
         return Err(Error::usage(
             flag,
-            format!("{url:?} is not a plain http(s) URL (no quotes, spaces, query or fragment)"),
+            format!(
+                "{url:?} is not a plain http(s) URL (no credentials, quotes, spaces, query or fragment): \
+                 user-data is stored in the clear, so serve releases where hosts need no secret to read them"
+            ),
         ));
     }
     if let Some(file) = file
@@ -334,6 +341,7 @@ fn cloud_config(
         admin: (!host.ssh_authorized_keys.is_empty()).then(|| Admin {
             user: host.admin_user.clone(),
             group: host.admin_group.clone(),
+            password_hash: host.admin_password_hash.clone(),
             ssh_authorized_keys: host.ssh_authorized_keys.clone(),
         }),
         packages: packages.to_vec(),
@@ -364,10 +372,9 @@ fn host_values(host: &Host) -> String {
 fn meta_data(host: &Host, user_data: &[u8]) -> String {
     let digest = hex(Sha256::of(user_data).as_bytes());
     format!(
-        "instance-id: infrakit-{}-{}\nlocal-hostname: {}\n",
-        host.name,
-        &digest[..16],
-        host.hostname.as_deref().unwrap_or(&host.name)
+        "instance-id: {}\nlocal-hostname: {}\n",
+        userdata::q(&format!("infrakit-{}-{}", host.name, &digest[..16])),
+        userdata::q(host.hostname.as_deref().unwrap_or(&host.name))
     )
 }
 
@@ -437,6 +444,7 @@ mod tests {
             "https://x/a'b/base.tar.zst",
             "https://x/other.tar.zst",
             "https://x/ base.tar.zst",
+            "https://user:secret@x/base.tar.zst",
         ] {
             assert!(check_url(bad, "f", Some("base.tar.zst")).is_err(), "{bad}");
         }

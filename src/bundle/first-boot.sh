@@ -86,6 +86,9 @@ done
 
 # On disk, not in /run: a tmpfs there holds a few hundred MB at most.
 work=$(mktemp -d /var/tmp/infrakit-first-boot.XXXXXX) || fail "cannot make a work directory under /var/tmp"
+# apply downloads the artifact into $TMPDIR: on disk too (/tmp may be a tmpfs).
+TMPDIR="$work"
+export TMPDIR
 
 if [ -z "$INFRAKIT_URL" ] || [ -z "$ARTIFACT_URL" ]; then
     step='mounting the seed volume'

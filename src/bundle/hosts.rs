@@ -22,6 +22,9 @@ pub struct Host {
     pub admin_user: String,
     pub admin_group: String,
     pub ssh_authorized_keys: Vec<String>,
+    /// The admin's password as a crypt(3) hash (yescrypt or SHA-512), for
+    /// sudo: never the password itself.
+    pub admin_password_hash: Option<String>,
     /// `/etc/infrakit/host.toml`'s `[params]`: sorted, checked values.
     pub params: toml::Table,
     /// NoCloud `network-config` (v1 or v2, without a top-level `network:`).
@@ -44,6 +47,7 @@ struct HostToml {
     admin_group: Option<Spanned<String>>,
     #[serde(default)]
     ssh_authorized_keys: Vec<Spanned<String>>,
+    admin_password_hash: Option<Spanned<String>>,
     #[serde(default)]
     params: BTreeMap<String, Spanned<toml::Value>>,
     network_config: Option<Spanned<String>>,
@@ -83,6 +87,7 @@ pub fn single(name: &str) -> Host {
         admin_user: DEFAULT_ADMIN_USER.to_owned(),
         admin_group: DEFAULT_ADMIN_GROUP.to_owned(),
         ssh_authorized_keys: Vec::new(),
+        admin_password_hash: None,
         params: toml::Table::new(),
         network_config: None,
         cpu_affinity: BTreeMap::new(),
@@ -133,6 +138,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Host>> {
             check_ssh_key(k.get_ref()).map_err(|m| at(k.span().start, m))?;
             keys.push(k.into_inner());
         }
+        let admin_password_hash = match h.admin_password_hash {
+            Some(s) => {
+                check_password_hash(s.get_ref()).map_err(|m| at(s.span().start, m))?;
+                Some(s.into_inner())
+            }
+            None => None,
+        };
+        if !keys.is_empty() && admin_password_hash.is_none() {
+            return Err(at(
+                start,
+                format!(
+                    "host {name:?} has ssh-authorized-keys but no admin-password-hash: the base's sudo \
+                     asks the admin for their password, so without one nobody can become root; \
+                     give a hash made with `mkpasswd -m yescrypt` (docs/first-boot.md)"
+                ),
+            ));
+        }
         let mut params = toml::Table::new();
         for (key, value) in h.params {
             let offset = value.span().start;
@@ -167,6 +189,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Host>> {
             admin_user,
             admin_group,
             ssh_authorized_keys: keys,
+            admin_password_hash,
             params,
             network_config,
         });
@@ -185,6 +208,26 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names the bundle's files)".into())
+    }
+}
+
+/// A crypt(3) hash of a strong scheme: yescrypt (`$y$`), SHA-512 (`$6$`)
+/// or bcrypt (`$2b$`); a plain password is refused.
+fn check_password_hash(hash: &str) -> Result<(), String> {
+    let scheme_ok = ["$y$", "$6$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| hash.starts_with(p));
+    let chars_ok = hash
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"$./=".contains(&b));
+    if scheme_ok && chars_ok && hash.len() >= 40 && hash.len() <= 256 {
+        Ok(())
+    } else {
+        Err(
+            "admin-password-hash is not a crypt hash like \"$y$j9T$...\": give the output of \
+             `mkpasswd -m yescrypt` (or -m sha-512), never the password"
+                .into(),
+        )
     }
 }
 
@@ -281,7 +324,7 @@ fn check_ssh_key(line: &str) -> Result<(), String> {
         && blob
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
-        && !line.chars().any(char::is_control);
+        && line.bytes().all(|b| matches!(b, b' '..=b'~'));
     if ok {
         Ok(())
     } else {
@@ -325,10 +368,13 @@ fn check_value(value: &toml::Value) -> Result<(), String> {
     }
 }
 
-/// No control characters and nothing that looks like key material.
+/// Printable ASCII, and nothing that looks like key material.
 fn check_text(s: &str) -> Result<(), String> {
-    if s.chars().any(char::is_control) {
-        return Err("control characters are not allowed".into());
+    if !s.bytes().all(|b| matches!(b, b' '..=b'~')) {
+        return Err(
+            "host values are printable ASCII (no control, line-separator or bidi characters)"
+                .into(),
+        );
     }
     if s.contains("-----BEGIN") || is_hex_key(s) {
         return Err(
@@ -360,8 +406,11 @@ fn check_network_config(text: &str) -> Result<(), String> {
     {
         return Err("network-config needs a top-level `version: 1` or `version: 2`".into());
     }
-    if text.chars().any(|c| c.is_control() && c != '\n') {
-        return Err("network-config: control characters (tabs included) are not allowed".into());
+    if !text.bytes().all(|b| matches!(b, b' '..=b'~' | b'\n')) {
+        return Err(
+            "network-config is printable ASCII lines (no tabs, no control or line-separator characters)"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -377,7 +426,7 @@ mod tests {
     #[test]
     fn reads_hosts_with_defaults() {
         let hosts = parse_str(
-            "[hosts.val-1]\nhostname = \"val-1.example\"\nssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBase64 ops@x\"]\n[hosts.val-1.params]\npublic-ip = \"203.0.113.10\"\nbft-cpus = \"8-11\"\n",
+            "[hosts.val-1]\nhostname = \"val-1.example\"\nssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBase64 ops@x\"]\nadmin-password-hash = \"$y$j9T$abcdefghijklmnop$0123456789abcdefghijklmnopqrstuvwxyzABCDE\"\n[hosts.val-1.params]\npublic-ip = \"203.0.113.10\"\nbft-cpus = \"8-11\"\n",
         )
         .expect("valid");
         assert_eq!(hosts.len(), 1);
@@ -411,6 +460,18 @@ mod tests {
                 "top-level `network:`",
             ),
             ("[hosts.a]\nbogus = 1\n", "unknown field"),
+            (
+                "[hosts.a]\nssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA\"]\n",
+                "no admin-password-hash",
+            ),
+            (
+                "[hosts.a]\nadmin-password-hash = \"hunter2hunter2hunter2hunter2hunter2hunter2\"\n",
+                "not a crypt hash",
+            ),
+            (
+                "[hosts.a.params]\nnote = \"x\u{2028}bootcmd: [[sh]]\"\n",
+                "printable ASCII",
+            ),
             (
                 "[hosts.a.units.\"x.service\"]\ncpu-affinity = \"8-11; rm\"\n",
                 "not a CPU list",

@@ -155,6 +155,8 @@ pub struct File {
 pub struct Admin {
     pub user: String,
     pub group: String,
+    /// crypt(3) hash for sudo; the password is locked without one.
+    pub password_hash: Option<String>,
     pub ssh_authorized_keys: Vec<String>,
 }
 
@@ -171,9 +173,23 @@ pub struct CloudConfig {
     pub runcmd: Vec<String>,
 }
 
-/// A JSON string: a YAML double-quoted scalar with the same value.
-fn q(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+/// A YAML double-quoted scalar with the value `s`, in printable ASCII:
+/// everything else is escaped, so no character (U+2028, U+0085, a control)
+/// can read as a line break or end the scalar early.
+pub(crate) fn q(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if u32::from(c) <= 0xffff => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push_str(&format!("\\U{:08x}", u32::from(c))),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn list(items: &[String]) -> String {
@@ -181,16 +197,17 @@ fn list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-/// Whether `s` reads back exactly as a `|` literal block: lines of printable
-/// text (tabs allowed), one final newline, and a first line that does not
-/// start with a space (which would need an indentation indicator).
+/// Whether `s` reads back exactly as a `|` literal block: lines of
+/// printable ASCII (no other character can end the block: YAML also breaks
+/// lines at U+0085, U+2028 and U+2029), one final newline, no trailing
+/// blanks, and a first line that does not start with a space (which would
+/// need an indentation indicator).
 fn literal_ok(s: &str) -> bool {
     s.ends_with('\n')
         && !s.ends_with("\n\n")
         && !s.starts_with([' ', '\n'])
-        && !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
-        && !s.contains('\u{feff}')
-        && !s.lines().any(|l| l.ends_with([' ', '\t']))
+        && s.bytes().all(|b| matches!(b, b' '..=b'~' | b'\n'))
+        && !s.lines().any(|l| l.ends_with(' '))
 }
 
 /// gzip with a fixed header (mtime 0, no name) from the pinned backend.
@@ -228,7 +245,15 @@ impl CloudConfig {
                 y.push_str(&format!("groups: [{}]\nusers:\n", q(&a.group)));
                 y.push_str(&format!("  - name: {}\n", q(&a.user)));
                 y.push_str(&format!("    groups: {}\n", q(&a.group)));
-                y.push_str("    shell: \"/bin/bash\"\n    lock_passwd: true\n");
+                y.push_str("    shell: \"/bin/bash\"\n");
+                match &a.password_hash {
+                    // For sudo only: sshd takes keys alone.
+                    Some(h) => y.push_str(&format!(
+                        "    lock_passwd: false\n    hashed_passwd: {}\n",
+                        q(h)
+                    )),
+                    None => y.push_str("    lock_passwd: true\n"),
+                }
                 y.push_str(&format!(
                     "    ssh_authorized_keys: {}\n",
                     list(&a.ssh_authorized_keys)
@@ -387,6 +412,15 @@ mod tests {
     }
 
     #[test]
+    fn quoting_escapes_all_but_printable_ascii() {
+        assert_eq!(q("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(
+            q("x\u{2028}y\u{85}\n\u{1f600}"),
+            r#""x\u2028y\u0085\u000a\U0001f600""#
+        );
+    }
+
+    #[test]
     fn literal_blocks_only_where_exact() {
         for (content, literal) in [
             ("a\nb\n", true),
@@ -396,6 +430,9 @@ mod tests {
             (" lead\n", false),
             ("trail \n", false),
             ("bell\u{7}\n", false),
+            ("tab\there\n", false),
+            ("x\u{2028}bootcmd: [[sh]]\n", false),
+            ("x\u{85}y\n", false),
         ] {
             let y = config(content.into()).render(false);
             assert_eq!(y.contains("content: |"), literal, "{content:?}");

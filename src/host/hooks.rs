@@ -48,11 +48,11 @@ pub struct Hooks {
     /// (`CONFIG_OWNERS`): reloaded, or restarted, if running.
     #[serde(default)]
     pub reload: Vec<String>,
-    /// Units this activation enables (a `.wants/` link it adds) that are
-    /// neither signers nor consumers of a secret slot: started, or
-    /// reloaded if already running, so the release's services run without
-    /// a reboot. Units that need a host's secrets start once they are
-    /// provided; signers only as `start` says.
+    /// Units an overlay (not an adapter) of this activation enables (a
+    /// `.wants/` link it adds), neither signers nor consumers of a secret
+    /// slot: (re)started, so the base's services run without a reboot.
+    /// What adapters enable starts when the operator starts it or at the
+    /// next boot; signers only as `start` says.
     #[serde(default)]
     pub start_enabled: Vec<String>,
     /// Signer units started after the switch, one at a time.
@@ -145,8 +145,25 @@ impl Hooks {
             .iter()
             .flat_map(|slot| slot.units.iter().map(String::as_str))
             .collect();
+        // Layers that declare services or secret slots are adapters: what
+        // they enable may need a device, a secret or an order the operator
+        // controls (a chain's database, its signer), so it starts when the
+        // operator starts it, or at the next boot.
+        let adapter_layers: BTreeSet<&str> = new
+            .services
+            .iter()
+            .map(|s| s.layer.as_str())
+            .chain(new.secrets.iter().map(|s| s.layer.as_str()))
+            .collect();
+        let layer_of = |path: &RelPath| -> Option<&str> {
+            new.entries
+                .binary_search_by(|e| e.path.as_str().cmp(path.as_str()))
+                .ok()
+                .map(|i| new.entries[i].layer.as_str())
+        };
         let enabled: BTreeSet<String> = added
             .iter()
+            .filter(|p| layer_of(p).is_some_and(|l| !adapter_layers.contains(l)))
             .filter_map(wanted_unit)
             .filter(|u| !new_signers.contains(u) && !needs_secrets.contains(u.as_str()))
             .collect();
@@ -228,7 +245,9 @@ impl Hooks {
             out.push(systemctl("try-reload-or-restart", &self.reload));
         }
         if !self.start_enabled.is_empty() {
-            out.push(systemctl("reload-or-restart", &self.start_enabled));
+            // Restart, not reload: a unit that already runs (with the
+            // image's defaults) picks up the release's unit files too.
+            out.push(systemctl("restart", &self.start_enabled));
         }
         out.extend(start_one_by_one(&self.start));
         out
@@ -313,7 +332,11 @@ mod tests {
             &[],
         );
         assert_eq!(h.reload, ["systemd-timesyncd.service"]);
-        // Enabled by the release: started (or reloaded), not merely reloaded.
+        // Enabled by the release: (re)started, not merely reloaded.
+        let m = manifest_with(&[
+            "etc/systemd/system/multi-user.target.wants/systemd-timesyncd.service",
+            "etc/systemd/timesyncd.conf.d/50-infrakit.conf",
+        ]);
         let h = Hooks::plan(
             None,
             &m,
@@ -328,11 +351,7 @@ mod tests {
         assert_eq!(h.start_enabled, ["systemd-timesyncd.service"]);
         assert_eq!(
             h.after().last().unwrap(),
-            &[
-                "systemctl",
-                "reload-or-restart",
-                "systemd-timesyncd.service"
-            ]
+            &["systemctl", "restart", "systemd-timesyncd.service"]
         );
     }
 
@@ -419,6 +438,14 @@ mod tests {
             "a new signer was started: {:?}",
             h.start
         );
+        // Enabled by an adapter (a layer that declares services): left to the operator.
+        for e in &mut m.entries {
+            if e.path.as_str().contains(".wants/") {
+                e.layer = "chain".into();
+            }
+        }
+        let h = Hooks::plan(None, &m, &added, &[], &[]);
+        assert!(h.start_enabled.is_empty(), "{:?}", h.start_enabled);
     }
 
     #[test]

@@ -505,8 +505,8 @@ impl State {
     }
 
     /// Why the first boot failed, as its bundle's script recorded in
-    /// `first-boot.failed` (untrusted text: one line, printable, at most
-    /// 1000 characters), or `None`.
+    /// `first-boot.failed` (untrusted text: its first line, anything but
+    /// printable ASCII shown as `?`, at most 1000 characters), or `None`.
     pub fn first_boot_failure(&self) -> Result<Option<String>> {
         let Some(dir) = &self.dir else {
             return Ok(None);
@@ -521,7 +521,9 @@ impl State {
                 .next()
                 .unwrap_or_default()
                 .chars()
-                .filter(|c| !c.is_control())
+                // Printable ASCII only: no control, bidi or separator
+                // character from a planted file reaches a terminal.
+                .map(|c| if matches!(c, ' '..='~') { c } else { '?' })
                 .take(1000)
                 .collect();
             if line.trim().is_empty() {

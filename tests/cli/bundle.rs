@@ -44,6 +44,7 @@ fn hosts_toml() -> String {
     format!(
         "[hosts.val-1]\nhostname = \"val-1.fra.example.net\"\n\
          ssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4 ops@laptop\"]\n\
+         admin-password-hash = \"$y$j9T$Qm9vdGVkLmJ5LmluZnJha2l0$Zk9yIHRlc3RzIG9ubHksIG5vdCBhIHJlYWwgcGFzc3dvcmQ\"\n\
          [hosts.val-1.params]\npublic-ip = \"203.0.113.10\"\nbft-cpus = \"8-11\"\n\
          triedb-partuuid = \"0b9a5c3e-7c55-4c9a-9c57-2f6c1f1d7e11\"\n\
          [hosts.val-1.units.\"monad-bft.service\"]\ncpu-affinity = \"8-11\"\n\n\
@@ -246,7 +247,11 @@ fn every_profile_and_provider_gives_user_data_cloud_init_accepts_and_decodes_as_
                     assert_eq!(wf[drop_in]["permissions"], "0644");
                 }
                 want_files.sort();
-                assert_eq!(wf.keys().cloned().collect::<Vec<_>>(), want_files, "{path:?}");
+                assert_eq!(
+                    wf.keys().cloned().collect::<Vec<_>>(),
+                    want_files,
+                    "{path:?}"
+                );
                 for f in wf.values() {
                     assert_eq!(f["owner"], "root:root");
                 }
@@ -293,7 +298,8 @@ fn every_profile_and_provider_gives_user_data_cloud_init_accepts_and_decodes_as_
                     let users = cfg["users"].as_array().unwrap();
                     assert_eq!(users.len(), 1);
                     assert_eq!(users[0]["groups"], "infrakit-admin");
-                    assert_eq!(users[0]["lock_passwd"], true);
+                    assert_eq!(users[0]["lock_passwd"], false);
+                    assert_eq!(users[0]["hashed_passwd"], want["admin-password-hash"].as_str().unwrap());
                     assert_eq!(
                         users[0]["ssh_authorized_keys"],
                         want["ssh-authorized-keys"]
@@ -422,7 +428,7 @@ fn the_seed_iso_reads_back_as_built_and_two_builds_are_identical() {
     assert_eq!(
         meta,
         format!(
-            "instance-id: infrakit-bm-1-{}\nlocal-hostname: bm-1\n",
+            "instance-id: \"infrakit-bm-1-{}\"\nlocal-hostname: \"bm-1\"\n",
             &ud_sha[..16]
         )
     );

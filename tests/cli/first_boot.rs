@@ -22,6 +22,7 @@ use crate::vm::{Boot, GUEST_URL, boot};
 
 const HOSTS: &str = "[hosts.vm-1]\nhostname = \"vm-1.test.internal\"\n\
 ssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4 ops@laptop\"]\n\
+admin-password-hash = \"$y$j9T$Qm9vdGVkLmJ5LmluZnJha2l0$Zk9yIHRlc3RzIG9ubHksIG5vdCBhIHJlYWwgcGFzc3dvcmQ\"\n\
 [hosts.vm-1.params]\npublic-ip = \"192.0.2.10\"\n";
 
 /// A signed base release and the key pair, in `w`.
@@ -227,18 +228,24 @@ fn assert_refused(b: &Boot, reason: &[&str]) -> String {
         "cloud-init does not report the error:\n{}",
         ci.text
     );
+    let nft = b.section("nft");
     assert!(
-        !b.section("nft").text.contains("table inet infrakit"),
-        "a firewall was loaded"
+        nft.rc == 0 && !nft.text.contains("table inet infrakit"),
+        "a firewall was loaded (or nft failed): {}",
+        nft.text
     );
     let laid = &b.section("laid-down").text;
     assert!(
         !laid.contains("current ->") && !laid.contains("releases"),
         "something was laid down:\n{laid}"
     );
+    let sshd = b.section("sshd-T");
     assert!(
-        !b.section("sshd-T").text.contains("allowgroups"),
-        "the release's sshd configuration is in place"
+        sshd.rc == 0
+            && sshd.text.contains("passwordauthentication")
+            && !sshd.text.contains("allowgroups"),
+        "the release's sshd configuration is in place (or sshd -T failed): {}",
+        sshd.text
     );
     marker.text.clone()
 }

@@ -3,13 +3,14 @@ library (run with Debian's /usr/bin/python3, where cloud-init lives):
 UserDataProcessor (gzip, MIME) and cc_write_files.extract_contents
 (b64, gz+b64). Prints one JSON object per file: its parts' content types,
 the cloud-config keys, and every write_files entry with its decoded content
-(base64, so any bytes survive JSON)."""
+(base64, so any bytes survive JSON). YAML is read with cloud-init's own
+util.load_yaml."""
 
 import base64
 import json
 import sys
 
-import yaml
+from cloudinit import util
 from cloudinit.config.cc_write_files import canonicalize_extraction, extract_contents
 from cloudinit.user_data import UserDataProcessor
 
@@ -24,7 +25,12 @@ def decode(path):
             continue
         types.append(part.get_content_type())
         if part.get_content_type() == "text/cloud-config":
-            configs.append(yaml.safe_load(part.get_payload(decode=True)))
+            # cloud-init's own loader: it returns None (and cloud-init then
+            # ignores the part) where YAML does not parse.
+            cfg = util.load_yaml(part.get_payload(decode=True))
+            if not isinstance(cfg, dict):
+                sys.exit(f"{path}: cloud-init reads no cloud-config from it: {cfg!r}")
+            configs.append(cfg)
     out = {"path": path, "types": types, "gzip": raw[:2] == b"\x1f\x8b"}
     if len(configs) == 1:
         cfg = configs[0]
