@@ -138,6 +138,49 @@ fn every_profile_and_provider_gives_user_data_cloud_init_accepts_and_decodes_as_
         "profiles/aztec-node.toml",
     ] {
         let r = signed_release(w, profile, &key);
+        // What its first boot's apply would run: only the base's enabled
+        // units start; an adapter's (the chain's database, its daemons)
+        // wait for the operator and the host's secrets.
+        let keyring = w.join("keyring");
+        fs::create_dir_all(&keyring).unwrap();
+        fs::copy(&public, keyring.join("release.pub")).unwrap();
+        let empty = w.join(format!("empty-root-{}", r.name));
+        fs::create_dir_all(&empty).unwrap();
+        let plan = infrakit(
+            w,
+            &[
+                "apply",
+                s(&r.artifact),
+                "--root",
+                s(&empty),
+                "--keyring",
+                s(&keyring),
+                "--dry-run",
+                "--json",
+            ],
+        )
+        .ok();
+        let plan: Value = serde_json::from_str(&plan.stdout).unwrap();
+        let started: Vec<String> = plan["plan"]["hooks"]["after"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c[1] == "restart")
+            .flat_map(|c| {
+                c.as_array().unwrap()[2..]
+                    .iter()
+                    .map(|u| u.as_str().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(
+            started,
+            [
+                "fail2ban.service",
+                "infrakit-firewall.service",
+                "systemd-timesyncd.service"
+            ],
+            "{profile}: {plan}"
+        );
         let artifact_name = format!("{}.tar.zst", r.name);
         for provider in PROVIDERS {
             let out = w.join(format!("bundles-{}-{provider}", r.name));
@@ -299,7 +342,10 @@ fn every_profile_and_provider_gives_user_data_cloud_init_accepts_and_decodes_as_
                     assert_eq!(users.len(), 1);
                     assert_eq!(users[0]["groups"], "infrakit-admin");
                     assert_eq!(users[0]["lock_passwd"], false);
-                    assert_eq!(users[0]["hashed_passwd"], want["admin-password-hash"].as_str().unwrap());
+                    assert_eq!(
+                        users[0]["hashed_passwd"],
+                        want["admin-password-hash"].as_str().unwrap()
+                    );
                     assert_eq!(
                         users[0]["ssh_authorized_keys"],
                         want["ssh-authorized-keys"]
