@@ -196,6 +196,16 @@ fn assert_release_runs(b: &Boot) {
         "infrakit-firewall.service did not run:\n{units}"
     );
     assert_ne!(b.section("failure-marker").rc, 0, "a failure marker exists");
+    // The admin from the hosts file: in the admin group, with the hashed
+    // password sudo asks for (`passwd -S`: P = usable password).
+    let admin = b.section("admin");
+    assert!(
+        admin.rc == 0
+            && admin.text.contains("(infrakit-admin)")
+            && admin.text.lines().any(|l| l.starts_with("admin P ")),
+        "the admin account is not as the bundle says:\n{}",
+        admin.text
+    );
     assert!(
         b.console
             .contains("infrakit first boot: base 0.1.0 is active"),

@@ -60,6 +60,8 @@ section sshd-T 'mkdir -p /run/sshd; sshd -T -C user=admin,host=vm,addr=127.0.0.1
 section nft 'nft list ruleset'
 section units 'systemctl list-units --type=service --all --no-legend --plain --no-pager'
 section failure-marker 'cat /var/lib/infrakit/first-boot.failed'
+section admin 'id admin && passwd -S admin'
+section first-boot-log 'cat /var/log/infrakit-first-boot.log'
 # rc: the first failing of ls and readlink, else 0.
 section laid-down 'ls -la /usr/local/bin /var/lib/infrakit /etc/infrakit 2>&1; a=$?; readlink /var/lib/infrakit/current; b=$?; [ "$a" -ne 0 ] && exit "$a"; exit "$b"'
 section cloud-init-output 'tail -n 80 /var/log/cloud-init-output.log'
