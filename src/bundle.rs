@@ -16,6 +16,9 @@ mod hosts;
 mod seed;
 mod userdata;
 
+use std::collections::BTreeSet;
+
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 pub use hosts::Host;
@@ -23,7 +26,7 @@ use userdata::{Admin, CloudConfig, File};
 pub use userdata::{Form, Provider};
 
 use crate::error::{Error, Result};
-use crate::trust::digest::{Sha256, hex};
+use crate::trust::digest::{HashingReader, HashingWriter, Sha256};
 use crate::trust::sign::PublicKey;
 use crate::trust::verify::Verified;
 
@@ -108,18 +111,8 @@ pub fn make(opts: &Options<'_>, verified: &Verified) -> Result<Vec<Written>> {
             ));
         }
     }
-    let binary = std::fs::read(opts.infrakit_binary).map_err(Error::io(
-        opts.infrakit_binary,
-        "reading the infrakit binary",
-    ))?;
-    if !binary.starts_with(b"\x7fELF") {
-        return Err(Error::input(
-            opts.infrakit_binary,
-            "is not an executable (ELF) file: give the infrakit binary hosts should run with --infrakit-binary",
-        ));
-    }
-    let binary_sha = Sha256::of(&binary);
-    let manifest_sha = Sha256::of(verified.manifest_bytes());
+    let binary_sha = binary_sha256(opts.infrakit_binary)?;
+    let manifest_sha = verified.manifest_sha256();
     let hosts = match opts.hosts {
         Some(path) => hosts::load(path)?,
         None => vec![hosts::single(&manifest.name)],
@@ -137,29 +130,23 @@ pub fn make(opts: &Options<'_>, verified: &Verified) -> Result<Vec<Written>> {
     }
     let release = format!("{} {}", manifest.name, manifest.version);
     let pins = Pins {
-        infrakit_sha256: hex(binary_sha.as_bytes()),
+        infrakit_sha256: binary_sha.to_string(),
         infrakit_url: infrakit_url.unwrap_or_default(),
         artifact_url: artifact_url.unwrap_or_default(),
         artifact_name: artifact_name.clone(),
-        manifest_sha256: hex(manifest_sha.as_bytes()),
+        manifest_sha256: manifest_sha.to_string(),
         release: release.clone(),
     };
     let script = first_boot_script(&pins);
-    let mut packages = manifest.prerequisites.clone();
-    packages.sort();
-    packages.dedup();
+    let mut packages: BTreeSet<String> = manifest.prerequisites.iter().cloned().collect();
     if !pins.infrakit_url.is_empty() || !pins.artifact_url.is_empty() {
         // The first-boot script downloads with curl.
-        for p in ["ca-certificates", "curl"] {
-            if !packages.iter().any(|x| x == p) {
-                packages.push(p.to_owned());
-            }
-        }
-        packages.sort();
+        packages.extend(["ca-certificates".to_owned(), "curl".to_owned()]);
     }
+    let packages: Vec<String> = packages.into_iter().collect();
     let mut rendered = Vec::with_capacity(hosts.len());
     for host in hosts {
-        let config = cloud_config(&host, opts, &release, &manifest_sha, &packages, &script);
+        let config = cloud_config(&host, opts, &release, manifest_sha, &packages, &script);
         let (user_data, form) = config.deliver(provider, &host.name)?;
         rendered.push(Rendered {
             host,
@@ -175,7 +162,13 @@ pub fn make(opts: &Options<'_>, verified: &Verified) -> Result<Vec<Written>> {
     let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut written = Vec::new();
     let carried = if provider == Provider::Nocloud {
-        carried_files(verified, &binary, staging.path(), &pins)?
+        carried_files(
+            verified,
+            opts.infrakit_binary,
+            &binary_sha,
+            staging.path(),
+            &pins,
+        )?
     } else {
         Vec::new()
     };
@@ -331,7 +324,7 @@ fn cloud_config(
         header: vec![
             format!(
                 "InfraKit first-boot bundle: release {release} (manifest sha256 {}) for host {}, provider {}.",
-                hex(manifest_sha.as_bytes()),
+                manifest_sha,
                 host.name,
                 opts.provider.name()
             ),
@@ -370,7 +363,7 @@ fn host_values(host: &Host) -> String {
 /// NoCloud `meta-data`: the instance id changes with the user-data, so a
 /// new bundle is a new first boot.
 fn meta_data(host: &Host, user_data: &[u8]) -> String {
-    let digest = hex(Sha256::of(user_data).as_bytes());
+    let digest = Sha256::of(user_data).to_string();
     format!(
         "instance-id: {}\nlocal-hostname: {}\n",
         userdata::q(&format!("infrakit-{}-{}", host.name, &digest[..16])),
@@ -378,17 +371,48 @@ fn meta_data(host: &Host, user_data: &[u8]) -> String {
     )
 }
 
-/// The release and the binary, staged for the seed volume.
+/// The sha256 of the binary at `path`, streamed; a file that is not ELF is
+/// refused.
+fn binary_sha256(path: &Path) -> Result<Sha256> {
+    let io = |action| Error::io(path, action);
+    let mut file = std::fs::File::open(path).map_err(io("reading the infrakit binary"))?;
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
+        return Err(Error::input(
+            path,
+            "is not an executable (ELF) file: give the infrakit binary hosts should run with --infrakit-binary",
+        ));
+    }
+    file.rewind().map_err(io("reading the infrakit binary"))?;
+    let mut reader = HashingReader::new(file);
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading the infrakit binary"))?;
+    Ok(reader.finish().0)
+}
+
+/// The release and the binary, staged for the seed volume; the binary is
+/// copied (streamed) and must still have the pinned digest.
 fn carried_files(
     verified: &Verified,
-    binary: &[u8],
+    binary: &Path,
+    binary_sha: &Sha256,
     staging: &Path,
     pins: &Pins,
 ) -> Result<Vec<(String, PathBuf)>> {
     let m = verified.manifest();
     let artifact = verified.artifact();
     let bin = staging.join("infrakit");
-    write_file(&bin, binary)?;
+    let mut source =
+        std::fs::File::open(binary).map_err(Error::io(binary, "reading the infrakit binary"))?;
+    let mut copy =
+        HashingWriter::new(std::fs::File::create(&bin).map_err(Error::io(&bin, "writing"))?);
+    std::io::copy(&mut source, &mut copy).map_err(Error::io(&bin, "writing"))?;
+    let (_, copied, _) = copy.finish();
+    if &copied != binary_sha {
+        return Err(Error::check(format!(
+            "{}: changed while bundling (sha256 {copied}, pinned {binary_sha}); run bundle again",
+            binary.display()
+        )));
+    }
     let manifest_name = crate::artifact::manifest::file_name(&m.name);
     let manifest = staging.join(&manifest_name);
     write_file(&manifest, verified.manifest_bytes())?;

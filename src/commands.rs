@@ -740,9 +740,7 @@ pub fn apply(
             verify::authenticate(&verify_opts, progress)
         })?;
         if let Some(pinned) = manifest_sha256 {
-            let signed = crate::trust::digest::hex(
-                crate::trust::digest::Sha256::of(verified.manifest_bytes()).as_bytes(),
-            );
+            let signed = verified.manifest_sha256().to_string();
             if signed != pinned {
                 return Err(Error::Refused(format!(
                     "{} {} is validly signed, but its manifest has sha256 {signed}, not {pinned} \

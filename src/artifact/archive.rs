@@ -468,7 +468,7 @@ impl<W: Write> TarWriter<W> {
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// The gzip header fields `write` sets: mtime 0, OS byte 255 (unknown).
-fn gzip_builder() -> flate2::GzBuilder {
+pub(crate) fn gzip_builder() -> flate2::GzBuilder {
     flate2::GzBuilder::new().mtime(0).operating_system(255)
 }
 

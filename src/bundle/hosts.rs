@@ -114,37 +114,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Host>> {
         let start = table.span().start;
         let h = table.into_inner();
         check_file_name(&name).map_err(|m| at(start, format!("host name {name:?} {m}")))?;
-        let hostname = match h.hostname {
-            Some(s) => {
-                check_hostname(s.get_ref()).map_err(|m| at(s.span().start, m))?;
-                Some(s.into_inner())
-            }
-            None => None,
+        // An optional string, checked where it stands; `what` prefixes the message.
+        let checked = |v: Option<Spanned<String>>,
+                       check: fn(&str) -> Result<(), String>,
+                       what: &str|
+         -> Result<Option<String>> {
+            v.map(|s| {
+                check(s.get_ref()).map_err(|m| at(s.span().start, format!("{what}{m}")))?;
+                Ok(s.into_inner())
+            })
+            .transpose()
         };
-        let account = |v: Option<Spanned<String>>, default: &str, what: &str| -> Result<String> {
-            match v {
-                Some(s) => {
-                    check_account(s.get_ref())
-                        .map_err(|m| at(s.span().start, format!("{what} {m}")))?;
-                    Ok(s.into_inner())
-                }
-                None => Ok(default.to_owned()),
-            }
-        };
-        let admin_user = account(h.admin_user, DEFAULT_ADMIN_USER, "admin-user")?;
-        let admin_group = account(h.admin_group, DEFAULT_ADMIN_GROUP, "admin-group")?;
+        let hostname = checked(h.hostname, check_hostname, "")?;
+        let admin_user = checked(h.admin_user, check_account, "admin-user ")?
+            .unwrap_or_else(|| DEFAULT_ADMIN_USER.to_owned());
+        let admin_group = checked(h.admin_group, check_account, "admin-group ")?
+            .unwrap_or_else(|| DEFAULT_ADMIN_GROUP.to_owned());
         let mut keys = Vec::new();
         for k in h.ssh_authorized_keys {
             check_ssh_key(k.get_ref()).map_err(|m| at(k.span().start, m))?;
             keys.push(k.into_inner());
         }
-        let admin_password_hash = match h.admin_password_hash {
-            Some(s) => {
-                check_password_hash(s.get_ref()).map_err(|m| at(s.span().start, m))?;
-                Some(s.into_inner())
-            }
-            None => None,
-        };
+        let admin_password_hash = checked(h.admin_password_hash, check_password_hash, "")?;
         if !keys.is_empty() && admin_password_hash.is_none() {
             return Err(at(
                 start,
@@ -162,13 +153,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Host>> {
                 .map_err(|m| at(offset, format!("params.{key}: {m}")))?;
             params.insert(key, value.into_inner());
         }
-        let network_config = match h.network_config {
-            Some(s) => {
-                check_network_config(s.get_ref()).map_err(|m| at(s.span().start, m))?;
-                Some(s.into_inner())
-            }
-            None => None,
-        };
+        let network_config = checked(h.network_config, check_network_config, "")?;
         let mut cpu_affinity = BTreeMap::new();
         for (unit, values) in h.units {
             let start = values.span().start;

@@ -210,12 +210,11 @@ fn literal_ok(s: &str) -> bool {
         && !s.lines().any(|l| l.ends_with(' '))
 }
 
-/// gzip with a fixed header (mtime 0, no name) from the pinned backend.
+/// gzip with the artifacts' fixed header (mtime 0, no name) from the
+/// pinned backend.
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(Vec::new(), flate2::Compression::best());
+    let mut enc =
+        crate::artifact::archive::gzip_builder().write(Vec::new(), flate2::Compression::best());
     // Writing to a Vec cannot fail.
     let _ = enc.write_all(bytes);
     enc.finish().unwrap_or_default()

@@ -39,6 +39,7 @@ pub struct VerifyOptions<'a> {
 pub struct Verified {
     manifest: Manifest,
     manifest_bytes: Vec<u8>,
+    manifest_sha256: Sha256,
     signature_bytes: Vec<u8>,
     key_id: String,
     artifact: PathBuf,
@@ -60,6 +61,11 @@ impl Verified {
     /// The manifest exactly as signed.
     pub fn manifest_bytes(&self) -> &[u8] {
         &self.manifest_bytes
+    }
+
+    /// The sha256 of `manifest_bytes`, as the signature's trusted comment names it.
+    pub fn manifest_sha256(&self) -> &Sha256 {
+        &self.manifest_sha256
     }
 
     /// The `.minisig` file as read.
@@ -225,6 +231,7 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
     Ok(Verified {
         manifest,
         manifest_bytes,
+        manifest_sha256: manifest_sha,
         signature_bytes: sig_bytes,
         key_id: key.key_id(),
         artifact: artifact.to_path_buf(),

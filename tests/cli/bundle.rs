@@ -504,6 +504,11 @@ fn refusals_write_nothing() {
         "--infrakit-url",
         "https://releases.example/infrakit",
     ];
+    let ec2_with_hosts = |hosts: &'static str| -> Vec<&str> {
+        let mut args = vec!["--provider", "ec2", "--key", s(&public), "--hosts", hosts];
+        args.extend_from_slice(&urls);
+        args
+    };
     let run = |args: &[&str], code: i32| -> String {
         let mut all = vec!["bundle", "dist/base.tar.zst", "--out", "out"];
         all.extend_from_slice(args);
@@ -537,16 +542,7 @@ fn refusals_write_nothing() {
         &w.join("secret.toml"),
         "[hosts.a]\nhostname = \"a\"\n[hosts.a.params]\nkeystore-password = \"hunter2\"\n",
     );
-    let mut args = vec![
-        "--provider",
-        "ec2",
-        "--key",
-        s(&public),
-        "--hosts",
-        "secret.toml",
-    ];
-    args.extend_from_slice(&urls);
-    let e = run(&args, 2);
+    let e = run(&ec2_with_hosts("secret.toml"), 2);
     has(
         &e,
         &[
@@ -572,16 +568,7 @@ fn refusals_write_nothing() {
         &w.join("big.toml"),
         format!("[hosts.fine]\n[hosts.huge]\n[hosts.huge.params]\nnote = \"{noise}\"\n"),
     );
-    let mut args = vec![
-        "--provider",
-        "ec2",
-        "--key",
-        s(&public),
-        "--hosts",
-        "big.toml",
-    ];
-    args.extend_from_slice(&urls);
-    let e = run(&args, 2);
+    let e = run(&ec2_with_hosts("big.toml"), 2);
     has(
         &e,
         &[
@@ -592,21 +579,23 @@ fn refusals_write_nothing() {
         ],
     );
     // The same host fits NoCloud, which has no limit.
-    let mut args = vec![
-        "--provider",
-        "nocloud",
-        "--key",
-        s(&public),
-        "--hosts",
-        "big.toml",
-    ];
-    args.push("--infrakit-binary");
-    args.push("/usr/bin/true");
-    infrakit(w, &{
-        let mut all = vec!["bundle", "dist/base.tar.zst", "--out", "out"];
-        all.extend_from_slice(&args);
-        all
-    })
+    infrakit(
+        w,
+        &[
+            "bundle",
+            "dist/base.tar.zst",
+            "--out",
+            "out",
+            "--provider",
+            "nocloud",
+            "--key",
+            s(&public),
+            "--hosts",
+            "big.toml",
+            "--infrakit-binary",
+            "/usr/bin/true",
+        ],
+    )
     .ok();
     assert!(w.join("out/huge.seed.iso").is_file());
     // No staging directory is left behind.

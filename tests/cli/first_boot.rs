@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::support::*;
-use crate::vm::{Boot, GUEST_URL, boot};
+use crate::vm::{Boot, GUEST_URL, boot, nocloud_seed};
 
 const HOSTS: &str = "[hosts.vm-1]\nhostname = \"vm-1.test.internal\"\n\
 ssh-authorized-keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4 ops@laptop\"]\n\
@@ -78,36 +78,22 @@ fn ec2_bundle(w: &Path, setup: &Setup, out: &str) -> PathBuf {
     w.join(out).join("vm-1.user-data")
 }
 
-/// A NoCloud seed carrying only `user_data` (what EC2's metadata service
-/// would hand cloud-init), made with stock xorriso.
-fn seed_for(w: &Path, user_data: &Path, name: &str) -> PathBuf {
-    let dir = w.join(format!("{name}.seed"));
-    fs::create_dir_all(&dir).unwrap();
-    fs::copy(user_data, dir.join("user-data")).unwrap();
-    write(
-        &dir.join("meta-data"),
-        format!("instance-id: i-{name}\nlocal-hostname: vm-1\n"),
+/// Boots vm-1 with its `--provider ec2` user-data in a NoCloud seed (what
+/// EC2's metadata service would hand cloud-init), the test server serving
+/// the release and the binary as `alter(w, served_dir)` leaves them.
+fn boot_ec2(name: &str, alter: impl FnOnce(&Path, &Path)) -> Boot {
+    let w = tempdir();
+    let w = w.path();
+    let setup = setup(w);
+    let ud = ec2_bundle(w, &setup, "bundles");
+    let dir = served(w, &setup, name);
+    alter(w, &dir);
+    let seed = nocloud_seed(
+        &w.join("seed"),
+        &fs::read(ud).unwrap(),
+        &format!("instance-id: i-{name}\nlocal-hostname: vm-1\n"),
     );
-    let iso = w.join(format!("{name}.iso"));
-    tool(
-        &dir,
-        "xorriso",
-        &[
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-o",
-            s(&iso),
-            "-V",
-            "cidata",
-            "-J",
-            "-r",
-            "user-data",
-            "meta-data",
-        ],
-    )
-    .ok();
-    iso
+    boot(&seed, Some(&dir))
 }
 
 /// The directory the test server serves: the release and the binary.
@@ -295,27 +281,19 @@ fn nocloud_seed_first_boot_runs_the_release() {
 
 #[test]
 fn ec2_user_data_downloads_from_the_test_server_and_runs_the_release() {
-    let w = tempdir();
-    let w = w.path();
-    let setup = setup(w);
-    let ud = ec2_bundle(w, &setup, "bundles");
-    let b = boot(&seed_for(w, &ud, "ec2"), Some(&served(w, &setup, "ok")));
+    let b = boot_ec2("ok", |_, _| {});
     assert_release_runs(&b);
 }
 
 #[test]
 fn a_tampered_artifact_is_refused_at_first_boot() {
-    let w = tempdir();
-    let w = w.path();
-    let setup = setup(w);
-    let ud = ec2_bundle(w, &setup, "bundles");
-    let dir = served(w, &setup, "tampered");
-    let artifact = dir.join("base.tar.zst");
-    let mut bytes = fs::read(&artifact).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    fs::write(&artifact, bytes).unwrap();
-    let b = boot(&seed_for(w, &ud, "tampered"), Some(&dir));
+    let b = boot_ec2("tampered", |_, dir| {
+        let artifact = dir.join("base.tar.zst");
+        let mut bytes = fs::read(&artifact).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        fs::write(&artifact, bytes).unwrap();
+    });
     assert_refused(&b, &["infrakit apply base 0.1.0", "verification failed"]);
     // The pinned binary was installed: status reports the failed first boot.
     let st = b.section("infrakit-status");
@@ -335,25 +313,21 @@ fn a_tampered_artifact_is_refused_at_first_boot() {
 
 #[test]
 fn an_artifact_signed_by_another_key_is_refused_at_first_boot() {
-    let w = tempdir();
-    let w = w.path();
-    let setup = setup(w);
-    let ud = ec2_bundle(w, &setup, "bundles");
     // The same release signed by a key the bundle does not pin.
-    let (other, _) = keypair(w, "other");
-    infrakit_env(
-        w,
-        &["build", "profiles/base.toml", "--out", "dist-other"],
-        &[("INFRAKIT_SIGN_KEY", s(&other))],
-    )
-    .ok();
-    let dir = served(w, &setup, "other-key");
-    fs::copy(
-        w.join("dist-other/base.tar.zst.minisig"),
-        dir.join("base.tar.zst.minisig"),
-    )
-    .unwrap();
-    let b = boot(&seed_for(w, &ud, "other-key"), Some(&dir));
+    let b = boot_ec2("other-key", |w, dir| {
+        let (other, _) = keypair(w, "other");
+        infrakit_env(
+            w,
+            &["build", "profiles/base.toml", "--out", "dist-other"],
+            &[("INFRAKIT_SIGN_KEY", s(&other))],
+        )
+        .ok();
+        fs::copy(
+            w.join("dist-other/base.tar.zst.minisig"),
+            dir.join("base.tar.zst.minisig"),
+        )
+        .unwrap();
+    });
     let marker = assert_refused(&b, &["infrakit apply base 0.1.0", "not a trusted key"]);
     assert!(marker.contains("verification failed"), "{marker}");
     assert_eq!(b.section("infrakit-status").rc, 1);
@@ -361,16 +335,12 @@ fn an_artifact_signed_by_another_key_is_refused_at_first_boot() {
 
 #[test]
 fn an_infrakit_binary_with_another_digest_is_never_installed() {
-    let w = tempdir();
-    let w = w.path();
-    let setup = setup(w);
-    let ud = ec2_bundle(w, &setup, "bundles");
-    let dir = served(w, &setup, "binary");
     // Still a working binary, one byte longer: only its digest differs.
-    let mut binary = fs::read(&setup.binary).unwrap();
-    binary.push(0);
-    fs::write(dir.join("infrakit"), binary).unwrap();
-    let b = boot(&seed_for(w, &ud, "binary"), Some(&dir));
+    let b = boot_ec2("binary", |_, dir| {
+        let mut binary = fs::read(dir.join("infrakit")).unwrap();
+        binary.push(0);
+        fs::write(dir.join("infrakit"), binary).unwrap();
+    });
     assert_refused(
         &b,
         &[
