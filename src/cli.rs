@@ -68,6 +68,25 @@ pub struct PinFlags {
     /// Directory of upstream signing keys (<FINGERPRINT>.asc or .gpg); default: each adapter's keys/.
     #[arg(long, value_name = "DIR")]
     pub upstream_keys: Option<PathBuf>,
+    /// Only the adapters' inputs, or only the [image] Debian packages (profiles/<name>.image.lock); default: both.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub only: Option<OnlyArg>,
+    /// The keyring that verifies the Debian archive's signed indexes (for [image]).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    )]
+    pub archive_keyring: PathBuf,
+}
+
+/// `lock`/`fetch --only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnlyArg {
+    /// The adapters' pinned inputs (profiles/<name>.lock)
+    Inputs,
+    /// The [image] table's Debian packages (profiles/<name>.image.lock)
+    Packages,
 }
 
 /// Where `bundle`'s user-data goes (docs/first-boot.md has each budget).
@@ -102,6 +121,18 @@ impl From<ProviderArg> for crate::bundle::Provider {
             ProviderArg::Nocloud => P::Nocloud,
         }
     }
+}
+
+/// The forms `image` writes besides the raw disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormatArg {
+    /// NAME.img, always written
+    Raw,
+    /// NAME.qcow2 (qemu-img convert), for clouds and hypervisors that import qcow2
+    Qcow2,
+    /// NAME.img.zst, the raw disk compressed, for downloads
+    #[value(name = "raw.zst")]
+    RawZst,
 }
 
 /// The shells `completions` writes for.
@@ -187,7 +218,39 @@ pub enum Command {
         #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input_override)]
         inputs: Vec<(String, PathBuf)>,
     },
-    /// Check an artifact's signature, name, manifest and every entry; exit 1 if anything is off.
+    /// Build a bootable, signed UEFI disk image: the profile's [image] base OS plus its signed release (docs/images.md).
+    Image {
+        /// The profile, e.g. profiles/base.toml; it needs an [image] table and profiles/<name>.image.lock.
+        profile: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR", default_value = "dist")]
+        out: PathBuf,
+        /// Also write a qcow2 form (repeatable: --format qcow2 --format raw.zst); the raw NAME.img is always written.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        format: Vec<ImageFormatArg>,
+        /// Minisign secret key to sign the image (and a release it builds) with; default: the path in $INFRAKIT_SIGN_KEY.
+        #[arg(long, value_name = "KEYFILE")]
+        sign_key: Option<PathBuf>,
+        /// File holding the secret key's password; default: the path in $INFRAKIT_PASSWORD_FILE.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Another public key the booted host trusts for later releases (repeatable).
+        #[arg(long = "trust", value_name = "PUB")]
+        trust: Vec<PathBuf>,
+        /// Lay down this signed release instead of building one from the profile.
+        #[arg(long, value_name = "ARTIFACT")]
+        artifact: Option<PathBuf>,
+        /// The infrakit binary to install in the image; default: this one.
+        #[arg(long, value_name = "FILE")]
+        infrakit_binary: Option<PathBuf>,
+        /// Take pinned input NAME from PATH instead of the cache (for the release build); repeatable.
+        #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input_override)]
+        inputs: Vec<(String, PathBuf)>,
+        /// Print the result as JSON (docs/json.md), also on failure.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an artifact's (or a disk image's) signature, name, manifest and every entry; exit 1 if anything is off.
     Verify {
         /// The artifact (a path or an http(s):// URL; .tar.zst or .tar.gz).
         artifact: PathBuf,
@@ -360,6 +423,7 @@ impl Command {
         match self {
             Command::Keygen { .. } => "keygen",
             Command::Build { .. } => "build",
+            Command::Image { .. } => "image",
             Command::Verify { .. } => "verify",
             Command::Lint { .. } => "lint",
             Command::Apply { .. } => "apply",
@@ -379,6 +443,7 @@ impl Command {
     fn json(&self) -> bool {
         match self {
             Command::Verify { json, .. }
+            | Command::Image { json, .. }
             | Command::Lint { json, .. }
             | Command::Apply { json, .. }
             | Command::Bundle { json, .. }
@@ -540,6 +605,57 @@ pub fn run(ui: &Ui, command: Command) -> Result<()> {
             };
             commands::build(ui, &args)
         }
+        Command::Image {
+            profile,
+            out,
+            format,
+            sign_key,
+            password_file,
+            trust,
+            artifact,
+            infrakit_binary,
+            inputs,
+            json: _,
+        } => {
+            let infrakit_binary = match infrakit_binary {
+                Some(b) => b,
+                None => std::env::current_exe().map_err(|e| {
+                    Error::usage(
+                        "--infrakit-binary",
+                        format!("cannot find this binary ({e}): give its path"),
+                    )
+                })?,
+            };
+            let args = commands::ImageArgs {
+                build: commands::BuildArgs {
+                    profile,
+                    out,
+                    sign_key: match sign_key {
+                        Some(k) => Some(k),
+                        None => env_path("INFRAKIT_SIGN_KEY")?,
+                    },
+                    password_file: match password_file {
+                        Some(p) => Some(p),
+                        None => env_path("INFRAKIT_PASSWORD_FILE")?,
+                    },
+                    format: Format::TarZst,
+                    level: None,
+                    release_version: None,
+                    source_date_epoch: source_date_epoch()?,
+                    workers: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                    cache: cache_dir().ok(),
+                    inputs,
+                },
+                trust,
+                artifact,
+                infrakit_binary,
+                forms: crate::image::build::Forms {
+                    qcow2: format.contains(&ImageFormatArg::Qcow2),
+                    zstd: format.contains(&ImageFormatArg::RawZst),
+                },
+            };
+            commands::image(ui, &args)
+        }
         Command::Verify {
             artifact,
             keys,
@@ -645,6 +761,9 @@ fn pin_args(pin: PinFlags, locked: bool) -> Result<commands::PinArgs> {
         mirrors: pin.mirrors,
         upstream_keys: pin.upstream_keys,
         locked,
+        inputs: pin.only != Some(OnlyArg::Packages),
+        packages: pin.only != Some(OnlyArg::Inputs),
+        archive_keyring: pin.archive_keyring,
     })
 }
 

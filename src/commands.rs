@@ -95,6 +95,19 @@ impl Ui {
         out
     }
 
+    /// A bar for a run of steps, each a message with or without a measure
+    /// (hidden when quiet or not a terminal).
+    fn step_bar(quiet: bool) -> ProgressBar {
+        if quiet {
+            return ProgressBar::hidden();
+        }
+        let style = ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {elapsed}")
+            .expect("the template is valid");
+        let bar = ProgressBar::new(0).with_style(style);
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    }
+
     /// A line on stdout that only confirms success: hidden by `-q` and
     /// `--json`. A closed pipe (`| head`) is not an error.
     fn say(&self, line: impl std::fmt::Display) {
@@ -318,6 +331,117 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
     Ok(())
 }
 
+/// `image` arguments after the environment has been consulted.
+pub struct ImageArgs {
+    /// The release build (its profile, output directory, key and inputs).
+    pub build: BuildArgs,
+    /// `--trust`: more keys the host trusts.
+    pub trust: Vec<PathBuf>,
+    /// `--artifact`: a signed release instead of building one.
+    pub artifact: Option<PathBuf>,
+    pub infrakit_binary: PathBuf,
+    pub forms: crate::image::build::Forms,
+}
+
+/// Builds the release (unless `--artifact` gives one), then the image.
+pub fn image(ui: &Ui, args: &ImageArgs) -> Result<()> {
+    let b = &args.build;
+    ui.put("profile", b.profile.display().to_string());
+    let Some(key_path) = b.sign_key.as_deref() else {
+        return Err(Error::usage(
+            "--sign-key",
+            "an image must be signed: pass --sign-key or set INFRAKIT_SIGN_KEY",
+        ));
+    };
+    let Some(cache) = b.cache.as_deref() else {
+        return Err(Error::usage(
+            "XDG_CACHE_HOME",
+            "no cache directory: set XDG_CACHE_HOME (the packages come from `infrakit fetch`'s cache)",
+        ));
+    };
+    let key = SecretKey::load(key_path, b.password_file.as_deref())?;
+    let trust = if args.trust.is_empty() {
+        Vec::new()
+    } else {
+        Keyring::load(&Trusted::Files(args.trust.clone()))?
+            .keys()
+            .to_vec()
+    };
+    let artifact = match &args.artifact {
+        Some(a) => a.clone(),
+        None => {
+            let opts = BuildOptions {
+                profile: &b.profile,
+                out_dir: &b.out,
+                format: b.format,
+                level: b.level,
+                version: b.release_version.as_deref(),
+                source_date_epoch: b.source_date_epoch,
+                sign_key: Some(&key),
+                workers: b.workers,
+                inputs: emit::InputSources {
+                    cache: Some(cache),
+                    overrides: &b.inputs,
+                },
+            };
+            let built = ui.with_bar("release", |progress| emit::build(&opts, progress))?;
+            ui.say(format_args!("  {}", built.artifact.display()));
+            built.artifact
+        }
+    };
+    let bar = Ui::step_bar(ui.quiet);
+    let progress = |what: &str, done: u64, total: u64| {
+        bar.set_message(what.to_owned());
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.tick();
+    };
+    let built = crate::image::build::build(
+        &crate::image::build::ImageOptions {
+            profile: &b.profile,
+            out_dir: &b.out,
+            artifact: &artifact,
+            sign_key: &key,
+            trust: &trust,
+            infrakit_binary: &args.infrakit_binary,
+            cache,
+            forms: args.forms,
+            source_date_epoch: b.source_date_epoch,
+        },
+        &progress,
+    );
+    bar.finish_and_clear();
+    let built = built?;
+    let m = &built.manifest;
+    ui.put("name", &m.name);
+    ui.put("version", &m.version);
+    ui.put("key_id", &built.key_id);
+    ui.put("sha256", m.disk.sha256);
+    ui.put("packages", m.packages.len());
+    ui.put(
+        "files",
+        built
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>(),
+    );
+    ui.say(format_args!(
+        "built image {} {} ({} {}, {} packages): {} bytes, sha256 {}",
+        m.name,
+        m.version,
+        m.suite,
+        m.arch,
+        m.packages.len(),
+        m.disk.size,
+        m.disk.sha256
+    ));
+    for f in &built.files {
+        ui.say(format_args!("  {}", f.display()));
+    }
+    Ok(())
+}
+
 pub fn verify(
     ui: &Ui,
     artifact: &Path,
@@ -327,6 +451,9 @@ pub fn verify(
 ) -> Result<()> {
     ui.put("artifact", artifact.display().to_string());
     let keyring = Keyring::load(trusted)?;
+    if crate::image::verify::is_image(artifact) {
+        return verify_image(ui, artifact, &keyring, manifest.or(signature));
+    }
     let op = Operand::open(artifact)?;
     let opts = VerifyOptions {
         artifact: &op.path,
@@ -349,6 +476,34 @@ pub fn verify(
         m.version,
         verified.key_id(),
         m.entries.len()
+    ));
+    Ok(())
+}
+
+/// `verify` of a disk image: signature, the manifest it binds, the digest.
+fn verify_image(ui: &Ui, path: &Path, keyring: &Keyring, option: Option<&Path>) -> Result<()> {
+    if option.is_some() {
+        return Err(Error::usage(
+            "--manifest/--signature",
+            "a disk image is verified with NAME.image.json and NAME.img.minisig beside it",
+        ));
+    }
+    let verified = ui.with_bar("verifying", |progress| {
+        crate::image::verify::verify(path, keyring.keys(), progress)
+    })?;
+    let m = &verified.manifest;
+    ui.put("name", &m.name);
+    ui.put("version", &m.version);
+    ui.put("key_id", &verified.key_id);
+    ui.put("kind", &m.kind);
+    ui.put("sha256", m.disk.sha256);
+    ui.say(format_args!(
+        "verified image {} {}: signed by key {}, {} packages, release sha256 {}",
+        m.name,
+        m.version,
+        verified.key_id,
+        m.packages.len(),
+        m.artifact.sha256
     ));
     Ok(())
 }
@@ -1121,6 +1276,12 @@ pub struct PinArgs {
     pub upstream_keys: Option<PathBuf>,
     /// `fetch --locked`.
     pub locked: bool,
+    /// Pin the adapters' inputs (`--only` not `packages`).
+    pub inputs: bool,
+    /// Pin the `[image]` packages (`--only` not `inputs`).
+    pub packages: bool,
+    /// Verifies the Debian archive's indexes.
+    pub archive_keyring: PathBuf,
 }
 
 /// The profile's inputs and its lock (empty when there is none yet).
@@ -1187,8 +1348,123 @@ pub fn inputs(ui: &Ui, profile: &Path) -> Result<()> {
 /// --locked` refuses to change the lock), write the lock if it changed,
 /// and with `fetch`, make sure every locked asset is in the cache.
 pub fn pin_inputs(ui: &Ui, args: &PinArgs, fetch: bool) -> Result<()> {
+    let (profile, inputs, lock_path, old) = profile_inputs(&args.profile)?;
+    if args.inputs {
+        pin_adapter_inputs(ui, args, fetch, &inputs, &lock_path, &old)?;
+    }
+    if args.packages {
+        pin_packages(ui, args, fetch, &profile)?;
+    }
+    Ok(())
+}
+
+/// `lock`/`fetch` of the `[image]` packages: resolve them from the
+/// archive's signed indexes when the image lock is missing or out of date
+/// (not with `--locked`), and with `fetch`, put every `.deb` into the cache
+/// with its locked digest.
+fn pin_packages(
+    ui: &Ui,
+    args: &PinArgs,
+    fetch: bool,
+    profile: &crate::compose::profile::Profile,
+) -> Result<()> {
+    use crate::image::lock::{self, ImageLock};
+    use crate::inputs::{self, Outcome, cache, decl::Kind, lock::Locked};
+    let Some(decl) = &profile.image else {
+        return Ok(());
+    };
+    let lock_path = lock::path_for(profile);
+    let old = ImageLock::read(&lock_path)?;
+    let mirrors = cache::Mirrors::parse(&args.mirrors)?;
+    let current = old.filter(|l| l.request == lock::request(decl));
+    let locked = match current {
+        Some(l) => {
+            ui.say(format_args!(
+                "{} is up to date ({} packages)",
+                lock_path.display(),
+                l.packages.len()
+            ));
+            l
+        }
+        None if args.locked => {
+            return Err(Error::Refused(format!(
+                "{} is missing or was resolved for another [image], and --locked forbids changing it; \
+                 run `infrakit lock {}` and commit the lock",
+                lock_path.display(),
+                args.profile.display()
+            )));
+        }
+        None => {
+            let l = ui.with_bar("resolving", |_| {
+                crate::image::resolve::resolve(
+                    decl,
+                    &args.archive_keyring,
+                    &mirrors.rewrite(&decl.mirror),
+                )
+            })?;
+            l.write(&lock_path)?;
+            ui.say(format_args!(
+                "wrote {} ({} packages)",
+                lock_path.display(),
+                l.packages.len()
+            ));
+            l
+        }
+    };
+    if !fetch {
+        return Ok(());
+    }
+    let cache = cache::Cache::new(args.cache.clone());
+    let ctx = inputs::Context {
+        cache: &cache,
+        mirrors: &mirrors,
+        upstream_keys: None,
+        locked: true,
+        profile: &args.profile,
+        lock_path: &lock_path,
+    };
+    let total: u64 = locked.packages.iter().map(|p| p.size).sum();
+    let mut fetched = 0;
+    ui.with_bar("packages", |progress| {
+        let mut done = 0;
+        for p in &locked.packages {
+            let entry = Locked {
+                name: p.name.clone(),
+                kind: Kind::Deb,
+                version: p.version.clone(),
+                url: p.url.clone(),
+                sha256: p.sha256,
+            };
+            let got = inputs::ensure_cached(&entry, &ctx, &|d, _| progress(done + d, total))?;
+            done += p.size;
+            match got {
+                Outcome::Downloaded => fetched += 1,
+                Outcome::Replaced => ui.warn(format_args!(
+                    "package {} {}: the cached copy had been modified; fetched it again",
+                    p.name, p.version
+                )),
+                _ => {}
+            }
+        }
+        Ok::<_, Error>(())
+    })?;
+    ui.say(format_args!(
+        "{} packages in the cache ({fetched} fetched)",
+        locked.packages.len()
+    ));
+    Ok(())
+}
+
+/// `lock`/`fetch` of the adapters' inputs.
+fn pin_adapter_inputs(
+    ui: &Ui,
+    args: &PinArgs,
+    fetch: bool,
+    inputs: &[crate::inputs::decl::Input],
+    lock_path: &Path,
+    old: &crate::inputs::lock::Lock,
+) -> Result<()> {
     use crate::inputs::{self, Outcome, cache};
-    let (_, inputs, lock_path, old) = profile_inputs(&args.profile)?;
     let cache = cache::Cache::new(args.cache.clone());
     let mirrors = cache::Mirrors::parse(&args.mirrors)?;
     let ctx = inputs::Context {
@@ -1197,10 +1473,10 @@ pub fn pin_inputs(ui: &Ui, args: &PinArgs, fetch: bool) -> Result<()> {
         upstream_keys: args.upstream_keys.as_deref(),
         locked: args.locked,
         profile: &args.profile,
-        lock_path: &lock_path,
+        lock_path,
     };
     let mut new = crate::inputs::lock::Lock::default();
-    for input in &inputs {
+    for input in inputs {
         let (entry, pinned) = ui.with_bar(&input.name, |progress| {
             inputs::pin(input, old.entries.get(&input.name), &ctx, progress)
         })?;
@@ -1225,8 +1501,8 @@ pub fn pin_inputs(ui: &Ui, args: &PinArgs, fetch: bool) -> Result<()> {
         }
         new.entries.insert(entry.name.clone(), entry);
     }
-    if new != old && !args.locked {
-        new.write(&lock_path)?;
+    if new != *old && !args.locked {
+        new.write(lock_path)?;
         ui.say(format_args!(
             "wrote {} ({} inputs)",
             lock_path.display(),

@@ -17,6 +17,7 @@ pub mod commands;
 pub mod diff;
 
 pub mod host;
+pub mod image;
 pub mod inputs;
 pub mod trust;
 

@@ -26,6 +26,184 @@ struct ProfileFile {
     adapters: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     params: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    image: Option<ImageFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ImageFile {
+    suite: Spanned<String>,
+    #[serde(default)]
+    arch: Option<Spanned<String>>,
+    #[serde(default)]
+    mirror: Option<Spanned<String>>,
+    packages: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    cmdline: Option<Spanned<String>>,
+    size: Spanned<String>,
+}
+
+/// The Debian suites an image can be built from.
+pub const IMAGE_SUITES: [&str; 2] = ["bookworm", "trixie"];
+/// Where Debian packages come from unless `[image] mirror` says otherwise.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// The kernel command line unless `[image] cmdline` says otherwise (the
+/// root is added by the image build).
+pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
+
+/// `[image]`: the base OS of a bootable disk image (docs/images.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageDecl {
+    pub suite: String,
+    pub arch: String,
+    pub mirror: String,
+    /// Installed on top of the minimal base (Essential, required, apt); sorted.
+    pub packages: Vec<String>,
+    pub cmdline: String,
+    /// The disk's size in bytes, a whole number of MiB.
+    pub size: u64,
+}
+
+/// Whether `name` is a valid Debian package name (Debian policy 5.6.1).
+pub fn valid_package_name(name: &str) -> bool {
+    name.len() >= 2
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+}
+
+/// `"2G"`, `"1536M"`: bytes, a whole number of MiB.
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let mib = match unit {
+        "G" => n.checked_mul(1024)?,
+        "M" => n,
+        _ => return None,
+    };
+    mib.checked_mul(1 << 20)
+}
+
+impl ImageFile {
+    fn check(self, path: &Path, text: &str) -> Result<ImageDecl> {
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            Error::input_at_offset(path, text, span.start, msg)
+        };
+        if !IMAGE_SUITES.contains(&self.suite.get_ref().as_str()) {
+            return Err(at(
+                self.suite.span(),
+                format!(
+                    "[image] suite {:?} is not one of {}",
+                    self.suite.get_ref(),
+                    IMAGE_SUITES.join(", ")
+                ),
+            ));
+        }
+        let arch = match self.arch {
+            None => "amd64".to_owned(),
+            Some(a) if a.get_ref() == "amd64" => a.into_inner(),
+            Some(a) => {
+                return Err(at(
+                    a.span(),
+                    format!(
+                        "[image] arch {:?}: only amd64 (x86-64 UEFI) images are built",
+                        a.get_ref()
+                    ),
+                ));
+            }
+        };
+        let mirror = match self.mirror {
+            None => DEFAULT_MIRROR.to_owned(),
+            Some(m) => {
+                let url = m.get_ref().trim_end_matches('/');
+                let rest = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"));
+                let ok = rest.is_some_and(|r| {
+                    !r.is_empty()
+                        && !r.contains('@')
+                        && r.bytes()
+                            .all(|b| b.is_ascii_graphic() && !b"\"'`$\\".contains(&b))
+                });
+                if !ok {
+                    return Err(at(
+                        m.span(),
+                        format!(
+                            "[image] mirror {:?} must be an http:// or https:// URL without credentials, quotes or spaces",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+                url.to_owned()
+            }
+        };
+        let mut packages: Vec<String> = Vec::new();
+        for p in self.packages.get_ref() {
+            if !valid_package_name(p.get_ref()) {
+                return Err(at(
+                    p.span(),
+                    format!(
+                        "[image] package {:?} is not a Debian package name",
+                        p.get_ref()
+                    ),
+                ));
+            }
+            if packages.contains(p.get_ref()) {
+                return Err(at(
+                    p.span(),
+                    format!("[image] package {:?} is listed twice", p.get_ref()),
+                ));
+            }
+            packages.push(p.get_ref().clone());
+        }
+        packages.sort();
+        if packages.is_empty() {
+            return Err(at(
+                self.packages.span(),
+                "[image] packages is empty: list at least a kernel (linux-image-amd64)".to_owned(),
+            ));
+        }
+        let cmdline = match self.cmdline {
+            None => DEFAULT_CMDLINE.to_owned(),
+            Some(c) => {
+                let v = c.get_ref();
+                if v.is_empty()
+                    || !v.bytes().all(|b| (b' '..=b'~').contains(&b))
+                    || v.split(' ').any(|w| w.starts_with("root="))
+                {
+                    return Err(at(
+                        c.span(),
+                        "[image] cmdline must be printable ASCII and must not set root= (the build sets it)".to_owned(),
+                    ));
+                }
+                c.into_inner()
+            }
+        };
+        let size = parse_size(self.size.get_ref())
+            .filter(|s| *s >= 1 << 30)
+            .ok_or_else(|| {
+                at(
+                    self.size.span(),
+                    format!(
+                        "[image] size {:?} must be at least 1G, written like \"2G\" or \"1536M\"",
+                        self.size.get_ref()
+                    ),
+                )
+            })?;
+        Ok(ImageDecl {
+            suite: self.suite.into_inner(),
+            arch,
+            mirror,
+            packages,
+            cmdline,
+            size,
+        })
+    }
 }
 
 /// A layer named by a profile, resolved to a directory.
@@ -51,6 +229,8 @@ pub struct Profile {
     pub digest: Sha256,
     /// `[params]`, checked against the overlays' declarations when they load.
     pub params: ProfileParams,
+    /// `[image]`, for `infrakit image`.
+    pub image: Option<ImageDecl>,
 }
 
 /// Whether `name` is a valid profile name: `[a-z0-9-]+`, not starting with `-`.
@@ -170,7 +350,9 @@ impl Profile {
             ));
         }
 
+        let image = file.image.map(|i| i.check(path, text)).transpose()?;
         Ok(Profile {
+            image,
             path: path.to_path_buf(),
             name: file.name.into_inner(),
             version,

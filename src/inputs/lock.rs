@@ -121,26 +121,31 @@ impl Lock {
         format!("{HEADER}{body}")
     }
 
-    /// Writes the lock to `path` atomically: a temp file beside it,
-    /// fsynced, renamed over it, and the directory fsynced.
+    /// Writes the lock to `path` atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".infrakit-lock-")
-            .tempfile_in(dir)
-            .map_err(Error::io(dir, "creating a temporary lock file"))?;
-        tmp.write_all(self.render().as_bytes())
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(Error::io(tmp.path(), "writing lock file"))?;
-        let std_perms = std::os::unix::fs::PermissionsExt::from_mode(0o644);
-        std::fs::set_permissions(tmp.path(), std_perms)
-            .map_err(Error::io(tmp.path(), "setting the lock file's mode"))?;
-        tmp.persist(path)
-            .map_err(|e| Error::io(path, "replacing lock file")(e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Error::io(dir, "syncing the lock file's directory"))
+        write_atomic(path, self.render().as_bytes())
     }
+}
+
+/// Writes a lock file atomically: a temp file beside it, mode 0644,
+/// fsynced, renamed over it, and the directory fsynced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".infrakit-lock-")
+        .tempfile_in(dir)
+        .map_err(Error::io(dir, "creating a temporary lock file"))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(Error::io(tmp.path(), "writing lock file"))?;
+    let std_perms = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(tmp.path(), std_perms)
+        .map_err(Error::io(tmp.path(), "setting the lock file's mode"))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io(path, "replacing lock file")(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir, "syncing the lock file's directory"))
 }
 
 #[cfg(test)]

@@ -275,7 +275,7 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 /// BLAKE2b-512 prehash, SHA-256 and size of a file: two threads, each
 /// reading the same open file with positioned reads (`read_at`), so the two
 /// digests cost the time of one.
-fn hash_file(
+pub(crate) fn hash_file(
     file: &File,
     path: &Path,
     progress: &dyn Fn(u64, u64),
