@@ -359,6 +359,7 @@ pub fn image(ui: &Ui, args: &ImageArgs) -> Result<()> {
             "no cache directory: set XDG_CACHE_HOME (the packages come from `infrakit fetch`'s cache)",
         ));
     };
+    crate::image::build::preflight(&b.profile)?;
     let key = SecretKey::load(key_path, b.password_file.as_deref())?;
     let trust = if args.trust.is_empty() {
         Vec::new()

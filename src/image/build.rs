@@ -87,16 +87,23 @@ pub struct Built {
 /// measure.
 pub type Progress<'a> = &'a dyn Fn(&str, u64, u64);
 
-pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
-    let profile = Profile::load(opts.profile)?;
+/// The profile, its `[image]` and its image lock, refused (exit 2) when
+/// there is no `[image]` or the lock is missing or out of date: checked
+/// before anything is built.
+pub fn preflight(path: &Path) -> Result<(Profile, ImageDecl, ImageLock)> {
+    let profile = Profile::load(path)?;
     let decl = profile.image.clone().ok_or_else(|| {
         Error::input(
-            opts.profile,
+            path,
             "has no [image] table: declare the base OS (suite, packages, size) as docs/images.md shows",
         )
     })?;
-    let lock_path = lock::path_for(&profile);
-    let locked = read_lock(&lock_path, &decl, opts.profile)?;
+    let locked = read_lock(&lock::path_for(&profile), &decl, path)?;
+    Ok((profile, decl, locked))
+}
+
+pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
+    let (profile, decl, locked) = preflight(opts.profile)?;
     let sde = opts
         .source_date_epoch
         .or(profile.source_date_epoch)

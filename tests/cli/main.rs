@@ -14,6 +14,7 @@ mod differential;
 mod features;
 mod first_boot;
 mod hardening;
+mod image;
 mod inputs;
 mod oracles;
 mod repro;

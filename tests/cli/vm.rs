@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::support::{self, Server, s};
@@ -235,15 +235,21 @@ impl Drop for Qemu {
 /// Boots are serialised within the test process (the machine has 2 cores and
 /// TCG is slow). Panics with the console's tail if the guest does not finish
 /// its report within 6 minutes or stops before it.
-pub(crate) fn boot(seed_iso: &Path, serve: Option<&Path>) -> Boot {
+/// One QEMU at a time in this test process (2 cores, TCG): every boot,
+/// here and in the image tests, holds this while its guest runs.
+pub(crate) fn boot_turn() -> MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn boot(seed_iso: &Path, serve: Option<&Path>) -> Boot {
     let guest = guest();
     for t in ["qemu-system-x86_64", "qemu-img", "socat"] {
         support::require_tool(t);
     }
     let seed_iso = fs::canonicalize(seed_iso)
         .unwrap_or_else(|e| panic!("seed ISO {}: {e}", seed_iso.display()));
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = boot_turn();
 
     let tmp = support::tempdir();
     let overlay = tmp.path().join("root.qcow2");
@@ -396,7 +402,7 @@ fn qemu_args(
 /// `===== BEGIN name =====` and `===== END name rc=N =====`. Markers are
 /// found anywhere in a line (a kernel message may precede one on the same
 /// line); an unterminated section is dropped.
-fn parse_sections(console: &str) -> BTreeMap<String, Section> {
+pub(crate) fn parse_sections(console: &str) -> BTreeMap<String, Section> {
     let mut sections = BTreeMap::new();
     let mut open: Option<(String, Vec<&str>)> = None;
     for line in console.lines() {
@@ -442,7 +448,7 @@ fn section(rc: i32, lines: &[&str]) -> Section {
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
