@@ -104,6 +104,10 @@ pub fn preflight(path: &Path) -> Result<(Profile, ImageDecl, ImageLock)> {
 
 pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
     let (profile, decl, locked) = preflight(opts.profile)?;
+    // Modes of what this build and the tools it runs create must not depend
+    // on the caller's umask (a group-writable /etc/infrakit/keys would also
+    // make the booted host refuse its keyring).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let sde = opts
         .source_date_epoch
         .or(profile.source_date_epoch)

@@ -8,11 +8,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::artifact::manifest::Binding;
 use crate::error::{Error, Result};
 use crate::image::manifest::ImageManifest;
 use crate::trust::sign::{PublicKey, Signature};
-use crate::trust::verify::{hash_file, read_manifest};
+use crate::trust::verify::{binding, hash_file, read_manifest, same_release};
 
 /// The file name's stem and whether it is the raw disk, for an image file.
 fn stem(path: &Path) -> Option<(String, bool)> {
@@ -81,32 +80,14 @@ pub fn verify(
         signature.verify_comment(keys)
     }
     .map_err(|m| Error::check(format!("{}: {m}", path.display())))?;
-    let claimed = Binding::parse(signature.trusted_comment())
-        .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
-    let manifest_sha = crate::trust::digest::Sha256::of(&manifest_bytes);
-    if claimed.manifest_sha256 != manifest_sha {
-        return Err(Error::check(format!(
-            "{}: manifest digest {manifest_sha} is not the signed one {}",
-            manifest_path.display(),
-            claimed.manifest_sha256
-        )));
-    }
+    let (claimed, _) = binding(&signature, &sig_path, &manifest_path, &manifest_bytes)?;
     let manifest = ImageManifest::parse(&manifest_bytes).map_err(|m| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",
             manifest_path.display()
         ))
     })?;
-    if (&claimed.name, &claimed.version) != (&manifest.name, &manifest.version) {
-        return Err(Error::check(format!(
-            "{}: signed name/version ({} {}) differ from the manifest's ({} {})",
-            sig_path.display(),
-            claimed.name,
-            claimed.version,
-            manifest.name,
-            manifest.version
-        )));
-    }
+    same_release(&claimed, &manifest.name, &manifest.version, &sig_path)?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

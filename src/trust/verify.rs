@@ -184,32 +184,14 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
         .verify(opts.keys, &prehash)
         .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
 
-    let claimed = Binding::parse(signature.trusted_comment())
-        .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
-    let manifest_sha = Sha256::of(&manifest_bytes);
-    if claimed.manifest_sha256 != manifest_sha {
-        return Err(Error::check(format!(
-            "{}: manifest digest {manifest_sha} is not the signed one {}",
-            manifest_path.display(),
-            claimed.manifest_sha256
-        )));
-    }
+    let (claimed, manifest_sha) = binding(&signature, &sig_path, &manifest_path, &manifest_bytes)?;
     let manifest = Manifest::parse(&manifest_bytes).map_err(|m| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",
             manifest_path.display()
         ))
     })?;
-    if (&claimed.name, &claimed.version) != (&manifest.name, &manifest.version) {
-        return Err(Error::check(format!(
-            "{}: signed name/version ({} {}) differ from the manifest's ({} {})",
-            sig_path.display(),
-            claimed.name,
-            claimed.version,
-            manifest.name,
-            manifest.version
-        )));
-    }
+    same_release(&claimed, &manifest.name, &manifest.version, &sig_path)?;
     // The name is part of what was signed: a renamed artifact is refused
     // here, for `verify` and `apply` alike.
     let file_name = artifact.file_name().and_then(|n| n.to_str());
@@ -270,6 +252,46 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+/// The trusted comment's binding, once the signature was checked: the
+/// manifest's bytes must have the signed digest; returns the binding and
+/// that digest.
+pub(crate) fn binding(
+    signature: &Signature,
+    sig_path: &Path,
+    manifest_path: &Path,
+    manifest_bytes: &[u8],
+) -> Result<(Binding, Sha256)> {
+    let claimed = Binding::parse(signature.trusted_comment())
+        .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
+    let manifest_sha = Sha256::of(manifest_bytes);
+    if claimed.manifest_sha256 != manifest_sha {
+        return Err(Error::check(format!(
+            "{}: manifest digest {manifest_sha} is not the signed one {}",
+            manifest_path.display(),
+            claimed.manifest_sha256
+        )));
+    }
+    Ok((claimed, manifest_sha))
+}
+
+/// The signed name and version are the manifest's.
+pub(crate) fn same_release(
+    claimed: &Binding,
+    name: &str,
+    version: &str,
+    sig_path: &Path,
+) -> Result<()> {
+    if (claimed.name.as_str(), claimed.version.as_str()) != (name, version) {
+        return Err(Error::check(format!(
+            "{}: signed name/version ({} {}) differ from the manifest's ({name} {version})",
+            sig_path.display(),
+            claimed.name,
+            claimed.version,
+        )));
+    }
+    Ok(())
 }
 
 /// BLAKE2b-512 prehash, SHA-256 and size of a file: two threads, each

@@ -8,7 +8,16 @@
 # start the Monad signer without its secrets); `done` (power off). The test
 # prepends `plan=(...)`.
 set -u
-exec >/dev/ttyS0 2>&1 </dev/null
+# Every line goes through a fresh open of the console: a getty starting on
+# ttyS0 hangs up (vhangup) every descriptor opened before it, and writes
+# through those fail from then on.
+exec </dev/null >/dev/null 2>&1
+say() {
+  local format=$1
+  shift
+  # shellcheck disable=SC2059 # the format is each caller's literal
+  printf "$format" "$@" >/dev/ttyS0
+}
 dmesg -n 1 || true
 kill -s SIGRTMIN+21 1 || true
 counter=/var/lib/infrakit-image-test.boots
@@ -20,7 +29,7 @@ section() {
   local name="b$n-$1" out rc
   out=$(timeout 120 bash -c "$2" 2>&1)
   rc=$?
-  printf '===== BEGIN %s =====\n%s\n===== END %s rc=%d =====\n' "$name" "$out" "$name" "$rc"
+  say '===== BEGIN %s =====\n%s\n===== END %s rc=%d =====\n' "$name" "$out" "$name" "$rc"
 }
 
 section hostname 'hostname'
@@ -48,11 +57,11 @@ case $step in
 esac
 case $step in
   apply | rollback)
-    printf '===== BOOT %s DONE =====\n' "$n"
+    say '===== BOOT %s DONE =====\n' "$n"
     systemctl reboot
     ;;
   *)
-    printf '===== REPORT DONE =====\n'
+    say '===== REPORT DONE =====\n'
     systemctl poweroff
     ;;
 esac
