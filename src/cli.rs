@@ -830,9 +830,8 @@ mod tests {
             // The least each needs to parse.
             args.extend(match name {
                 "keygen" | "man" => &["--out", "x"][..],
-                "build" | "lint" | "verify" | "apply" | "inspect" | "inputs" | "lock" | "fetch" => {
-                    &["x"]
-                }
+                "build" | "image" | "lint" | "verify" | "apply" | "inspect" | "inputs" | "lock"
+                | "fetch" => &["x"],
                 "diff" => &["x", "y"],
                 "bundle" => &["x", "--provider", "ec2", "--key", "k", "--out", "o"],
                 "completions" => &["bash"],
