@@ -1018,6 +1018,7 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             dry_run,
             hooks_run,
             recovered,
+            signer_down_ms,
         } => {
             let kind = match (action, dry_run) {
                 (_, true) => "dry-run",
@@ -1031,6 +1032,7 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             ui.put("plan", plan_json(plan));
             ui.put("hooks_run", hooks_run);
             ui.put("recovered", recovered);
+            ui.put("signer_down_ms", signer_down_ms);
             let line = |l: std::fmt::Arguments<'_>| {
                 if *dry_run { ui.show(l) } else { ui.say(l) }
             };

@@ -104,6 +104,12 @@ pub enum Outcome {
         /// An interrupted activation finished or reverted first (or, in a
         /// dry run, that would be).
         recovered: Option<String>,
+        /// When the old release had signers: milliseconds from their stop
+        /// (done) to the first start of the new release's (issued), the
+        /// units' own start time not counted; `None` otherwise and in a
+        /// dry run. On a root that is not `/` no hook runs and this is
+        /// infrakit's own share of the window.
+        signer_down_ms: Option<f64>,
     },
 }
 
@@ -141,6 +147,7 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
                 dry_run: true,
                 hooks_run: false,
                 recovered,
+                signer_down_ms: None,
             }),
         };
     }
@@ -464,6 +471,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
             dry_run: true,
             hooks_run: false,
             recovered,
+            signer_down_ms: None,
         });
     }
     let history = record.history[..pos].to_vec();
@@ -696,8 +704,12 @@ fn activate(
         let _ = revert(state, journal);
         return Err(e);
     }
+    let signers_down = std::time::Instant::now();
     state.switch(&journal.to)?;
-    finish(state, journal)?;
+    let starting = finish(state, journal)?;
+    let signer_down_ms = (!journal.hooks.stop_before.is_empty())
+        .then(|| (starting - signers_down).as_secs_f64() * 1000.0)
+        .map(|ms| (ms * 10.0).round() / 10.0);
     Ok(Outcome::Activated {
         action: journal.action,
         id: journal.to.clone(),
@@ -706,6 +718,7 @@ fn activate(
         dry_run: false,
         hooks_run: live,
         recovered,
+        signer_down_ms,
     })
 }
 
@@ -726,7 +739,9 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
-fn finish(state: &State, journal: &Journal) -> Result<()> {
+/// Returns when the signers' starts began (the end of their window):
+/// everything that can wait (pruning old releases) runs after them.
+fn finish(state: &State, journal: &Journal) -> Result<std::time::Instant> {
     let new = state.release(&journal.to)?.manifest;
     let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
     // The old release is pruned already if a previous finish got that far.
@@ -760,14 +775,18 @@ fn finish(state: &State, journal: &Journal) -> Result<()> {
         .applied_at
         .retain(|id, _| journal.history.contains(id));
     state.write_record(&record)?;
-    prune(state, &record.history)?;
-    if hooks::is_live(&state.root) {
-        hooks::run(
-            &journal.hooks.after(),
-            "the release is active; the next apply or rollback runs the hooks again",
-        )?;
+    let live = hooks::is_live(&state.root);
+    let then = "the release is active; the next apply or rollback runs the hooks again";
+    if live {
+        hooks::run(&journal.hooks.settle(), then)?;
     }
-    state.remove_journal()
+    let starting = std::time::Instant::now();
+    if live {
+        hooks::run(&journal.hooks.starts(), then)?;
+    }
+    prune(state, &record.history)?;
+    state.remove_journal()?;
+    Ok(starting)
 }
 
 /// The journal's directories and adopted paths that `to` (the release the

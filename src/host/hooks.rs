@@ -216,8 +216,22 @@ impl Hooks {
         out
     }
 
-    /// The commands run after the switch, in order.
+    /// The commands run after the switch, in order: `settle`, then
+    /// `starts`.
     pub fn after(&self) -> Vec<Vec<String>> {
+        let mut out = self.settle();
+        out.extend(self.starts());
+        out
+    }
+
+    /// The signers' starts, each on its own: the end of the signer-down
+    /// window.
+    pub fn starts(&self) -> Vec<Vec<String>> {
+        start_one_by_one(&self.start)
+    }
+
+    /// What runs after the switch before the signers start.
+    pub fn settle(&self) -> Vec<Vec<String>> {
         let mut out = Vec::new();
         let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         if !self.stop_after.is_empty() {
@@ -249,7 +263,6 @@ impl Hooks {
             // image's defaults) picks up the release's unit files too.
             out.push(systemctl("restart", &self.start_enabled));
         }
-        out.extend(start_one_by_one(&self.start));
         out
     }
 }

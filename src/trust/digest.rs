@@ -152,9 +152,11 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Reads `inner` to its end on a thread of its own, hashing it (SHA-256),
-/// and hands the bytes over in chunks through a bounded channel: reading
-/// (decompression) and hashing overlap with whatever consumes the stream.
+/// Reads `inner` to its end on a thread of its own and hands the bytes over
+/// in chunks through a bounded channel: reading (decompression) overlaps
+/// with whatever consumes the stream. It only counts: nothing the trust
+/// chain needs is left to hash here (`verify::check_entries` compares every
+/// byte of the tar stream with what the signed manifest determines).
 pub struct ReadAhead {
     /// Chunks; an empty chunk marks the end of the stream.
     chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
@@ -162,7 +164,7 @@ pub struct ReadAhead {
     pos: usize,
     /// The end, or the reader's error (repeated on every later read).
     done: Option<Result<(), (io::ErrorKind, String)>>,
-    reader: Option<std::thread::JoinHandle<(Sha256, u64)>>,
+    reader: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl ReadAhead {
@@ -172,7 +174,8 @@ impl ReadAhead {
     pub fn spawn<R: Read + Send + 'static>(inner: R) -> ReadAhead {
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
-            let mut inner = HashingReader::new(inner);
+            let mut inner = inner;
+            let mut count = 0u64;
             loop {
                 let mut chunk = vec![0u8; Self::CHUNK];
                 let n = match inner.read(&mut chunk) {
@@ -188,11 +191,12 @@ impl ReadAhead {
                     }
                 };
                 chunk.truncate(n);
+                count += n as u64;
                 if tx.send(Ok(chunk)).is_err() {
                     break; // the consumer gave up
                 }
             }
-            inner.finish()
+            count
         });
         ReadAhead {
             chunks: rx,
@@ -203,9 +207,8 @@ impl ReadAhead {
         }
     }
 
-    /// The digest and size of everything read, once the stream was read to
-    /// its end.
-    pub fn finish(mut self) -> io::Result<(Sha256, u64)> {
+    /// The size of everything read, once the stream was read to its end.
+    pub fn finish(mut self) -> io::Result<u64> {
         let reader = self.reader.take().expect("finish is called once");
         drop(self);
         reader

@@ -86,7 +86,7 @@ impl Verified {
     /// nothing missing, extra or duplicated, same type, name, mode, owner,
     /// size and link target, no other record; its digest; nothing after the
     /// end), hands each to `sink`, and finally checks the tar stream's
-    /// digest and size.
+    /// size.
     pub fn stream(&self, sink: &mut Sink<'_>) -> Result<()> {
         let mut file = self
             .file
@@ -94,22 +94,25 @@ impl Verified {
             .map_err(Error::io(&self.artifact, "reopening artifact"))?;
         std::io::Seek::rewind(&mut file)
             .map_err(Error::io(&self.artifact, "rewinding artifact"))?;
-        // Decompression and the tar stream's digest run on their own thread.
+        // Decompression runs on its own thread. The tar stream's SHA-256 is
+        // not recomputed: `check_entries` has compared every byte of the
+        // stream with what the signed manifest determines (each header
+        // exactly, each content by its digest, zero padding, the two end
+        // blocks and nothing after), so its digest would add no check.
         let mut stream = ReadAhead::spawn(archive::decode(file, &self.artifact)?);
         check_entries(&self.artifact, &mut stream, &self.manifest, sink)?;
-        let (tar_sha, tar_size) = stream.finish().map_err(|e| {
+        let tar_size = stream.finish().map_err(|e| {
             Error::check(format!(
                 "{}: archive unreadable: {e}",
                 self.artifact.display()
             ))
         })?;
         let m = &self.manifest.archive;
-        if (tar_sha, tar_size) != (m.tar_sha256, m.tar_size) {
+        if tar_size != m.tar_size {
             return Err(Error::check(format!(
-                "{}: tar stream is {tar_size} bytes with sha256 {tar_sha}, the manifest says {} bytes with {}",
+                "{}: tar stream is {tar_size} bytes, the manifest says {}",
                 self.artifact.display(),
-                m.tar_size,
-                m.tar_sha256
+                m.tar_size
             )));
         }
         Ok(())
@@ -137,17 +140,62 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
 }
 
 /// Verifies an artifact and every member; `progress(done, total)` is told
-/// of bytes hashed.
+/// of bytes hashed. Nothing is written, so the members are checked against
+/// the manifest while the signature's prehash is computed beside them (two
+/// reads of the file, on two cores); the result stands only if the
+/// signature then matches, and a signature that does not is the error
+/// reported, whatever the members showed. The artifact's SHA-256 is not
+/// computed: the signature covers its every byte.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
-    let verified = authenticate(opts, progress)?;
-    // `stream` reads and checks each member's content after the sink.
-    verified.stream(&mut |_, _| Ok(()))?;
+    let opened = open(opts)?;
+    let mut verified = bind(opts.artifact, &opened, String::new())?;
+    let size = opened
+        .file
+        .metadata()
+        .map_err(Error::io(opts.artifact, "reading artifact"))?
+        .len();
+    if size != verified.manifest.archive.size {
+        return Err(Error::check(format!(
+            "{}: artifact is {size} bytes, the manifest says {}",
+            opts.artifact.display(),
+            verified.manifest.archive.size
+        )));
+    }
+    let (prehash, streamed) = std::thread::scope(|scope| {
+        let members = scope.spawn(|| verified.stream(&mut |_, _| Ok(())));
+        let prehash = prehash_file(&opened.file, opts.artifact, progress);
+        let streamed = members
+            .join()
+            .unwrap_or_else(|_| Err(Error::check("the checking thread panicked")));
+        (prehash, streamed)
+    });
+    let (prehash, n) = prehash?;
+    if n != size {
+        return Err(Error::check(format!(
+            "{}: the artifact changed while it was read",
+            opts.artifact.display()
+        )));
+    }
+    let key = opened
+        .signature
+        .verify(opts.keys, &prehash)
+        .map_err(|m| Error::check(format!("{}: {m}", opts.artifact.display())))?;
+    streamed?;
+    verified.key_id = key.key_id();
     Ok(verified)
 }
 
-/// Checks the signature, trusted comment and both digests of an artifact,
-/// reading it once; the members are left for `Verified::stream`.
-pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
+/// An artifact opened with its signature and manifest read, nothing checked.
+struct Opened {
+    file: File,
+    sig_bytes: Vec<u8>,
+    signature: Signature,
+    sig_path: PathBuf,
+    manifest_path: PathBuf,
+    manifest_bytes: Vec<u8>,
+}
+
+fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     if opts.keys.is_empty() {
         return Err(Error::usage(
             "--key",
@@ -164,7 +212,7 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
 
     // The artifact is opened first: a missing artifact is an I/O error, not
     // a missing signature.
-    let artifact_file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
+    let file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
     let sig_bytes = match std::fs::read(&sig_path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -178,20 +226,34 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
     let signature = Signature::parse(&sig_bytes)
         .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
     let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
+    Ok(Opened {
+        file,
+        sig_bytes,
+        signature,
+        sig_path,
+        manifest_path,
+        manifest_bytes,
+    })
+}
 
-    let (prehash, sha256, size) = hash_file(&artifact_file, artifact, progress)?;
-    let key = signature
-        .verify(opts.keys, &prehash)
-        .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
-
-    let (claimed, manifest_sha) = binding(&signature, &sig_path, &manifest_path, &manifest_bytes)?;
-    let manifest = Manifest::parse(&manifest_bytes).map_err(|m| {
+/// The manifest the trusted comment binds, its name and version the
+/// signed ones, the artifact under its signed name.
+fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
+    let Opened {
+        sig_path,
+        manifest_path,
+        manifest_bytes,
+        ..
+    } = opened;
+    let (claimed, manifest_sha) =
+        binding(&opened.signature, sig_path, manifest_path, manifest_bytes)?;
+    let manifest = Manifest::parse(manifest_bytes).map_err(|m| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",
             manifest_path.display()
         ))
     })?;
-    same_release(&claimed, &manifest.name, &manifest.version, &sig_path)?;
+    same_release(&claimed, &manifest.name, &manifest.version, sig_path)?;
     // The name is part of what was signed: a renamed artifact is refused
     // here, for `verify` and `apply` alike.
     let file_name = artifact.file_name().and_then(|n| n.to_str());
@@ -202,23 +264,63 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
             manifest.artifact_file_name()
         )));
     }
-    if (sha256, size) != (manifest.archive.sha256, manifest.archive.size) {
+    Ok(Verified {
+        manifest,
+        manifest_bytes: manifest_bytes.clone(),
+        manifest_sha256: manifest_sha,
+        signature_bytes: opened.sig_bytes.clone(),
+        key_id,
+        artifact: artifact.to_path_buf(),
+        file: opened
+            .file
+            .try_clone()
+            .map_err(Error::io(artifact, "reopening artifact"))?,
+    })
+}
+
+/// Checks the signature, trusted comment and both digests of an artifact,
+/// reading it once, before anything else reads it: what `apply` needs
+/// before it writes a byte. The members are left for `Verified::stream`.
+pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
+    let opened = open(opts)?;
+    let artifact = opts.artifact;
+    let (prehash, sha256, size) = hash_file(&opened.file, artifact, progress)?;
+    let key = opened
+        .signature
+        .verify(opts.keys, &prehash)
+        .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
+    let verified = bind(artifact, &opened, key.key_id())?;
+    let archive = &verified.manifest.archive;
+    if (sha256, size) != (archive.sha256, archive.size) {
         return Err(Error::check(format!(
             "{}: artifact is {size} bytes with sha256 {sha256}, the manifest says {} bytes with {}",
             artifact.display(),
-            manifest.archive.size,
-            manifest.archive.sha256
+            archive.size,
+            archive.sha256
         )));
     }
-    Ok(Verified {
-        manifest,
-        manifest_bytes,
-        manifest_sha256: manifest_sha,
-        signature_bytes: sig_bytes,
-        key_id: key.key_id(),
-        artifact: artifact.to_path_buf(),
-        file: artifact_file,
-    })
+    Ok(verified)
+}
+
+/// BLAKE2b-512 prehash and size of a file, read with positioned reads.
+fn prehash_file(file: &File, path: &Path, progress: &dyn Fn(u64, u64)) -> Result<([u8; 64], u64)> {
+    use std::os::unix::fs::FileExt;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut prehash = Prehasher::default();
+    let mut offset = 0u64;
+    loop {
+        let n = match file.read_at(&mut buf, offset) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, "reading artifact")(e)),
+        };
+        prehash.update(&buf[..n]);
+        offset += n as u64;
+        progress(offset, total);
+    }
+    Ok((prehash.finish(), offset))
 }
 
 /// Reads the manifest file at `path` (at most `MANIFEST_MAX` bytes); a

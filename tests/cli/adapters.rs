@@ -638,3 +638,55 @@ fn enablement_links_match_systemctl_enable() {
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert_eq!(shipped, wants_links(&s), "artifact vs systemctl enable");
 }
+
+/// `apply --json` reports the signer-down window when the release it
+/// replaces has signers, and `null` when there were none to stop.
+#[test]
+fn apply_reports_the_signer_down_window() {
+    let tmp = repo("");
+    let w = tmp.path();
+    let (key, public) = crate::support::keypair(w, "release");
+    for (out, version) in [("d1", "1.0.0"), ("d2", "2.0.0")] {
+        infrakit(
+            w,
+            &[
+                "build",
+                "profiles/chain.toml",
+                "--out",
+                out,
+                "--sign-key",
+                key.to_str().unwrap(),
+                "--release-version",
+                version,
+            ],
+        )
+        .ok();
+    }
+    let root = w.join("root");
+    fs::create_dir(&root).unwrap();
+    let keyring = w.join("keys");
+    fs::create_dir(&keyring).unwrap();
+    fs::copy(&public, keyring.join("release.pub")).unwrap();
+    let apply = |out: &str| -> serde_json::Value {
+        let run = infrakit(
+            w,
+            &[
+                "apply",
+                &format!("{out}/chain.tar.zst"),
+                "--root",
+                root.to_str().unwrap(),
+                "--keyring",
+                keyring.to_str().unwrap(),
+                "--json",
+            ],
+        )
+        .ok();
+        serde_json::from_str(&run.stdout).unwrap()
+    };
+    let first = apply("d1");
+    assert!(first["signer_down_ms"].is_null(), "{first}");
+    let second = apply("d2");
+    let ms = second["signer_down_ms"].as_f64();
+    assert!(ms.is_some_and(|ms| ms >= 0.0), "{second}");
+    assert_eq!(second["hooks_run"], false, "{second}");
+}
