@@ -140,14 +140,21 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
 }
 
 /// Verifies an artifact and every member; `progress(done, total)` is told
-/// of bytes hashed. Nothing is written, so the members are checked against
-/// the manifest while the signature's prehash is computed beside them (two
-/// reads of the file, on two cores); the result stands only if the
+/// of bytes hashed. Nothing is written, so once the trusted comment's
+/// signature vouches for the manifest, the members are checked against it
+/// while the signature's prehash of the file is computed beside them (two
+/// reads of the file, on two cores); the result stands only if the file's
 /// signature then matches, and a signature that does not is the error
 /// reported, whatever the members showed. The artifact's SHA-256 is not
 /// computed: the signature covers its every byte.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
     let opened = open(opts)?;
+    // The trusted comment's signature first: the manifest it binds is
+    // authentic before it is parsed, and the members are compared with it.
+    opened
+        .signature
+        .verify_comment(opts.keys)
+        .map_err(|m| Error::check(format!("{}: {m}", opened.sig_path.display())))?;
     let mut verified = bind(opts.artifact, &opened, String::new())?;
     let size = opened
         .file
