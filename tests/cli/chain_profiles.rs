@@ -68,10 +68,14 @@ pub(crate) fn build_with(w: &Path, profile: &str, out: &str, env: &[(&str, &str)
     // Served on loopback, fetched through --mirror like release CI does
     // with an internal mirror; the build itself reads only the cache.
     let server = Server::start(&inputs.join("served"));
+    // The inputs only: an [image] table's Debian packages are not needed to
+    // build the release (and would come from the network).
     let mut fetch = vec![
         "fetch".to_owned(),
         profile.to_owned(),
         "--locked".to_owned(),
+        "--only".to_owned(),
+        "inputs".to_owned(),
     ];
     for prefix in made.stdout.split_whitespace() {
         let host = prefix.trim_end_matches('/').rsplit('/').next().unwrap();

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The image tests' per-boot report (tests/cli/image.rs): cloud-init's
+# The image tests' per-boot report (tests/cli/bootable_image.rs): cloud-init's
 # scripts-per-boot runs it at the end of every boot (it arrives as user-data
 # write_files, never in the image). It prints `===== BEGIN bN-name =====` ...
 # `===== END bN-name rc=R =====` sections on the serial console, N the boot's
