@@ -359,7 +359,9 @@ pub fn image(ui: &Ui, args: &ImageArgs) -> Result<()> {
             "no cache directory: set XDG_CACHE_HOME (the packages come from `infrakit fetch`'s cache)",
         ));
     };
-    crate::image::build::preflight(&b.profile)?;
+    // Before the release is built: a profile without [image] or an
+    // out-of-date lock fails at once.
+    let prepared = crate::image::build::preflight(&b.profile)?;
     let key = SecretKey::load(key_path, b.password_file.as_deref())?;
     let trust = if args.trust.is_empty() {
         Vec::new()
@@ -400,6 +402,7 @@ pub fn image(ui: &Ui, args: &ImageArgs) -> Result<()> {
     let built = crate::image::build::build(
         &crate::image::build::ImageOptions {
             profile: &b.profile,
+            prepared: &prepared,
             out_dir: &b.out,
             artifact: &artifact,
             sign_key: &key,

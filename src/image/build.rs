@@ -59,7 +59,10 @@ pub struct Forms {
 }
 
 pub struct ImageOptions<'a> {
+    /// The profile's path, for messages.
     pub profile: &'a Path,
+    /// `preflight` of that profile.
+    pub prepared: &'a Prepared,
     pub out_dir: &'a Path,
     /// The release, signed (`NAME.tar.zst` with its `.minisig` and manifest).
     pub artifact: &'a Path,
@@ -90,7 +93,7 @@ pub type Progress<'a> = &'a dyn Fn(&str, u64, u64);
 /// The profile, its `[image]` and its image lock, refused (exit 2) when
 /// there is no `[image]` or the lock is missing or out of date: checked
 /// before anything is built.
-pub fn preflight(path: &Path) -> Result<(Profile, ImageDecl, ImageLock)> {
+pub fn preflight(path: &Path) -> Result<Prepared> {
     let profile = Profile::load(path)?;
     let decl = profile.image.clone().ok_or_else(|| {
         Error::input(
@@ -99,11 +102,26 @@ pub fn preflight(path: &Path) -> Result<(Profile, ImageDecl, ImageLock)> {
         )
     })?;
     let locked = read_lock(&lock::path_for(&profile), &decl, path)?;
-    Ok((profile, decl, locked))
+    Ok(Prepared {
+        profile,
+        decl,
+        locked,
+    })
+}
+
+/// What `preflight` checked: the profile, its `[image]` and its lock.
+pub struct Prepared {
+    pub profile: Profile,
+    pub decl: ImageDecl,
+    pub locked: ImageLock,
 }
 
 pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
-    let (profile, decl, locked) = preflight(opts.profile)?;
+    let Prepared {
+        profile,
+        decl,
+        locked,
+    } = opts.prepared;
     // Modes of what this build and the tools it runs create must not depend
     // on the caller's umask (a group-writable /etc/infrakit/keys would also
     // make the booted host refuse its keyring).
@@ -124,7 +142,9 @@ pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
             keys.push(k.clone());
         }
     }
-    let verified = verify::verify(
+    // The signature and digests now; `apply` below checks every member as
+    // it lays the release down (as `infrakit apply` does).
+    let verified = verify::authenticate(
         &VerifyOptions {
             artifact: opts.artifact,
             manifest: None,
@@ -169,7 +189,7 @@ pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
 
     let repo = work.join("repo");
     stage_packages(
-        &locked,
+        locked,
         &Cache::new(opts.cache.to_path_buf()),
         &repo,
         opts.profile,
@@ -186,7 +206,7 @@ pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
     }
     let root = work.join("root");
     progress("installing the base (mmdebstrap)", 0, 0);
-    bootstrap(&decl, &locked, &repo, &root, sde)?;
+    bootstrap(decl, locked, &repo, &root, sde)?;
 
     let seed = format!("{} {}", release.name, release.version);
     let ids = Ids::new(&seed);
@@ -194,7 +214,7 @@ pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
     progress("laying down the release", 0, 0);
     let infrakit_sha256 = finish_root(
         &root,
-        &decl,
+        decl,
         &ids,
         &verified,
         &keys,
@@ -228,30 +248,31 @@ pub fn build(opts: &ImageOptions<'_>, progress: Progress<'_>) -> Result<Built> {
     let disk_name = format!("{name}.img");
     let disk_path = work.join(&disk_name);
     progress("assembling the disk", 0, 0);
-    disk::assemble(&layout, &ids, &esp_img, &root_img, work, &disk_path)?;
+    // The partitions' digests come from the copy into the disk.
+    let (esp_sha, root_sha) = disk::assemble(&layout, &ids, &esp_img, &root_img, work, &disk_path)?;
     let partitions = vec![
-        partition(
-            1,
-            "esp",
-            "vfat",
-            &ids.esp_serial,
-            &ids.esp_part,
-            disk::ESP_TYPE,
-            layout.esp_start,
-            &esp_img,
-            progress,
-        )?,
-        partition(
-            2,
-            "root",
-            "ext4",
-            &ids.root_fs,
-            &ids.root_part,
-            disk::ROOT_TYPE,
-            layout.root_start,
-            &root_img,
-            progress,
-        )?,
+        Partition {
+            filesystem: "vfat".to_owned(),
+            filesystem_id: ids.esp_serial.clone(),
+            guid: ids.esp_part.clone(),
+            name: "esp".to_owned(),
+            number: 1,
+            sha256: esp_sha,
+            size: disk::ESP_SIZE,
+            start: layout.esp_start,
+            type_guid: disk::ESP_TYPE.to_owned(),
+        },
+        Partition {
+            filesystem: "ext4".to_owned(),
+            filesystem_id: ids.root_fs.clone(),
+            guid: ids.root_part.clone(),
+            name: "root".to_owned(),
+            number: 2,
+            sha256: root_sha,
+            size: layout.root_size,
+            start: layout.root_start,
+            type_guid: disk::ROOT_TYPE.to_owned(),
+        },
     ];
     std::fs::remove_file(&esp_img).map_err(Error::io(&esp_img, "removing"))?;
     std::fs::remove_file(&root_img).map_err(Error::io(&root_img, "removing"))?;
@@ -680,32 +701,6 @@ fn only(dir: &Path, prefix: &str) -> Result<PathBuf> {
             ),
         )),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn partition(
-    number: u32,
-    name: &str,
-    filesystem: &str,
-    filesystem_id: &str,
-    guid: &str,
-    type_guid: &str,
-    start: u64,
-    image: &Path,
-    progress: Progress<'_>,
-) -> Result<Partition> {
-    let r = file_ref(name, image, progress)?;
-    Ok(Partition {
-        filesystem: filesystem.to_owned(),
-        filesystem_id: filesystem_id.to_owned(),
-        guid: guid.to_owned(),
-        name: name.to_owned(),
-        number,
-        sha256: r.sha256,
-        size: r.size,
-        start,
-        type_guid: type_guid.to_owned(),
-    })
 }
 
 fn file_ref(file: &str, path: &Path, progress: Progress<'_>) -> Result<FileRef> {

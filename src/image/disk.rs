@@ -14,7 +14,7 @@ use std::process::Command;
 
 use crate::error::{Error, Result};
 use crate::image::{run, utf8};
-use crate::trust::digest::Sha256;
+use crate::trust::digest::{HashingWriter, Sha256};
 
 pub const MIB: u64 = 1 << 20;
 /// The EFI system partition's size: room for two kernels and initrds.
@@ -289,7 +289,8 @@ pub fn make_root(
 }
 
 /// Writes the disk `out`: the GPT by sfdisk, then the partition images at
-/// their offsets.
+/// their offsets; returns the ESP's and the root's SHA-256, taken as they
+/// are copied.
 pub fn assemble(
     layout: &Layout,
     ids: &Ids,
@@ -297,7 +298,7 @@ pub fn assemble(
     root: &Path,
     work: &Path,
     out: &Path,
-) -> Result<()> {
+) -> Result<(Sha256, Sha256)> {
     let disk = File::create(out).map_err(Error::io(out, "creating the disk image"))?;
     disk.set_len(layout.size)
         .map_err(Error::io(out, "sizing the disk image"))?;
@@ -328,15 +329,17 @@ pub fn assemble(
             .stdin(stdin),
         "writing the partition table (sfdisk)",
     )?;
-    copy_at(esp, &disk, layout.esp_start, ESP_SIZE, out)?;
-    copy_at(root, &disk, layout.root_start, layout.root_size, out)?;
+    let esp_sha = copy_at(esp, &disk, layout.esp_start, ESP_SIZE, out)?;
+    let root_sha = copy_at(root, &disk, layout.root_start, layout.root_size, out)?;
     disk.sync_all()
-        .map_err(Error::io(out, "syncing the disk image"))
+        .map_err(Error::io(out, "syncing the disk image"))?;
+    Ok((esp_sha, root_sha))
 }
 
 /// Copies the partition image `from` (exactly `size` bytes) into `disk` at
-/// `offset`, skipping all-zero blocks (the disk file reads them as zeros).
-fn copy_at(from: &Path, disk: &File, offset: u64, size: u64, disk_path: &Path) -> Result<()> {
+/// `offset`, skipping all-zero blocks (the disk file reads them as zeros);
+/// returns the SHA-256 of every byte copied.
+fn copy_at(from: &Path, disk: &File, offset: u64, size: u64, disk_path: &Path) -> Result<Sha256> {
     let src = File::open(from).map_err(Error::io(from, "reading a partition image"))?;
     let len = src
         .metadata()
@@ -349,18 +352,21 @@ fn copy_at(from: &Path, disk: &File, offset: u64, size: u64, disk_path: &Path) -
         ));
     }
     let mut buf = vec![0u8; MIB as usize];
+    let mut digest = HashingWriter::new(std::io::sink());
     let mut at = 0u64;
     while at < size {
         let n = (size - at).min(MIB) as usize;
         src.read_exact_at(&mut buf[..n], at)
             .map_err(Error::io(from, "reading a partition image"))?;
+        std::io::Write::write_all(&mut digest, &buf[..n])
+            .map_err(Error::io(from, "hashing a partition image"))?;
         if buf[..n].iter().any(|b| *b != 0) {
             disk.write_all_at(&buf[..n], offset + at)
                 .map_err(Error::io(disk_path, "writing the disk image"))?;
         }
         at += n as u64;
     }
-    Ok(())
+    Ok(digest.finish().1)
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::image::manifest::ImageManifest;
-use crate::trust::sign::{PublicKey, Signature};
-use crate::trust::verify::{binding, hash_file, read_manifest, same_release};
+use crate::trust::sign::PublicKey;
+use crate::trust::verify::{binding, hash_file, read_manifest, read_signature, same_release};
 
 /// The file name's stem and whether it is the raw disk, for an image file.
 fn stem(path: &Path) -> Option<(String, bool)> {
@@ -60,18 +60,7 @@ pub fn verify(
     let sig_path = beside(path, ".img.minisig");
     let manifest_path = beside(path, ".image.json");
     let file = File::open(path).map_err(Error::io(path, "opening image"))?;
-    let sig_bytes = match std::fs::read(&sig_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::check(format!(
-                "{}: no signature found; unsigned images are refused: get the .minisig published with the image",
-                sig_path.display()
-            )));
-        }
-        Err(e) => return Err(Error::io(&sig_path, "reading signature")(e)),
-    };
-    let signature = Signature::parse(&sig_bytes)
-        .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
+    let (_, signature) = read_signature(&sig_path, "image")?;
     let manifest_bytes = read_manifest(&manifest_path)?;
     let (prehash, sha256, size) = hash_file(&file, path, progress)?;
     let key = if raw {

@@ -192,6 +192,24 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
     Ok(verified)
 }
 
+/// The `.minisig` at `sig_path`, read and parsed; a missing one fails the
+/// check (exit 1): unsigned `what`s (artifacts, images) are refused.
+pub(crate) fn read_signature(sig_path: &Path, what: &str) -> Result<(Vec<u8>, Signature)> {
+    let bytes = match std::fs::read(sig_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::check(format!(
+                "{}: no signature found; unsigned {what}s are refused: get the .minisig published with the {what}",
+                sig_path.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(sig_path, "reading signature")(e)),
+    };
+    let signature = Signature::parse(&bytes)
+        .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
+    Ok((bytes, signature))
+}
+
 /// An artifact opened with its signature and manifest read, nothing checked.
 struct Opened {
     file: File,
@@ -220,18 +238,7 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     // The artifact is opened first: a missing artifact is an I/O error, not
     // a missing signature.
     let file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
-    let sig_bytes = match std::fs::read(&sig_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::check(format!(
-                "{}: no signature found; unsigned artifacts are refused: get the .minisig published with the artifact",
-                sig_path.display()
-            )));
-        }
-        Err(e) => return Err(Error::io(&sig_path, "reading signature")(e)),
-    };
-    let signature = Signature::parse(&sig_bytes)
-        .map_err(|m| Error::check(format!("{}: {m}", sig_path.display())))?;
+    let (sig_bytes, signature) = read_signature(&sig_path, "artifact")?;
     let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
     Ok(Opened {
         file,

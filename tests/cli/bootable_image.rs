@@ -377,18 +377,8 @@ impl Report {
 
     /// `systemctl list-units` state (LOAD ACTIVE SUB) of `unit` in boot `boot`.
     fn unit(&self, boot: u32, unit: &str) -> Vec<String> {
-        self.get(boot, "units")
-            .text
-            .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .take(4)
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .find(|f| f.first().map(String::as_str) == Some(unit))
-            .map(|f| f[1..].to_vec())
-            .unwrap_or_default()
+        let fields = vm::unit_state(&self.get(boot, "units").text, unit);
+        fields.get(1..).map(<[String]>::to_vec).unwrap_or_default()
     }
 }
 

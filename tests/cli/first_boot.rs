@@ -152,18 +152,7 @@ fn assert_release_runs(b: &Boot) {
     );
     let units = &b.section("units").text;
     // `systemctl list-units --plain`: UNIT LOAD ACTIVE SUB DESCRIPTION.
-    let state = |unit: &str| -> Vec<String> {
-        units
-            .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .take(4)
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .find(|f| f.first().map(String::as_str) == Some(unit))
-            .unwrap_or_default()
-    };
+    let state = |unit: &str| crate::vm::unit_state(units, unit);
     for unit in [
         "ssh.service",
         "fail2ban.service",

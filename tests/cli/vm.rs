@@ -447,6 +447,21 @@ fn section(rc: i32, lines: &[&str]) -> Section {
     }
 }
 
+/// `unit`'s line of `systemctl list-units --plain` output (UNIT LOAD ACTIVE
+/// SUB DESCRIPTION): its first four fields, or none when it is not listed.
+pub(crate) fn unit_state(units: &str, unit: &str) -> Vec<String> {
+    units
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .take(4)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|f| f.first().map(String::as_str) == Some(unit))
+        .unwrap_or_default()
+}
+
 /// The last `lines` lines of `text`.
 pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
