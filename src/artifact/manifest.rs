@@ -289,7 +289,10 @@ impl Manifest {
 
     /// Parses manifest bytes; the error says what is wrong.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        // Parsing grew the list by doubling: give the slack back, it lives
+        // as long as the command (a third of a large manifest's memory).
+        m.entries.shrink_to_fit();
         if m.schema != SCHEMA {
             return Err(format!(
                 "schema {} is not supported (want {SCHEMA})",

@@ -25,12 +25,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::host::confined::{Dir, Kind};
+use crate::host::confined::{Dir, Kind, Parents};
 use crate::host::hooks::{self, Hooks};
 use crate::host::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
 use crate::host::status::{self, Drift};
@@ -171,9 +172,16 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
             let keep = history.len().saturating_sub(opts.retain.max(2));
             history.drain(..keep);
         }
-        let from = d.current.map(|c| c.info.id);
+        let from = d.current.as_ref().map(|c| c.info.id.clone());
         let journal = Journal::new(d.action, from, id.clone(), &d.plan, history, opts.now);
-        activate(state, &journal, d.plan, recovered)
+        let old = d.current.as_ref().map(|c| &c.manifest);
+        activate(
+            state,
+            &journal,
+            d.plan,
+            recovered,
+            (verified.manifest(), old),
+        )
     })();
     if result.is_err() {
         state.discard(created);
@@ -282,6 +290,10 @@ pub fn plan(
         .map(|m| m.entries.iter().map(|e| (&e.path, e)).collect())
         .unwrap_or_default();
     let mut plan = Plan::default();
+    let mut farm = state.farm();
+    // Directories the host lacks: nothing is below them (entries come in
+    // manifest order, a directory before what it holds).
+    let mut absent: HashSet<&RelPath> = HashSet::new();
     for e in &new.entries {
         match old_entries.get(&e.path) {
             None => plan.added.push(e.path.clone()),
@@ -294,7 +306,13 @@ pub fn plan(
             Some(o) if *o != e => plan.changed.push(e.path.clone()),
             Some(_) => {}
         }
-        let host = state.live_meta(&e.path)?.map(|m| m.kind);
+        let host = match e.path.parent() {
+            Some(parent) if absent.contains(&parent) => None,
+            _ => farm.meta(&e.path)?.map(|m| m.kind),
+        };
+        if e.kind == EntryType::Dir && host.is_none() {
+            absent.insert(&e.path);
+        }
         match (e.kind, host) {
             (EntryType::Dir, None) => plan.new_dirs.push(e.clone()),
             (EntryType::Dir, Some(Kind::Dir)) => {}
@@ -304,7 +322,7 @@ pub fn plan(
                 host_kind(k)
             )),
             (_, None) => plan.links.push(e.path.clone()),
-            (_, Some(_)) if state.is_farm_link(&e.path) => {}
+            (_, Some(_)) if farm.is_link(&e.path) => {}
             (_, Some(Kind::Dir)) => plan.conflicts.push(format!(
                 "{}: the host has a directory where the release has a {} (never adopted)",
                 e.path,
@@ -476,7 +494,8 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
     }
     let history = record.history[..pos].to_vec();
     let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
-    activate(state, &journal, plan, recovered)
+    let manifests = (&target.manifest, Some(&old.manifest));
+    activate(state, &journal, plan, recovered, manifests)
 }
 
 /// Checks that a retained release's manifest is still the signed one: the
@@ -628,24 +647,35 @@ fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> 
 /// directory this release created (`Verified::stream` guarantees the
 /// order); owners and modes from the manifest.
 fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
-    let rootfs = std::path::Path::new("rootfs");
-    dir.create_dir(rootfs, 0o755)
-        .and_then(|()| dir.set_mode(rootfs, 0o755))
-        .map_err(Error::io(&dir.display(rootfs), "creating the release root"))?;
-    let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
+    let rootfs = dir
+        .create_dir("rootfs", 0o755)
+        .and_then(|()| dir.set_mode("rootfs", 0o755))
+        .and_then(|()| dir.open_dir("rootfs"))
+        .map_err(Error::io(
+            &dir.display("rootfs"),
+            "creating the release root",
+        ))?;
+    // Members come in manifest order: most share their directory with the
+    // one before, which is then opened once for all of them.
+    let mut parents = Parents::new(&rootfs);
+    let mut dir_modes: Vec<(RelPath, u32)> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     verified.stream(&mut |want, content| {
-        let rel = rootfs.join(want.path.as_str());
-        let io = |action| Error::io(&dir.display(&rel), action);
+        let rel = Path::new(want.path.as_str());
+        let io = |action| Error::io(&rootfs.display(rel), action);
+        let (parent, name) = parents.of(rel).map_err(io("opening its directory"))?;
         match want.kind {
             EntryType::Dir => {
-                dir.create_dir(&rel, 0o700)
-                    .and_then(|()| dir.set_owner_mode(&rel, want.uid, want.gid, None))
+                parent
+                    .create_dir(name, 0o700)
+                    .and_then(|()| parent.set_owner_mode(name, want.uid, want.gid, None))
                     .map_err(io("creating directory"))?;
-                dir_modes.push((rel, want.mode));
+                dir_modes.push((want.path.clone(), want.mode));
             }
             EntryType::File => {
-                let mut file = dir.create_file(&rel, 0o600).map_err(io("creating file"))?;
+                let mut file = parent
+                    .create_file(name, 0o600)
+                    .map_err(io("creating file"))?;
                 // A failed read is the archive's fault (exit 1), a failed
                 // write the disk's (exit 2).
                 loop {
@@ -670,27 +700,32 @@ fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
             }
             EntryType::Symlink => {
                 let target = want.target.as_deref().unwrap_or_default();
-                dir.symlink(target, &rel)
-                    .and_then(|()| dir.set_owner_mode(&rel, want.uid, want.gid, None))
+                parent
+                    .symlink(target, name)
+                    .and_then(|()| parent.set_owner_mode(name, want.uid, want.gid, None))
                     .map_err(io("creating symlink"))?;
             }
         }
         Ok(())
     })?;
     for (rel, mode) in dir_modes.iter().rev() {
-        dir.set_mode(rel, *mode)
-            .map_err(Error::io(&dir.display(rel), "setting mode"))?;
+        rootfs
+            .set_mode(rel.as_str(), *mode)
+            .map_err(Error::io(&rootfs.display(rel.as_str()), "setting mode"))?;
     }
     Ok(())
 }
 
 /// Steps 4-6 of the module comment, then the hooks. A failure before the
 /// switch is reverted at once (and would be by the next run otherwise).
+/// `manifests` are those of the release activated and the one it replaces
+/// (checked already).
 fn activate(
     state: &State,
     journal: &Journal,
     plan: Plan,
     recovered: Option<String>,
+    manifests: (&Manifest, Option<&Manifest>),
 ) -> Result<Outcome> {
     state.write_journal(journal)?;
     let live = hooks::is_live(&state.root);
@@ -706,7 +741,7 @@ fn activate(
     }
     let signers_down = std::time::Instant::now();
     state.switch(&journal.to)?;
-    let starting = finish(state, journal)?;
+    let starting = finish(state, journal, manifests)?;
     let signer_down_ms = (!journal.hooks.stop_before.is_empty())
         .then(|| (starting - signers_down).as_secs_f64() * 1000.0)
         .map(|ms| (ms * 10.0).round() / 10.0);
@@ -730,27 +765,30 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
     for p in &journal.adopted {
         state.move_aside(&journal.to, p)?;
     }
+    let mut farm = state.farm();
     for p in &plan.links {
-        if !state.is_farm_link(p) {
-            state.link(p)?;
-        }
+        farm.link(p)?;
     }
     state.sync_fs()
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
-/// Returns when the signers' starts began (the end of their window):
-/// everything that can wait (pruning old releases) runs after them.
-fn finish(state: &State, journal: &Journal) -> Result<std::time::Instant> {
-    let new = state.release(&journal.to)?.manifest;
+/// `(new, old)` are the manifests of `journal.to` and `journal.from` (none
+/// when that is gone). Returns when the signers' starts began (the end of
+/// their window): everything that can wait (pruning old releases) runs
+/// after them.
+fn finish(
+    state: &State,
+    journal: &Journal,
+    (new, old): (&Manifest, Option<&Manifest>),
+) -> Result<std::time::Instant> {
     let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
-    // The old release is pruned already if a previous finish got that far.
-    if let Some(Ok(old)) = journal.from.as_ref().map(|from| state.release(from)) {
-        remove_links(state, &old.manifest, |p| new_paths.contains(p))?;
+    if let Some(old) = old {
+        remove_links(state, old, |p| new_paths.contains(p))?;
     }
     state.sync_fs()?;
     let mut record = state.record()?;
-    let (created, adopted) = vouched(journal, &new);
+    let (created, adopted) = vouched(journal, new);
     record.created_dirs.extend(created);
     remove_empty_dirs(state, &mut record.created_dirs, &new_paths);
     // Host files adopted for paths no active release has any more go back.
@@ -814,9 +852,10 @@ fn vouched(journal: &Journal, to: &Manifest) -> (Vec<RelPath>, Vec<RelPath>) {
 /// Removes the farm links of `manifest`'s files and symlinks unless `keep`
 /// says otherwise (only InfraKit's own links: anything else stays).
 fn remove_links(state: &State, manifest: &Manifest, keep: impl Fn(&RelPath) -> bool) -> Result<()> {
+    let mut farm = state.farm();
     for e in manifest.entries.iter().filter(|e| e.kind != EntryType::Dir) {
-        if !keep(&e.path) && state.is_farm_link(&e.path) {
-            state.unlink(&e.path)?;
+        if !keep(&e.path) && farm.is_link(&e.path) {
+            farm.unlink(&e.path)?;
         }
     }
     Ok(())
@@ -882,7 +921,12 @@ pub fn recover(state: &State) -> Result<Option<String>> {
         return Ok((!partials.is_empty()).then(|| "removed a partly extracted release".to_owned()));
     };
     if state.current_id()?.as_ref() == Some(&journal.to) {
-        finish(state, &journal)?;
+        let new = state.release(&journal.to)?.manifest;
+        // The old release is pruned already if a previous finish got that far.
+        let old = (journal.from.as_ref())
+            .and_then(|from| state.release(from).ok())
+            .map(|r| r.manifest);
+        finish(state, &journal, (&new, old.as_ref()))?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",
             journal.action, journal.to
@@ -924,7 +968,7 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
     for p in &adopted {
         // The new link stands where the host's file was: it goes first.
         if state.has_backup(&journal.to, p)? && state.is_farm_link(p) {
-            state.unlink(p)?;
+            state.farm().unlink(p)?;
         }
         state.restore(&journal.to, p)?;
     }

@@ -115,6 +115,45 @@ fn split(rel: &Path) -> (Option<&Path>, &OsStr) {
     }
 }
 
+/// The directories holding a run of paths below `base`, each opened as
+/// `Dir`'s own operations open a parent (same policy), the last one kept:
+/// paths in manifest order mostly share their parent with the one before,
+/// so creating a directory's worth of entries resolves it once.
+pub struct Parents<'a> {
+    base: &'a Dir,
+    last: Option<(PathBuf, Dir)>,
+}
+
+impl<'a> Parents<'a> {
+    pub fn new(base: &'a Dir) -> Parents<'a> {
+        Parents { base, last: None }
+    }
+
+    /// The handle of `rel`'s parent directory and `rel`'s last component.
+    pub fn of<'p>(&mut self, rel: &'p Path) -> io::Result<(&Dir, &'p OsStr)> {
+        let (parent, name) = split(rel);
+        let Some(parent) = parent else {
+            return Ok((self.base, name));
+        };
+        let kept = match self.last.take() {
+            Some((path, dir)) if path == parent => (path, dir),
+            _ => {
+                let fd =
+                    self.base
+                        .open_at(parent, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+                let dir = Dir {
+                    fd,
+                    path: self.base.path.join(parent),
+                    resolve: self.base.resolve,
+                };
+                (parent.to_owned(), dir)
+            }
+        };
+        let (_, dir) = self.last.insert(kept);
+        Ok((dir, name))
+    }
+}
+
 /// A descriptor for a path's parent: the handle itself, or one opened.
 enum Parent<'a> {
     This(BorrowedFd<'a>),

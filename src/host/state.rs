@@ -687,23 +687,15 @@ impl State {
 
     /// Whether the live path of `path` is InfraKit's farm link.
     pub fn is_farm_link(&self, path: &RelPath) -> bool {
-        self.live
-            .read_link(path.as_str())
-            .is_ok_and(|t| t == State::farm_target(path))
+        self.farm().is_link(path)
     }
 
-    /// Creates the farm link of `path`.
-    pub fn link(&self, path: &RelPath) -> Result<()> {
-        self.live
-            .symlink(State::farm_target(path), path.as_str())
-            .map_err(Error::io(&self.live(path), "creating link"))
-    }
-
-    /// Removes the farm link (or file) at `path`.
-    pub fn unlink(&self, path: &RelPath) -> Result<()> {
-        self.live
-            .remove_file(path.as_str())
-            .map_err(Error::io(&self.live(path), "removing a link"))
+    /// Farm-link operations for a run of paths (see `Farm`).
+    pub fn farm(&self) -> Farm<'_> {
+        Farm {
+            parents: confined::Parents::new(&self.live),
+            root: &self.root,
+        }
     }
 
     /// Creates the live directory of `entry` with its mode and owner;
@@ -831,6 +823,65 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Dir::open(dir, Resolve::Strict)
         .and_then(|d| d.write_atomic(name, bytes, mode))
         .map_err(Error::io(path, "writing"))
+}
+
+/// The farm links of a run of paths in manifest order, below the live root:
+/// each parent directory is opened once for the paths in it (a release's
+/// tens of thousands of links would otherwise resolve it twice per link).
+pub struct Farm<'a> {
+    parents: confined::Parents<'a>,
+    root: &'a Path,
+}
+
+impl Farm<'_> {
+    fn live(&self, path: &RelPath) -> PathBuf {
+        self.root.join(path.as_str())
+    }
+
+    /// What is at the live path (`None`: nothing).
+    pub fn meta(&mut self, path: &RelPath) -> Result<Option<Meta>> {
+        let meta = self
+            .parents
+            .of(Path::new(path.as_str()))
+            .and_then(|(dir, name)| dir.stat(name));
+        confined::optional(meta).map_err(Error::io(&self.live(path), "inspecting"))
+    }
+
+    /// Whether the live path of `path` is InfraKit's farm link.
+    pub fn is_link(&mut self, path: &RelPath) -> bool {
+        self.parents
+            .of(Path::new(path.as_str()))
+            .and_then(|(dir, name)| dir.read_link(name))
+            .is_ok_and(|t| t == State::farm_target(path))
+    }
+
+    /// Creates the farm link of `path`; one already there is kept, anything
+    /// else there fails.
+    pub fn link(&mut self, path: &RelPath) -> Result<()> {
+        let target = State::farm_target(path);
+        let made = self
+            .parents
+            .of(Path::new(path.as_str()))
+            .and_then(|(dir, name)| match dir.symlink(&target, name) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if dir.read_link(name).is_ok_and(|t| t == target) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                }
+                made => made,
+            });
+        made.map_err(Error::io(&self.live(path), "creating link"))
+    }
+
+    /// Removes the farm link (or file) at `path`.
+    pub fn unlink(&mut self, path: &RelPath) -> Result<()> {
+        self.parents
+            .of(Path::new(path.as_str()))
+            .and_then(|(dir, name)| dir.remove_file(name))
+            .map_err(Error::io(&self.live(path), "removing a link"))
+    }
 }
 
 #[cfg(test)]

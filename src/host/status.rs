@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::artifact::manifest::{EntryType, ManifestEntry};
 use crate::error::{Error, Result};
 use crate::host::confined::{self, Dir, Kind};
-use crate::host::state::{Release, ReleaseId, ReleaseInfo, State};
+use crate::host::state::{Farm, Release, ReleaseId, ReleaseInfo, State};
 use crate::trust::digest::HashingReader;
 
 #[derive(Clone, Debug, Serialize)]
@@ -154,8 +154,9 @@ fn check_into(state: &State, report: &mut Report) -> Result<()> {
     let release = state.release(&id)?;
     report.release = Some(release.info.clone());
     let rootfs = state.release_root(&id)?;
+    let mut farm = state.farm();
     for e in &release.manifest.entries {
-        match check(state, &rootfs, e) {
+        match check(&mut farm, &rootfs, e) {
             Ok(Some(d)) => report.drift.push(d),
             Ok(None) => {}
             Err(e) => report.errors.push(e.to_string()),
@@ -295,8 +296,9 @@ fn installed_packages(state: &State) -> Result<std::collections::HashSet<String>
 pub fn drift(state: &State, release: &Release) -> Result<Vec<Drift>> {
     let rootfs = state.release_root(&release.info.id)?;
     let mut out = Vec::new();
+    let mut farm = state.farm();
     for e in &release.manifest.entries {
-        out.extend(check(state, &rootfs, e)?);
+        out.extend(check(&mut farm, &rootfs, e)?);
     }
     Ok(out)
 }
@@ -321,9 +323,9 @@ fn drift_of(e: &ManifestEntry, kind: &'static str, detail: String, in_release: b
 }
 
 /// One entry: `Ok(None)` matches, `Ok(Some)` drifted, `Err` could not check.
-fn check(state: &State, rootfs: &Dir, e: &ManifestEntry) -> Result<Option<Drift>> {
+fn check(farm: &mut Farm<'_>, rootfs: &Dir, e: &ManifestEntry) -> Result<Option<Drift>> {
     let live = |kind, detail: String| Ok(Some(drift_of(e, kind, detail, false)));
-    let Some(meta) = state.live_meta(&e.path)? else {
+    let Some(meta) = farm.meta(&e.path)? else {
         return live("missing", "not on the host".into());
     };
     if e.kind == EntryType::Dir {
@@ -334,7 +336,7 @@ fn check(state: &State, rootfs: &Dir, e: &ManifestEntry) -> Result<Option<Drift>
             live("replaced", "no longer a directory".into())
         };
     }
-    if !state.is_farm_link(&e.path) {
+    if !farm.is_link(&e.path) {
         return live(
             "replaced",
             "no longer InfraKit's link into the release".into(),

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::Digest as _;
@@ -154,17 +155,26 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Reads `inner` to its end on a thread of its own and hands the bytes over
 /// in chunks through a bounded channel: reading (decompression) overlaps
-/// with whatever consumes the stream. It only counts: nothing the trust
-/// chain needs is left to hash here (`verify::check_entries` compares every
-/// byte of the tar stream with what the signed manifest determines).
+/// with whatever consumes the stream. With `spawn_hashing`, a third thread
+/// takes the same chunks and sends the SHA-256 of the stretches a layout
+/// names (a tar stream's member contents), so hashing runs beside both the
+/// decompression and the consumer instead of on the consumer's thread.
 pub struct ReadAhead {
     /// Chunks; an empty chunk marks the end of the stream.
-    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
+    chunks: std::sync::mpsc::Receiver<io::Result<Arc<Vec<u8>>>>,
+    chunk: Arc<Vec<u8>>,
     pos: usize,
     /// The end, or the reader's error (repeated on every later read).
     done: Option<Result<(), (io::ErrorKind, String)>>,
     reader: Option<std::thread::JoinHandle<u64>>,
+}
+
+/// A stretch of a stream to hash: `skip` bytes after the previous stretch,
+/// then `len` bytes hashed.
+#[derive(Clone, Copy, Debug)]
+pub struct Stretch {
+    pub skip: u64,
+    pub len: u64,
 }
 
 impl ReadAhead {
@@ -172,15 +182,35 @@ impl ReadAhead {
     const DEPTH: usize = 8;
 
     pub fn spawn<R: Read + Send + 'static>(inner: R) -> ReadAhead {
+        Self::start(inner, None)
+    }
+
+    /// As `spawn`, and the SHA-256 of each of `layout`'s stretches comes
+    /// through the receiver, in order, once the stream got that far.
+    pub fn spawn_hashing<R: Read + Send + 'static>(
+        inner: R,
+        layout: Vec<Stretch>,
+    ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
+        let (digests_tx, digests) = std::sync::mpsc::channel();
+        let (chunks_tx, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(Self::DEPTH);
+        std::thread::spawn(move || hash_stretches(&layout, &chunks, &digests_tx));
+        (Self::start(inner, Some(chunks_tx)), digests)
+    }
+
+    fn start<R: Read + Send + 'static>(
+        inner: R,
+        hasher: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
+    ) -> ReadAhead {
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
             let mut inner = inner;
+            let mut hasher = hasher;
             let mut count = 0u64;
             loop {
                 let mut chunk = vec![0u8; Self::CHUNK];
                 let n = match inner.read(&mut chunk) {
                     Ok(0) => {
-                        let _ = tx.send(Ok(Vec::new()));
+                        let _ = tx.send(Ok(Arc::new(Vec::new())));
                         break;
                     }
                     Ok(n) => n,
@@ -192,6 +222,14 @@ impl ReadAhead {
                 };
                 chunk.truncate(n);
                 count += n as u64;
+                let chunk = Arc::new(chunk);
+                // A hasher that stopped (its layout ended) needs no more.
+                if hasher
+                    .as_ref()
+                    .is_some_and(|h| h.send(Arc::clone(&chunk)).is_err())
+                {
+                    hasher = None;
+                }
                 if tx.send(Ok(chunk)).is_err() {
                     break; // the consumer gave up
                 }
@@ -200,7 +238,7 @@ impl ReadAhead {
         });
         ReadAhead {
             chunks: rx,
-            chunk: Vec::new(),
+            chunk: Arc::new(Vec::new()),
             pos: 0,
             done: None,
             reader: Some(reader),
@@ -214,6 +252,59 @@ impl ReadAhead {
         reader
             .join()
             .map_err(|_| io::Error::other("the reading thread panicked"))
+    }
+}
+
+/// The hashing thread of `ReadAhead::spawn_hashing`: walks `layout` over
+/// the chunks and sends each stretch's digest when its last byte (or, for
+/// an empty stretch, its start) has come. It stops when the layout or the
+/// chunks end; a stream shorter than the layout leaves digests unsent.
+fn hash_stretches(
+    layout: &[Stretch],
+    chunks: &std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
+    digests: &std::sync::mpsc::Sender<Sha256>,
+) {
+    let mut stretches = layout.iter();
+    let Some(mut at) = stretches.next().copied() else {
+        return;
+    };
+    let mut hasher = sha2::Sha256::new();
+    let mut chunk: Arc<Vec<u8>> = Arc::new(Vec::new());
+    let mut pos = 0usize;
+    loop {
+        if at.skip == 0 && at.len == 0 {
+            let digest = Sha256(std::mem::take(&mut hasher).finalize().into());
+            if digests.send(digest).is_err() {
+                return;
+            }
+            match stretches.next() {
+                Some(next) => at = *next,
+                None => return,
+            }
+            continue;
+        }
+        if pos == chunk.len() {
+            match chunks.recv() {
+                Ok(next) => (chunk, pos) = (next, 0),
+                Err(_) => return,
+            }
+            continue;
+        }
+        let rest = &chunk[pos..];
+        if at.skip > 0 {
+            let n = rest
+                .len()
+                .min(usize::try_from(at.skip).unwrap_or(usize::MAX));
+            at.skip -= n as u64;
+            pos += n;
+        } else {
+            let n = rest
+                .len()
+                .min(usize::try_from(at.len).unwrap_or(usize::MAX));
+            hasher.update(&rest[..n]);
+            at.len -= n as u64;
+            pos += n;
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::artifact::archive;
 use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::trust::digest::{HashingReader, ReadAhead, Sha256};
+use crate::trust::digest::{ReadAhead, Sha256, Stretch};
 use crate::trust::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing (and downloading).
@@ -99,8 +99,16 @@ impl Verified {
         // stream with what the signed manifest determines (each header
         // exactly, each content by its digest, zero padding, the two end
         // blocks and nothing after), so its digest would add no check.
-        let mut stream = ReadAhead::spawn(archive::decode(file, &self.artifact)?);
-        check_entries(&self.artifact, &mut stream, &self.manifest, sink)?;
+        // The members' SHA-256 on a thread of its own, beside both.
+        let (mut stream, digests) = ReadAhead::spawn_hashing(
+            archive::decode(file, &self.artifact)?,
+            contents(&self.manifest),
+        );
+        let members = Members {
+            stream: &mut stream,
+            digests: &digests,
+        };
+        check_entries(&self.artifact, members, &self.manifest, sink)?;
         let tar_size = stream.finish().map_err(|e| {
             Error::check(format!(
                 "{}: archive unreadable: {e}",
@@ -473,10 +481,11 @@ pub(crate) fn hash_file(
 /// else. Whatever another extractor could read differently is refused.
 fn check_entries(
     artifact: &Path,
-    tar_stream: &mut dyn Read,
+    members: Members<'_>,
     manifest: &Manifest,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
+    let tar_stream = members.stream;
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
     let unreadable = |e: std::io::Error| fail(format!("archive unreadable: {e}"));
     let mtime = manifest.source_date_epoch;
@@ -519,17 +528,23 @@ fn check_entries(
             sink(want, &mut std::io::empty())?;
             continue;
         };
-        let mut content = HashingReader::new((&mut *tar_stream).take(size));
+        let mut content = (&mut *tar_stream).take(size);
         sink(want, &mut content)?;
         std::io::copy(&mut content, &mut std::io::sink())
             .map_err(|e| fail(format!("{}: reading content: {e}", want.path)))?;
-        let (digest, n) = content.finish();
+        let n = size - content.limit();
         if n < size {
             return Err(fail(format!(
                 "{}: content ends after {n} of {size} bytes: the archive is truncated",
                 want.path
             )));
         }
+        let digest = members.digests.recv().map_err(|_| {
+            fail(format!(
+                "{}: the hashing thread stopped before this member's digest",
+                want.path
+            ))
+        })?;
         if Some(digest) != want.sha256 {
             return Err(fail(format!(
                 "{}: content is {n} bytes with sha256 {digest}, the manifest says {size} bytes with {}",
@@ -577,6 +592,32 @@ fn check_entries(
         return Err(fail("data after the end of the archive".to_owned()));
     }
     Ok(())
+}
+
+/// The tar stream being checked, and the SHA-256 of each regular file's
+/// content in it, in order (`ReadAhead::spawn_hashing` over `contents`).
+struct Members<'a> {
+    stream: &'a mut dyn Read,
+    digests: &'a std::sync::mpsc::Receiver<Sha256>,
+}
+
+/// Where the regular files' contents lie in the tar stream the manifest
+/// determines: after each one's header (and whatever came between), up to
+/// its size.
+fn contents(manifest: &Manifest) -> Vec<Stretch> {
+    let mut layout = Vec::new();
+    let mut header = Vec::with_capacity(3 * BLOCK);
+    let mut skip = 0u64;
+    for e in &manifest.entries {
+        header.clear();
+        archive::header(&mut header, &member(e), manifest.source_date_epoch);
+        skip += header.len() as u64;
+        if let (EntryType::File, Some(len)) = (e.kind, e.size) {
+            layout.push(Stretch { skip, len });
+            skip = archive::padding(len) as u64;
+        }
+    }
+    layout
 }
 
 /// The archive member `archive::write` writes for a manifest entry.
