@@ -75,7 +75,18 @@ impl Ui {
     /// not a terminal), which `work` feeds with `(done, total)`; the bar is
     /// cleared when it returns.
     fn with_bar<T>(&self, what: &str, work: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
-        let bar = if self.quiet {
+        let bar = self.bar(what);
+        let out = work(&|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        out
+    }
+
+    /// A bar of bytes (hidden when quiet or not a terminal).
+    fn bar(&self, what: &str) -> ProgressBar {
+        if self.quiet {
             ProgressBar::hidden()
         } else {
             let style = ProgressStyle::with_template(
@@ -86,13 +97,7 @@ impl Ui {
             ProgressBar::new(0)
                 .with_style(style)
                 .with_message(what.to_owned())
-        };
-        let out = work(&|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        });
-        bar.finish_and_clear();
-        out
+        }
     }
 
     /// A bar for a run of steps, each a message with or without a measure
@@ -895,9 +900,8 @@ pub fn apply(
         keys: keyring.keys(),
     };
     let (outcome, key_id) = (|| {
-        let verified = ui.with_bar("verifying", |progress| {
-            verify::authenticate(&verify_opts, progress)
-        })?;
+        let admitted = verify::admit(&verify_opts)?;
+        let verified = admitted.unconfirmed();
         if let Some(pinned) = manifest_sha256 {
             let signed = verified.manifest_sha256().to_string();
             if signed != pinned {
@@ -914,7 +918,27 @@ pub fn apply(
             now: now(),
             ..*opts
         };
-        let outcome = crate::host::apply::apply(&mut state, &verified, &opts)?;
+        // The file's signature is checked on a thread of its own while the
+        // release is staged into its private directory: `apply` asks for the
+        // verdict before the staged release is kept, or before anything is
+        // written when there is nothing to stage. Its verdict is the error
+        // reported, whatever else failed; and no outcome is reported before it.
+        let bar = ui.bar("verifying");
+        let (applied, signed) = std::thread::scope(|scope| {
+            let check = scope.spawn(|| {
+                admitted.check_file(&|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+            });
+            let mut verdict = Verdict::Pending(check);
+            let applied =
+                crate::host::apply::apply(&mut state, verified, &opts, &mut || verdict.wait());
+            (applied, verdict.end())
+        });
+        bar.finish_and_clear();
+        signed?;
+        let outcome = applied?;
         if !opts.dry_run {
             // A release is active: a failed first boot is superseded.
             state.clear_first_boot_failure()?;
@@ -925,6 +949,45 @@ pub fn apply(
     ui.put("key_id", &key_id);
     report(ui, &outcome, root, &format!("signed by key {key_id}"));
     Ok(())
+}
+
+/// The file-signature check running beside `apply`: joined once, its
+/// verdict kept, so the error it raised is the one reported at the end.
+enum Verdict<'scope> {
+    Pending(std::thread::ScopedJoinHandle<'scope, Result<verify::Signed>>),
+    Done(Result<()>),
+}
+
+impl Verdict<'_> {
+    fn settle(&mut self) {
+        if matches!(self, Verdict::Pending(_))
+            && let Verdict::Pending(check) = std::mem::replace(self, Verdict::Done(Ok(())))
+        {
+            let signed = check
+                .join()
+                .unwrap_or_else(|_| Err(Error::check("the signature thread panicked")));
+            *self = Verdict::Done(signed.map(drop));
+        }
+    }
+
+    /// For `apply`: whether the file's signature matched (the error itself
+    /// is kept for `end`).
+    fn wait(&mut self) -> Result<()> {
+        self.settle();
+        match self {
+            Verdict::Done(Ok(())) => Ok(()),
+            _ => Err(Error::check("the artifact's signature does not match")),
+        }
+    }
+
+    /// The verdict, with the error as the check raised it.
+    fn end(mut self) -> Result<()> {
+        self.settle();
+        match self {
+            Verdict::Done(verdict) => verdict,
+            Verdict::Pending(_) => Err(Error::check("the signature check did not finish")),
+        }
+    }
 }
 
 /// Verifies `artifact` against the keys to pin, then writes its bundles.

@@ -1,15 +1,17 @@
 //! `apply` and `rollback`: lay a verified release down on a root and switch
 //! to it atomically. The order is the safety argument:
 //!
-//! 1. authenticate the artifact (signature, trusted comment, digests) and
-//!    decide (name, anti-rollback, conflicts, or a repair of the active
-//!    release) with nothing written; a dry run stops here, having made the
-//!    same decision the real run makes;
+//! 1. admit the artifact (the trusted comment's signature by a trusted key,
+//!    the manifest it binds, names, size) and decide (name, anti-rollback,
+//!    conflicts, or a repair of the active release) with nothing written; a
+//!    dry run stops here, having made the same decision the real run makes;
 //! 2. take the state lock and finish or revert an interrupted activation;
-//! 3. extract into `releases/.<id>.partial/`, checking every member against
-//!    the signed manifest as it streams, then `syncfs` and rename it to
-//!    `releases/<id>/` (exchanged atomically with a release directory of
-//!    that name already on disk: nothing on disk is trusted by its name);
+//! 3. extract into the private `releases/.<id>.partial/`, checking every
+//!    member against the signed manifest as it streams, while the file's
+//!    signature is checked on another thread; only when it matched, `syncfs`
+//!    and rename it to `releases/<id>/` (exchanged atomically with a release
+//!    directory of that name already on disk: nothing on disk is trusted by
+//!    its name);
 //! 4. write the journal, create the new directories and the farm links of
 //!    new paths (they dangle until the switch: the root still shows the old
 //!    release), move adopted host files aside, `syncfs`;
@@ -122,7 +124,17 @@ struct Decision {
 }
 
 /// Verifies, stages and activates `verified` on `state`'s root.
-pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Result<Outcome> {
+/// `signed` gives the verdict of the artifact's file signature, which may
+/// still be being checked (`verify::Admitted`): it is asked for before the
+/// staged release is kept, or before the first write of an activation that
+/// stages nothing, so nothing but the private staging directory is written
+/// before the signature matched.
+pub fn apply(
+    state: &mut State,
+    verified: &Verified,
+    opts: &ApplyOptions,
+    signed: &mut dyn FnMut() -> Result<()>,
+) -> Result<Outcome> {
     let m = verified.manifest();
     let id = ReleaseId::new(&m.name, &m.version, &m.archive.sha256).map_err(|e| {
         Error::Refused(format!(
@@ -163,7 +175,9 @@ pub fn apply(state: &mut State, verified: &Verified, opts: &ApplyOptions) -> Res
             });
         };
         if d.plan.stage {
-            stage(state, verified, &id)?;
+            stage(state, verified, &id, signed)?;
+        } else {
+            signed()?;
         }
         let mut history = state.record()?.history;
         if d.action != Action::Repair {
@@ -571,7 +585,12 @@ fn refuse_conflicts(plan: &Plan) -> Result<()> {
 /// Extracts `verified` into `releases/<id>/`, via a private partial
 /// directory; a release directory of that name already there is replaced
 /// atomically (`RENAME_EXCHANGE`), never trusted.
-fn stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
+fn stage(
+    state: &State,
+    verified: &Verified,
+    id: &ReleaseId,
+    signed: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     let releases = state.releases()?;
     let partial = format!(".{id}.partial");
     let partial_path = state.path("releases").join(&partial);
@@ -589,7 +608,11 @@ fn stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
         .open_dir(&partial)
         .map_err(io("opening the staging directory"))
         .and_then(|dir| {
-            extract(verified, &dir)?;
+            // The members were compared with the signed manifest as they were
+            // written; the file's signature decides first, whatever they showed.
+            let extracted = extract(verified, &dir);
+            signed()?;
+            extracted?;
             write_metadata(verified, id, &dir)
         })
         .and_then(|()| {

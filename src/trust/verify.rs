@@ -1,12 +1,16 @@
-//! `authenticate`: the only way to obtain a `Verified` artifact. Order
-//! matters: the signature is checked first (by a trusted key), then the
-//! trusted comment against the manifest's digest, then the artifact's digest.
-//! Only then is the archive decompressed (`Verified::stream`), and every
-//! member is compared with the manifest as it streams past, before a sink
-//! (`verify` discards, `apply` extracts) sees it: its header bytes must be
-//! exactly the ones `archive::header` writes for the manifest's entry, so
-//! the archive reads the same in any tar reader. Nothing is trusted before
-//! the check that covers it.
+//! The one way to a `Verified` artifact, in two orders. `authenticate`
+//! checks the file's signature (by a trusted key), then the trusted comment
+//! against the manifest's digest, then the artifact's digest, before any
+//! archive byte is read. `admit` checks the trusted comment's signature and
+//! the manifest it binds, then lets the members be compared with that
+//! manifest while the file's signature is checked beside them
+//! (`Admitted::check_file`): `verify` and `apply`, whose staging directory
+//! is private and kept only once the signature matched. Either way every
+//! member is compared with the manifest as it streams past
+//! (`Verified::stream`), before a sink (`verify` discards, `apply` extracts)
+//! sees it: its header bytes must be exactly the ones `archive::header`
+//! writes for the manifest's entry, so the archive reads the same in any tar
+//! reader. Nothing is trusted before the check that covers it.
 
 use std::fs::File;
 use std::io::Read;
@@ -31,9 +35,10 @@ pub struct VerifyOptions<'a> {
     pub keys: &'a [PublicKey],
 }
 
-/// An artifact whose signature, trusted comment, manifest and artifact
-/// digests were checked; its members are checked by `stream`. Only
-/// `authenticate` constructs one. It holds the artifact open, so `stream`
+/// An artifact whose trusted comment and manifest were checked, and whose
+/// file signature was (`authenticate`, `verify`) or is being
+/// (`Admitted::unconfirmed`); its members are checked by `stream`. Only this
+/// module constructs one. It holds the artifact open, so `stream`
 /// reads the file that was authenticated even if the path is replaced.
 #[derive(Debug)]
 pub struct Verified {
@@ -156,14 +161,42 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
 /// reported, whatever the members showed. The artifact's SHA-256 is not
 /// computed: the signature covers its every byte.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
+    let admitted = admit(opts)?;
+    let (signed, streamed) = std::thread::scope(|scope| {
+        let members = scope.spawn(|| admitted.verified.stream(&mut |_, _| Ok(())));
+        let signed = admitted.check_file(progress);
+        let streamed = members
+            .join()
+            .unwrap_or_else(|_| Err(Error::check("the checking thread panicked")));
+        (signed, streamed)
+    });
+    let signed = signed?;
+    streamed?;
+    Ok(admitted.confirmed(signed))
+}
+
+/// An artifact whose trusted comment's signature (by a trusted key) vouches
+/// for its manifest, bound, parsed and checked against the signed names, and
+/// whose size is the manifest's. The file's own signature is still to be
+/// checked (`check_file`): its members may be compared with the manifest
+/// before (`verify`, and `apply` into its private staging directory), but
+/// nothing may be trusted, reported or made visible before it passed.
+pub struct Admitted {
+    verified: Verified,
+    signature: Signature,
+    key: PublicKey,
+}
+
+/// The trusted comment's signature first: the manifest it binds is
+/// authentic before it is parsed, and the members are compared with it.
+pub fn admit(opts: &VerifyOptions<'_>) -> Result<Admitted> {
     let opened = open(opts)?;
-    // The trusted comment's signature first: the manifest it binds is
-    // authentic before it is parsed, and the members are compared with it.
-    opened
+    let key = opened
         .signature
         .verify_comment(opts.keys)
-        .map_err(|m| Error::check(format!("{}: {m}", opened.sig_path.display())))?;
-    let mut verified = bind(opts.artifact, &opened, String::new())?;
+        .map_err(|m| Error::check(format!("{}: {m}", opened.sig_path.display())))?
+        .clone();
+    let verified = bind(opts.artifact, &opened, key.key_id())?;
     let size = opened
         .file
         .metadata()
@@ -176,29 +209,46 @@ pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<V
             verified.manifest.archive.size
         )));
     }
-    let (prehash, streamed) = std::thread::scope(|scope| {
-        let members = scope.spawn(|| verified.stream(&mut |_, _| Ok(())));
-        let prehash = prehash_file(&opened.file, opts.artifact, progress);
-        let streamed = members
-            .join()
-            .unwrap_or_else(|_| Err(Error::check("the checking thread panicked")));
-        (prehash, streamed)
-    });
-    let (prehash, n) = prehash?;
-    if n != size {
-        return Err(Error::check(format!(
-            "{}: the artifact changed while it was read",
-            opts.artifact.display()
-        )));
-    }
-    let key = opened
-        .signature
-        .verify(opts.keys, &prehash)
-        .map_err(|m| Error::check(format!("{}: {m}", opts.artifact.display())))?;
-    streamed?;
-    verified.key_id = key.key_id();
-    Ok(verified)
+    Ok(Admitted {
+        verified,
+        signature: opened.signature,
+        key,
+    })
 }
+
+impl Admitted {
+    /// The artifact, its file signature not yet checked.
+    pub fn unconfirmed(&self) -> &Verified {
+        &self.verified
+    }
+
+    /// Checks the file's signature: the BLAKE2b prehash of every byte, read
+    /// from the descriptor that was opened, by the key that signed the
+    /// trusted comment. `progress(done, total)` is told of bytes hashed.
+    pub fn check_file(&self, progress: &dyn Fn(u64, u64)) -> Result<Signed> {
+        let v = &self.verified;
+        let (prehash, n) = prehash_file(&v.file, &v.artifact, progress)?;
+        if n != v.manifest.archive.size {
+            return Err(Error::check(format!(
+                "{}: the artifact changed while it was read",
+                v.artifact.display()
+            )));
+        }
+        self.signature
+            .verify(std::slice::from_ref(&self.key), &prehash)
+            .map(|_| Signed(()))
+            .map_err(|m| Error::check(format!("{}: {m}", v.artifact.display())))
+    }
+
+    /// The `Verified` artifact, given the proof that `check_file` passed.
+    pub fn confirmed(self, _: Signed) -> Verified {
+        self.verified
+    }
+}
+
+/// Proof that an `Admitted` artifact's file signature matched.
+#[derive(Debug)]
+pub struct Signed(());
 
 /// The `.minisig` at `sig_path`, read and parsed; a missing one fails the
 /// check (exit 1): unsigned `what`s (artifacts, images) are refused.

@@ -469,13 +469,25 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
     let (stranger, _) = keypair(f.dir(), "stranger");
     let untrusted = Fleet::build(&f.repo, &stranger, "stranger-out", "9.0.0");
     assert_refused_untouched(&f, &untrusted, &["verification failed"]);
-    // Tampered: one byte of the artifact flipped.
-    let tampered = copy_release(&f.v2, &f.dir().join("tampered"), "p");
-    let mut bytes = fs::read(&tampered).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    fs::write(&tampered, bytes).unwrap();
-    assert_refused_untouched(&f, &tampered, &["verification failed"]);
+    // Tampered: one byte of the artifact flipped. The members are staged
+    // while the file's signature is checked beside them: the staging
+    // directory is gone again and the signature is what the error names,
+    // whatever the members showed.
+    let flipped = |from: &Path, dir: &str| {
+        let tampered = copy_release(from, &f.dir().join(dir), "p");
+        let mut bytes = fs::read(&tampered).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        fs::write(&tampered, bytes).unwrap();
+        tampered
+    };
+    let signature = [
+        "verification failed",
+        "signature does not match the artifact",
+    ];
+    assert_refused_untouched(&f, &flipped(&f.v2, "tampered"), &signature);
+    // Tampered and a downgrade: the signature's verdict still comes first.
+    assert_refused_on(&f, &flipped(&f.v1, "tampered-v1"), &signature, false);
     // Downgraded: release 1 onto a root running release 2.
     // (An empty root runs nothing, so there it is no downgrade.)
     assert_refused_on(&f, &f.v1, &["not newer", "--allow-downgrade"], false);
