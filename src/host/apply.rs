@@ -8,13 +8,14 @@
 //! 2. take the state lock and finish or revert an interrupted activation;
 //! 3. extract into the private `releases/.<id>.partial/`, checking every
 //!    member against the signed manifest as it streams, while the file's
-//!    signature is checked on another thread; only when it matched, `syncfs`
-//!    and rename it to `releases/<id>/` (exchanged atomically with a release
-//!    directory of that name already on disk: nothing on disk is trusted by
-//!    its name);
+//!    signature is checked on another thread; only when it matched, fsync
+//!    its metadata and rename it to `releases/<id>/` (exchanged atomically,
+//!    after a `syncfs`, with a release directory of that name already on
+//!    disk: nothing on disk is trusted by its name);
 //! 4. write the journal, create the new directories and the farm links of
 //!    new paths (they dangle until the switch: the root still shows the old
-//!    release), move adopted host files aside, `syncfs`;
+//!    release), move adopted host files aside, `syncfs` (the staged
+//!    release's data and the links alike);
 //! 5. switch `current` with one rename: this is the instant the root changes
 //!    from old to new;
 //! 6. clean up: remove the farm links and empty created directories that
@@ -613,15 +614,25 @@ fn stage(
             let extracted = extract(verified, &dir);
             signed()?;
             extracted?;
-            write_metadata(verified, id, &dir)
+            write_metadata(verified, id, &dir)?;
+            dir.sync().map_err(io("syncing the staged release"))
         })
         .and_then(|()| {
+            // The members' data is made durable by `prepare`'s syncfs, with
+            // the links and before the switch, so its writeback runs while
+            // the links are made; what recovery reads of this release (its
+            // metadata, fsynced above) is durable before the journal names
+            // it. A release directory of this name may be a retained one
+            // that `rollback` can still switch to: it is replaced only by a
+            // staged release that is durable in full.
             releases
                 .set_mode(&partial, 0o755)
-                .and_then(|()| releases.sync_fs())
-                .map_err(io("syncing the staged release"))?;
+                .map_err(io("making the staged release readable"))?;
             match crate::host::confined::optional(releases.stat(id.as_str())) {
                 Ok(Some(_)) => {
+                    releases
+                        .sync_fs()
+                        .map_err(io("syncing the staged release"))?;
                     releases
                         .exchange(&partial, id.as_str())
                         .map_err(io("replacing the release directory"))?;
@@ -659,7 +670,7 @@ fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> 
         ("release.json", &info_json[..]),
     ] {
         dir.create_file(name, 0o644)
-            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
             .map_err(Error::io(&dir.display(name), "writing release metadata"))?;
     }
     Ok(())
