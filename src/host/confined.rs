@@ -138,15 +138,8 @@ impl<'a> Parents<'a> {
         let kept = match self.last.take() {
             Some((path, dir)) if path == parent => (path, dir),
             _ => {
-                let fd =
-                    self.base
-                        .open_at(parent, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
-                let dir = Dir {
-                    fd,
-                    path: self.base.path.join(parent),
-                    resolve: self.base.resolve,
-                };
-                (parent.to_owned(), dir)
+                let fd = self.base.open_parent(parent)?;
+                (parent.to_owned(), self.base.below(parent, fd))
             }
         };
         let (_, dir) = self.last.insert(kept);
@@ -210,13 +203,25 @@ impl Dir {
         let (parent, name) = split(rel);
         let parent = match parent {
             None => Parent::This(self.fd.as_fd()),
-            Some(p) => Parent::Opened(self.open_at(
-                p,
-                OFlags::RDONLY | OFlags::DIRECTORY,
-                Mode::empty(),
-            )?),
+            Some(p) => Parent::Opened(self.open_parent(p)?),
         };
         Ok((parent, name.to_owned()))
+    }
+
+    /// The directory `p` that holds a path's last component (resolved under
+    /// the handle's policy, a symlink in it included).
+    fn open_parent(&self, p: &Path) -> io::Result<OwnedFd> {
+        self.open_at(p, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+    }
+
+    /// `fd`, a directory opened at `rel` below this handle, as a handle with
+    /// the same policy.
+    fn below(&self, rel: &Path, fd: OwnedFd) -> Dir {
+        Dir {
+            fd,
+            path: self.path.join(rel),
+            resolve: self.resolve,
+        }
     }
 
     /// A subdirectory as a handle with the same policy (never through a
@@ -240,11 +245,7 @@ impl Dir {
                     e
                 }
             })?;
-        Ok(Dir {
-            fd,
-            path: self.path.join(rel),
-            resolve: self.resolve,
-        })
+        Ok(self.below(rel, fd))
     }
 
     /// The same directory with another resolution policy.

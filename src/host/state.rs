@@ -681,8 +681,7 @@ impl State {
 
     /// What is at the live path (`None`: nothing).
     pub fn live_meta(&self, path: &RelPath) -> Result<Option<Meta>> {
-        confined::optional(self.live.stat(path.as_str()))
-            .map_err(Error::io(&self.live(path), "inspecting"))
+        self.farm().meta(path)
     }
 
     /// Whether the live path of `path` is InfraKit's farm link.
@@ -694,7 +693,7 @@ impl State {
     pub fn farm(&self) -> Farm<'_> {
         Farm {
             parents: confined::Parents::new(&self.live),
-            root: &self.root,
+            state: self,
         }
     }
 
@@ -830,21 +829,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// tens of thousands of links would otherwise resolve it twice per link).
 pub struct Farm<'a> {
     parents: confined::Parents<'a>,
-    root: &'a Path,
+    state: &'a State,
 }
 
 impl Farm<'_> {
-    fn live(&self, path: &RelPath) -> PathBuf {
-        self.root.join(path.as_str())
-    }
-
     /// What is at the live path (`None`: nothing).
     pub fn meta(&mut self, path: &RelPath) -> Result<Option<Meta>> {
         let meta = self
             .parents
             .of(Path::new(path.as_str()))
             .and_then(|(dir, name)| dir.stat(name));
-        confined::optional(meta).map_err(Error::io(&self.live(path), "inspecting"))
+        confined::optional(meta).map_err(Error::io(&self.state.live(path), "inspecting"))
     }
 
     /// Whether the live path of `path` is InfraKit's farm link.
@@ -872,7 +867,7 @@ impl Farm<'_> {
                 }
                 made => made,
             });
-        made.map_err(Error::io(&self.live(path), "creating link"))
+        made.map_err(Error::io(&self.state.live(path), "creating link"))
     }
 
     /// Removes the farm link (or file) at `path`.
@@ -880,7 +875,7 @@ impl Farm<'_> {
         self.parents
             .of(Path::new(path.as_str()))
             .and_then(|(dir, name)| dir.remove_file(name))
-            .map_err(Error::io(&self.live(path), "removing a link"))
+            .map_err(Error::io(&self.state.live(path), "removing a link"))
     }
 }
 

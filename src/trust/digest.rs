@@ -155,10 +155,10 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Reads `inner` to its end on a thread of its own and hands the bytes over
 /// in chunks through a bounded channel: reading (decompression) overlaps
-/// with whatever consumes the stream. With `spawn_hashing`, a third thread
-/// takes the same chunks and sends the SHA-256 of the stretches a layout
-/// names (a tar stream's member contents), so hashing runs beside both the
-/// decompression and the consumer instead of on the consumer's thread.
+/// with whatever consumes the stream. A third thread takes the same chunks
+/// and sends the SHA-256 of the stretches a layout names (a tar stream's
+/// member contents), so hashing runs beside both the decompression and the
+/// consumer instead of on the consumer's thread.
 pub struct ReadAhead {
     /// Chunks; an empty chunk marks the end of the stream.
     chunks: std::sync::mpsc::Receiver<io::Result<Arc<Vec<u8>>>>,
@@ -181,30 +181,18 @@ impl ReadAhead {
     const CHUNK: usize = 256 * 1024;
     const DEPTH: usize = 8;
 
-    pub fn spawn<R: Read + Send + 'static>(inner: R) -> ReadAhead {
-        Self::start(inner, None)
-    }
-
-    /// As `spawn`, and the SHA-256 of each of `layout`'s stretches comes
-    /// through the receiver, in order, once the stream got that far.
+    /// Starts reading `inner`; the SHA-256 of each of `layout`'s stretches
+    /// comes through the receiver, in order, once the stream got that far.
     pub fn spawn_hashing<R: Read + Send + 'static>(
-        inner: R,
+        mut inner: R,
         layout: Vec<Stretch>,
     ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
         let (digests_tx, digests) = std::sync::mpsc::channel();
         let (chunks_tx, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(Self::DEPTH);
         std::thread::spawn(move || hash_stretches(&layout, &chunks, &digests_tx));
-        (Self::start(inner, Some(chunks_tx)), digests)
-    }
-
-    fn start<R: Read + Send + 'static>(
-        inner: R,
-        hasher: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
-    ) -> ReadAhead {
+        let mut hasher = Some(chunks_tx);
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
-            let mut inner = inner;
-            let mut hasher = hasher;
             let mut count = 0u64;
             loop {
                 let mut chunk = vec![0u8; Self::CHUNK];
@@ -236,13 +224,14 @@ impl ReadAhead {
             }
             count
         });
-        ReadAhead {
+        let stream = ReadAhead {
             chunks: rx,
             chunk: Arc::new(Vec::new()),
             pos: 0,
             done: None,
             reader: Some(reader),
-        }
+        };
+        (stream, digests)
     }
 
     /// The size of everything read, once the stream was read to its end.
