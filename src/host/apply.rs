@@ -6,16 +6,19 @@
 //!    conflicts, or a repair of the active release) with nothing written; a
 //!    dry run stops here, having made the same decision the real run makes;
 //! 2. take the state lock and finish or revert an interrupted activation;
-//! 3. extract into the private `releases/.<id>.partial/`, checking every
-//!    member against the signed manifest as it streams, while the file's
-//!    signature is checked on another thread; only when it matched, fsync
-//!    its metadata and rename it to `releases/<id>/` (exchanged atomically,
-//!    after a `syncfs`, with a release directory of that name already on
-//!    disk: nothing on disk is trusted by its name);
-//! 4. write the journal, create the new directories and the farm links of
-//!    new paths (they dangle until the switch: the root still shows the old
-//!    release), move adopted host files aside, `syncfs` (the staged
-//!    release's data and the links alike);
+//! 3. create the private `releases/.<id>.partial/` with the release's
+//!    metadata (fsynced: recovery reads the manifest back from there), then
+//!    write the journal;
+//! 4. extract into the partial directory, checking every member against the
+//!    signed manifest as it streams, while the file's signature is checked
+//!    on another thread and a third creates the new directories and the
+//!    farm links of new paths (they dangle until the switch: the root still
+//!    shows the old release; which to make, the signed manifest decided);
+//!    only when the signature matched, rename the partial directory to
+//!    `releases/<id>/` (exchanged atomically, after a `syncfs`, with a
+//!    release directory of that name already on disk: nothing on disk is
+//!    trusted by its name), move adopted host files aside and link them,
+//!    `syncfs` (the staged release's data and the links alike);
 //! 5. switch `current` with one rename: this is the instant the root changes
 //!    from old to new;
 //! 6. clean up: remove the farm links and empty created directories that
@@ -175,12 +178,14 @@ pub fn apply(
                 recovered,
             });
         };
-        if d.plan.stage {
-            stage(state, verified, &id, signed)?;
+        let mut history = state.record()?.history;
+        let stage = if d.plan.stage {
+            begin_stage(state, verified, &id)?;
+            Some(Stage { verified, signed })
         } else {
             signed()?;
-        }
-        let mut history = state.record()?.history;
+            None
+        };
         if d.action != Action::Repair {
             history.retain(|h| *h != id);
             history.push(id.clone());
@@ -196,6 +201,7 @@ pub fn apply(
             d.plan,
             recovered,
             (verified.manifest(), old),
+            stage,
         )
     })();
     if result.is_err() {
@@ -510,7 +516,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
     let history = record.history[..pos].to_vec();
     let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
     let manifests = (&target.manifest, Some(&old.manifest));
-    activate(state, &journal, plan, recovered, manifests)
+    activate(state, &journal, plan, recovered, manifests, None)
 }
 
 /// Checks that a retained release's manifest is still the signed one: the
@@ -583,17 +589,13 @@ fn refuse_conflicts(plan: &Plan) -> Result<()> {
     )))
 }
 
-/// Extracts `verified` into `releases/<id>/`, via a private partial
-/// directory; a release directory of that name already there is replaced
-/// atomically (`RENAME_EXCHANGE`), never trusted.
-fn stage(
-    state: &State,
-    verified: &Verified,
-    id: &ReleaseId,
-    signed: &mut dyn FnMut() -> Result<()>,
-) -> Result<()> {
+/// Creates the private `releases/.<id>.partial/` that `verified` is
+/// extracted into, with the release's metadata written and fsynced first:
+/// once the journal names the release, an interrupted activation is
+/// reverted with the manifest read back from there (`recover`).
+fn begin_stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
     let releases = state.releases()?;
-    let partial = format!(".{id}.partial");
+    let partial = state::partial_name(id);
     let partial_path = state.path("releases").join(&partial);
     let io = |action| Error::io(&partial_path, action);
     releases
@@ -601,56 +603,75 @@ fn stage(
         .map_err(io("removing a stale partial release"))?;
     // Private until every member was checked: files get their final modes
     // (setuid included) before their digests are known.
-    releases
+    let made = releases
         .create_dir(&partial, 0o700)
         .and_then(|()| releases.set_mode(&partial, 0o700))
-        .map_err(io("creating the staging directory"))?;
-    let result = releases
-        .open_dir(&partial)
-        .map_err(io("opening the staging directory"))
+        .and_then(|()| releases.open_dir(&partial))
+        .map_err(io("creating the staging directory"))
         .and_then(|dir| {
-            // The members were compared with the signed manifest as they were
-            // written; the file's signature decides first, whatever they showed.
-            let extracted = extract(verified, &dir);
-            signed()?;
-            extracted?;
             write_metadata(verified, id, &dir)?;
-            dir.sync().map_err(io("syncing the staged release"))
-        })
-        .and_then(|()| {
-            // The members' data is made durable by `prepare`'s syncfs, with
-            // the links and before the switch, so its writeback runs while
-            // the links are made; what recovery reads of this release (its
-            // metadata, fsynced above) is durable before the journal names
-            // it. A release directory of this name may be a retained one
-            // that `rollback` can still switch to: it is replaced only by a
-            // staged release that is durable in full.
-            releases
-                .set_mode(&partial, 0o755)
-                .map_err(io("making the staged release readable"))?;
-            match crate::host::confined::optional(releases.stat(id.as_str())) {
-                Ok(Some(_)) => {
-                    releases
-                        .sync_fs()
-                        .map_err(io("syncing the staged release"))?;
-                    releases
-                        .exchange(&partial, id.as_str())
-                        .map_err(io("replacing the release directory"))?;
-                    releases
-                        .remove_tree(&partial)
-                        .map_err(io("removing the replaced release directory"))?;
-                }
-                Ok(None) => releases
-                    .rename(&partial, &releases, id.as_str())
-                    .map_err(io("renaming the staged release"))?,
-                Err(e) => return Err(io("inspecting the release directory")(e)),
-            }
-            releases.sync().map_err(io("syncing releases"))
+            dir.sync().map_err(io("syncing the staging directory"))
         });
-    if result.is_err() {
+    if made.is_err() {
         let _ = releases.remove_tree(&partial);
     }
-    result
+    made
+}
+
+/// The extraction of step 4, run beside the farm links.
+struct Stage<'a> {
+    verified: &'a Verified,
+    /// The verdict of the file's signature (see `apply`).
+    signed: &'a mut dyn FnMut() -> Result<()>,
+}
+
+impl Stage<'_> {
+    /// Extracts the release into its partial directory (`begin_stage`) and,
+    /// once the file's signature matched, renames it to `releases/<id>/`; a
+    /// release directory of that name already there is replaced atomically
+    /// (`RENAME_EXCHANGE`), never trusted. A failure leaves the partial
+    /// directory for `revert` to remove.
+    fn run(self, state: &State, id: &ReleaseId) -> Result<()> {
+        let releases = state.releases()?;
+        let partial = state::partial_name(id);
+        let partial_path = state.path("releases").join(&partial);
+        let io = |action| Error::io(&partial_path, action);
+        let dir = releases
+            .open_dir(&partial)
+            .map_err(io("opening the staging directory"))?;
+        // The members were compared with the signed manifest as they were
+        // written; the file's signature decides first, whatever they showed.
+        let extracted = extract(self.verified, &dir);
+        (self.signed)()?;
+        extracted?;
+        // The members' data is made durable by `prepare`'s syncfs, with the
+        // links and before the switch; what recovery reads of this release
+        // (its metadata) was fsynced before the journal named it. A release
+        // directory of this name may be a retained one that `rollback` can
+        // still switch to: it is replaced only by a staged release that is
+        // durable in full.
+        releases
+            .set_mode(&partial, 0o755)
+            .map_err(io("making the staged release readable"))?;
+        match crate::host::confined::optional(releases.stat(id.as_str())) {
+            Ok(Some(_)) => {
+                releases
+                    .sync_fs()
+                    .map_err(io("syncing the staged release"))?;
+                releases
+                    .exchange(&partial, id.as_str())
+                    .map_err(io("replacing the release directory"))?;
+                releases
+                    .remove_tree(&partial)
+                    .map_err(io("removing the replaced release directory"))?;
+            }
+            Ok(None) => releases
+                .rename(&partial, &releases, id.as_str())
+                .map_err(io("renaming the staged release"))?,
+            Err(e) => return Err(io("inspecting the release directory")(e)),
+        }
+        releases.sync().map_err(io("syncing releases"))
+    }
 }
 
 /// `manifest.json`, `artifact.minisig` and `release.json` of a staged release.
@@ -750,7 +771,7 @@ fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
     Ok(())
 }
 
-/// Steps 4-6 of the module comment, then the hooks. A failure before the
+/// Steps 3 (its journal) to 6 of the module comment, then the hooks. A failure before the
 /// switch is reverted at once (and would be by the next run otherwise).
 /// `manifests` are those of the release activated and the one it replaces
 /// (checked already).
@@ -760,17 +781,23 @@ fn activate(
     plan: Plan,
     recovered: Option<String>,
     manifests: (&Manifest, Option<&Manifest>),
+    stage: Option<Stage<'_>>,
 ) -> Result<Outcome> {
-    state.write_journal(journal)?;
+    if let Err(e) = state.write_journal(journal) {
+        if stage.is_some() {
+            let _ = state.remove_release(&state::partial_name(&journal.to));
+        }
+        return Err(e);
+    }
     let live = hooks::is_live(&state.root);
-    let prepared = prepare(state, journal, &plan).and_then(|()| {
+    let prepared = prepare(state, journal, &plan, stage).and_then(|()| {
         if live {
             hooks::run(&plan.hooks.before(), "the activation was reverted")?;
         }
         Ok(())
     });
     if let Err(e) = prepared {
-        let _ = revert(state, journal);
+        let _ = revert(state, journal, Some(manifests.0));
         return Err(e);
     }
     let signers_down = std::time::Instant::now();
@@ -791,16 +818,44 @@ fn activate(
     })
 }
 
-/// Step 4: new directories, adopted files moved aside, farm links, synced.
-fn prepare(state: &State, journal: &Journal, plan: &Plan) -> Result<()> {
-    for e in &plan.new_dirs {
-        state.create_live_dir(e)?;
-    }
-    for p in &journal.adopted {
-        state.move_aside(&journal.to, p)?;
+/// Step 4: new directories and farm links, made on a thread of their own
+/// while `stage` extracts the release; then, once it is staged
+/// (its file signature matched), adopted host files moved aside and
+/// replaced by their links; synced. The links only dangle until the
+/// switch, and which ones to make the signed manifest decided (its
+/// trusted comment's signature was checked before anything was written).
+fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_>>) -> Result<()> {
+    let adopted: HashSet<&RelPath> = journal.adopted.iter().collect();
+    let new_paths = || -> Result<()> {
+        for e in &plan.new_dirs {
+            state.create_live_dir(e)?;
+        }
+        let mut farm = state.farm();
+        for p in plan.links.iter().filter(|p| !adopted.contains(p)) {
+            farm.link(p)?;
+        }
+        Ok(())
+    };
+    match stage {
+        None => new_paths()?,
+        Some(stage) => {
+            let (staged, linked) = std::thread::scope(|scope| {
+                let links = scope.spawn(new_paths);
+                let staged = stage.run(state, &journal.to);
+                let linked = links
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::check("the linking thread panicked")));
+                (staged, linked)
+            });
+            // The staging's error first: the file signature's verdict is
+            // the one reported, whatever else failed.
+            staged?;
+            linked?;
+        }
     }
     let mut farm = state.farm();
-    for p in &plan.links {
+    for p in &journal.adopted {
+        state.move_aside(&journal.to, p)?;
         farm.link(p)?;
     }
     state.sync_fs()
@@ -947,11 +1002,11 @@ fn describe_recovery(state: &State) -> Result<Option<String>> {
 /// Finishes (switched already) or reverts (not switched) an interrupted
 /// activation, and removes partial releases. Says what it did.
 pub fn recover(state: &State) -> Result<Option<String>> {
-    let partials = state.partials()?;
-    for p in &partials {
-        state.remove_release(p)?;
-    }
     let Some(journal) = state.journal()? else {
+        let partials = state.partials()?;
+        for p in &partials {
+            state.remove_release(p)?;
+        }
         return Ok((!partials.is_empty()).then(|| "removed a partly extracted release".to_owned()));
     };
     if state.current_id()?.as_ref() == Some(&journal.to) {
@@ -961,12 +1016,21 @@ pub fn recover(state: &State) -> Result<Option<String>> {
             .and_then(|from| state.release(from).ok())
             .map(|r| r.manifest);
         finish(state, &journal, (&new, old.as_ref()))?;
+        for p in state.partials()? {
+            state.remove_release(&p)?;
+        }
         Ok(Some(format!(
             "completed the interrupted {} to {}",
             journal.action, journal.to
         )))
     } else {
-        revert(state, &journal)?;
+        // Interrupted while staging, the release is still the partial one
+        // (its metadata was written before the journal named it).
+        let to = (state.release(&journal.to))
+            .or_else(|_| state.staged_release(&journal.to))
+            .ok()
+            .map(|r| r.manifest);
+        revert(state, &journal, to.as_ref())?;
         Ok(Some(format!(
             "reverted the interrupted {} to {}; {} stays active",
             journal.action,
@@ -979,8 +1043,10 @@ pub fn recover(state: &State) -> Result<Option<String>> {
     }
 }
 
-/// Undoes step 4 (the switch did not happen).
-fn revert(state: &State, journal: &Journal) -> Result<()> {
+/// Undoes steps 3 and 4 (the switch did not happen). `to` is the manifest
+/// of the release the journal activates, if it can be read: without it, the
+/// journal vouches for no path.
+fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()> {
     let from_paths: HashSet<RelPath> = match &journal.from {
         Some(from) => state
             .release(from)?
@@ -991,13 +1057,12 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
             .collect(),
         None => HashSet::new(),
     };
-    // Without the release it activated, the journal vouches for no path.
-    let (created, adopted) = match state.release(&journal.to) {
-        Ok(to) => {
-            remove_links(state, &to.manifest, |p| from_paths.contains(p))?;
-            vouched(journal, &to.manifest)
+    let (created, adopted) = match to {
+        Some(to) => {
+            remove_links(state, to, |p| from_paths.contains(p))?;
+            vouched(journal, to)
         }
-        Err(_) => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Vec::new()),
     };
     for p in &adopted {
         // The new link stands where the host's file was: it goes first.
@@ -1012,6 +1077,9 @@ fn revert(state: &State, journal: &Journal) -> Result<()> {
     let record = state.record()?;
     if !record.history.contains(&journal.to) {
         state.remove_release(journal.to.as_str())?;
+    }
+    for p in state.partials()? {
+        state.remove_release(&p)?;
     }
     state.sync_fs()?;
     if hooks::is_live(&state.root) {

@@ -428,8 +428,20 @@ impl State {
     /// A retained release, read back as untrusted: `release.json` must name
     /// this release, and the manifest must be the one it describes.
     pub fn release(&self, id: &ReleaseId) -> Result<Release> {
+        self.release_in(id.as_str(), id)
+    }
+
+    /// Release `id` while it is being extracted (`releases/.<id>.partial`,
+    /// its metadata written first), read back as untrusted as `release`
+    /// reads a retained one: what recovery reverts when an activation was
+    /// interrupted while staging.
+    pub fn staged_release(&self, id: &ReleaseId) -> Result<Release> {
+        self.release_in(&partial_name(id), id)
+    }
+
+    fn release_in(&self, name: &str, id: &ReleaseId) -> Result<Release> {
         let dir = self.dir()?;
-        let base = Path::new("releases").join(id.as_str());
+        let base = Path::new("releases").join(name);
         let info_rel = base.join("release.json");
         let info: ReleaseInfo = read_json(dir, &info_rel)?.ok_or_else(|| {
             Error::io(&dir.display(&info_rel), "reading release record")(
@@ -781,6 +793,11 @@ impl State {
             .sync_fs()
             .map_err(Error::io(&self.root, "syncing the filesystem"))
     }
+}
+
+/// The name in `releases/` of release `id` while it is being extracted.
+pub fn partial_name(id: &ReleaseId) -> String {
+    format!(".{id}.partial")
 }
 
 /// A state record, or `None` when there is none. Records are untrusted:

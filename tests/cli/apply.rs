@@ -618,13 +618,16 @@ fn host_paths(root: &Path) -> Vec<String> {
 /// Whether `root` holds an interrupted activation (a journal) or extraction
 /// (a partial release), which `status` must report.
 fn interrupted(root: &Path) -> bool {
-    let state = state_dir(root);
-    let partial = fs::read_dir(state.join("releases"))
+    has_partial(root) || state_dir(root).join("journal.json").exists()
+}
+
+/// Whether `root` holds a partial release (`releases/.<id>.partial`).
+fn has_partial(root: &Path) -> bool {
+    fs::read_dir(state_dir(root).join("releases"))
         .into_iter()
         .flatten()
         .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with('.'));
-    partial || state.join("journal.json").exists()
+        .any(|e| e.file_name().to_string_lossy().starts_with('.'))
 }
 
 /// `wrapper` run with `args`, then `infrakit apply ARTIFACT --root ROOT`
@@ -648,23 +651,25 @@ fn wrapped_apply(
 }
 
 /// Applies release 2 onto `root` under strace and returns every traced
-/// call in order: (syscall, its occurrence number, the strace line).
+/// call in order: (syscall, its occurrence number in its thread, the
+/// strace line). strace counts `inject=…:when=N` per thread: the farm
+/// links are made on a thread of their own while the main one extracts.
 fn trace_apply(f: &Fleet, root: &Path) -> Vec<(String, usize, String)> {
     let log = f.dir().join("strace.log");
     let trace = format!("trace={WRITES}");
     let args = ["-f", "-qq", "-o", s(&log), "-e", &trace];
     wrapped_apply(f, "strace", &args, &f.v2, root, true).ok();
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     fs::read_to_string(&log)
         .unwrap()
         .lines()
         .filter_map(|l| {
-            let rest = l.split_once(' ')?.1.trim_start();
-            let name = rest.split('(').next()?.to_owned();
+            let (tid, rest) = l.split_once(' ')?;
+            let name = rest.trim_start().split('(').next()?.to_owned();
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return None;
             }
-            let n = seen.entry(name.clone()).or_default();
+            let n = seen.entry((tid.to_owned(), name.clone())).or_default();
             *n += 1;
             Some((name, *n, l.to_owned()))
         })
@@ -750,7 +755,7 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
     points.sort_unstable();
     points.dedup();
 
-    let (mut olds, mut news) = (0, 0);
+    let (mut olds, mut news, mut staging_with_links) = (0, 0, 0);
     for (i, &p) in points.iter().enumerate() {
         let (name, nth, line) = &window[p];
         let root = f.dir().join(format!("crash-{i}"));
@@ -765,6 +770,12 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
         let what = format!("killed before call {p} of {}: {line}", window.len());
         if now == old_view {
             olds += 1;
+            // Links are made beside the extraction: killed there, the root
+            // holds new (dangling) links while the release is still partial.
+            let new_links = host_paths(&root).len() > old_paths.len();
+            if new_links && has_partial(&root) && state_dir(&root).join("journal.json").exists() {
+                staging_with_links += 1;
+            }
             // Status tells, then the next apply reverts (or finds nothing
             // to do), and the root is exactly the old release again.
             let st = status(&root, &[]).expect_code(i32::from(interrupted(&root)));
@@ -793,11 +804,16 @@ fn sigkill_at_any_point_of_activation_leaves_the_old_or_the_new_release() {
         let _ = fs::remove_dir_all(&root);
     }
     eprintln!(
-        "{} kill points over {} calls: {olds} left release 1, {news} release 2",
+        "{} kill points over {} calls: {olds} left release 1 ({staging_with_links} while \
+         staging with new links made), {news} release 2",
         points.len(),
         window.len()
     );
     assert!(olds > 0 && news > 0, "old {olds}, new {news}");
+    assert!(
+        staging_with_links > 0,
+        "no kill point while links and staging overlap"
+    );
 }
 
 /// Applies release 2 to a copy of a root running release 1, in `shell`
