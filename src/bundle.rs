@@ -415,7 +415,8 @@ fn carried_files(
     }
     let manifest_name = crate::artifact::manifest::file_name(&m.name);
     let manifest = staging.join(&manifest_name);
-    write_file(&manifest, verified.manifest_bytes())?;
+    let mut file = std::fs::File::create(&manifest).map_err(Error::io(&manifest, "writing"))?;
+    verified.write_manifest(&mut file, &manifest)?;
     let sig = staging.join(format!("{}.minisig", pins.artifact_name));
     write_file(&sig, verified.signature_bytes())?;
     Ok(vec![

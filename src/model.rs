@@ -12,8 +12,12 @@ use std::sync::Arc;
 /// leading or trailing `/`, no empty, `.` or `..` components, no NUL.
 /// Ordered component by component, so a directory's children come right after
 /// it (the order of `tar --sort=name`).
+///
+/// The string is shared (`Arc`): a release's paths are cloned into plans,
+/// sets and the tree's indexes by the tens of thousands, and each clone is a
+/// reference, not another copy of the path.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RelPath(String);
+pub struct RelPath(Arc<str>);
 
 impl RelPath {
     /// Checks and normalises `s`; a leading `/` or `./` is dropped, trailing `/` too.
@@ -33,7 +37,7 @@ impl RelPath {
                 _ => {}
             }
         }
-        Ok(RelPath(trimmed.to_owned()))
+        Ok(RelPath(Arc::from(trimmed)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -42,14 +46,14 @@ impl RelPath {
 
     /// The parent directory, or `None` at the top level.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+        self.0.rfind('/').map(|i| RelPath(Arc::from(&self.0[..i])))
     }
 
     /// Every ancestor, outermost first (`a`, `a/b` for `a/b/c`).
     pub fn ancestors(&self) -> Vec<RelPath> {
         self.0
             .match_indices('/')
-            .map(|(i, _)| RelPath(self.0[..i].to_owned()))
+            .map(|(i, _)| RelPath(Arc::from(&self.0[..i])))
             .collect()
     }
 
@@ -87,9 +91,9 @@ impl serde::Serialize for RelPath {
 /// a path that escapes the root.
 impl<'de> serde::Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
         let p = RelPath::new(&s).map_err(serde::de::Error::custom)?;
-        if p.0 != s {
+        if *p.0 != *s {
             return Err(serde::de::Error::custom(format!(
                 "path {s:?} is not normalised"
             )));

@@ -387,12 +387,10 @@ pub fn file_name(name: &str) -> String {
     format!("{name}.manifest.json")
 }
 
+/// A small valid manifest (release `n` 1.0.0, one file), for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_json_sorts_keys_and_round_trips() {
+impl Manifest {
+    pub(crate) fn sample() -> Manifest {
         let entry = ManifestEntry {
             input: None,
             path: RelPath::new("etc/motd").unwrap(),
@@ -405,7 +403,7 @@ mod tests {
             target: None,
             layer: "base".into(),
         };
-        let m = Manifest {
+        Manifest {
             schema: SCHEMA,
             name: "n".into(),
             version: "1.0.0".into(),
@@ -427,7 +425,17 @@ mod tests {
                 tar_size: 2,
             },
             entries: vec![entry],
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_round_trips() {
+        let m = Manifest::sample();
         let json = m.to_canonical_json();
         let text = String::from_utf8(json.clone()).unwrap();
         assert!(

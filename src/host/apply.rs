@@ -685,14 +685,23 @@ fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> 
         key_id: verified.key_id().to_owned(),
     };
     let info_json = state::to_json(&info);
+    let write = |name: &str, fill: &dyn Fn(&mut std::fs::File) -> Result<()>| {
+        let io = |e| Error::io(&dir.display(name), "writing release metadata")(e);
+        let mut f = dir.create_file(name, 0o644).map_err(io)?;
+        fill(&mut f)?;
+        f.sync_all().map_err(io)
+    };
+    write("manifest.json", &|f| {
+        verified.write_manifest(f, &dir.display("manifest.json"))
+    })?;
     for (name, bytes) in [
-        ("manifest.json", verified.manifest_bytes()),
         ("artifact.minisig", verified.signature_bytes()),
         ("release.json", &info_json[..]),
     ] {
-        dir.create_file(name, 0o644)
-            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-            .map_err(Error::io(&dir.display(name), "writing release metadata"))?;
+        write(name, &|f| {
+            f.write_all(bytes)
+                .map_err(Error::io(&dir.display(name), "writing release metadata"))
+        })?;
     }
     Ok(())
 }

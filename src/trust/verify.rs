@@ -13,13 +13,13 @@
 //! reader. Nothing is trusted before the check that covers it.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::artifact::archive;
 use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::trust::digest::{ReadAhead, Sha256, Stretch};
+use crate::trust::digest::{HashingReader, ReadAhead, Sha256, Stretch};
 use crate::trust::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing (and downloading).
@@ -43,7 +43,11 @@ pub struct VerifyOptions<'a> {
 #[derive(Debug)]
 pub struct Verified {
     manifest: Manifest,
-    manifest_bytes: Vec<u8>,
+    /// The manifest file that was checked, held open: its bytes are not
+    /// kept (a large release's manifest is megabytes), they are copied
+    /// from here and checked again when they are written out.
+    manifest_file: File,
+    manifest_path: PathBuf,
     manifest_sha256: Sha256,
     signature_bytes: Vec<u8>,
     key_id: String,
@@ -63,12 +67,35 @@ impl Verified {
         &self.manifest
     }
 
-    /// The manifest exactly as signed.
-    pub fn manifest_bytes(&self) -> &[u8] {
-        &self.manifest_bytes
+    /// Writes the manifest exactly as signed to `to` (`dest` names it in
+    /// errors), copied from the file that was checked; fails the check
+    /// (exit 1) unless the bytes written have the signed digest.
+    pub fn write_manifest(&self, to: &mut dyn Write, dest: &Path) -> Result<()> {
+        let read_err = || Error::io(&self.manifest_path, "reading manifest");
+        let mut file = &self.manifest_file;
+        std::io::Seek::rewind(&mut file).map_err(read_err())?;
+        let mut from = HashingReader::new(file.take(MANIFEST_MAX));
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_err()(e)),
+            };
+            to.write_all(&buf[..n])
+                .map_err(Error::io(dest, "writing the manifest"))?;
+        }
+        if from.finish().0 != self.manifest_sha256 {
+            return Err(Error::check(format!(
+                "{}: the manifest changed after it was checked; nothing was kept, try again",
+                self.manifest_path.display()
+            )));
+        }
+        Ok(())
     }
 
-    /// The sha256 of `manifest_bytes`, as the signature's trusted comment names it.
+    /// The sha256 of the manifest, as the signature's trusted comment names it.
     pub fn manifest_sha256(&self) -> &Sha256 {
         &self.manifest_sha256
     }
@@ -275,6 +302,7 @@ struct Opened {
     signature: Signature,
     sig_path: PathBuf,
     manifest_path: PathBuf,
+    manifest_file: File,
     manifest_bytes: Vec<u8>,
 }
 
@@ -297,13 +325,14 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     // a missing signature.
     let file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
     let (sig_bytes, signature) = read_signature(&sig_path, "artifact")?;
-    let manifest_bytes = read_limited(&manifest_path, MANIFEST_MAX)?;
+    let (manifest_file, manifest_bytes) = open_limited(&manifest_path, MANIFEST_MAX)?;
     Ok(Opened {
         file,
         sig_bytes,
         signature,
         sig_path,
         manifest_path,
+        manifest_file,
         manifest_bytes,
     })
 }
@@ -338,7 +367,11 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
     }
     Ok(Verified {
         manifest,
-        manifest_bytes: manifest_bytes.clone(),
+        manifest_file: opened
+            .manifest_file
+            .try_clone()
+            .map_err(Error::io(manifest_path, "reopening manifest"))?,
+        manifest_path: manifest_path.clone(),
         manifest_sha256: manifest_sha,
         signature_bytes: opened.sig_bytes.clone(),
         key_id,
@@ -404,6 +437,11 @@ pub fn read_manifest(path: &Path) -> Result<Vec<u8>> {
 /// Reads a manifest of at most `max` bytes. A missing one fails the check
 /// (exit 1), as a missing signature does: the release is incomplete.
 fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
+    open_limited(path, max).map(|(_, bytes)| bytes)
+}
+
+/// `read_limited`, and the file it read, still open.
+fn open_limited(path: &Path, max: u64) -> Result<(File, Vec<u8>)> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -416,7 +454,8 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
         Err(e) => return Err(Error::io(path, "opening manifest")(e)),
     };
     let mut bytes = Vec::new();
-    file.take(max + 1)
+    (&file)
+        .take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(Error::io(path, "reading manifest"))?;
     if bytes.len() as u64 > max {
@@ -425,7 +464,7 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    Ok(bytes)
+    Ok((file, bytes))
 }
 
 /// The trusted comment's binding, once the signature was checked: the
@@ -944,6 +983,67 @@ fn type_name(flag: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manifest an applied release keeps is copied from the file that
+    /// was checked, not held in memory: rewritten in place after the check,
+    /// it is refused rather than copied.
+    #[test]
+    fn a_manifest_rewritten_after_its_check_is_not_copied() {
+        use crate::trust::sign::{Prehasher, SecretKey};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let artifact = dir.path().join("n.tar.zst");
+        std::fs::write(&artifact, b"a").expect("artifact");
+        let mut m = Manifest::sample();
+        m.archive.size = 1;
+        let manifest_bytes = m.to_canonical_json();
+        let manifest_path = manifest_beside(&artifact);
+        std::fs::write(&manifest_path, &manifest_bytes).expect("manifest");
+        let key = SecretKey::generate().expect("key");
+        let mut prehash = Prehasher::default();
+        prehash.update(b"a");
+        let binding = Binding {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            manifest_sha256: Sha256::of(&manifest_bytes),
+        };
+        let signature = key.sign(&prehash.finish(), &binding.to_comment());
+        std::fs::write(signature_beside(&artifact), signature).expect("signature");
+        let keys = [key.public()];
+        let opts = VerifyOptions {
+            artifact: &artifact,
+            manifest: None,
+            signature: None,
+            keys: &keys,
+        };
+        let admitted = admit(&opts).expect("admitted");
+        let verified = admitted.unconfirmed();
+        let dest = dir.path().join("copy");
+        let mut copy = Vec::new();
+        verified.write_manifest(&mut copy, &dest).expect("copied");
+        assert_eq!(copy, manifest_bytes);
+        // Same inode, same length, one byte changed (the version 1.0.0 -> 1.0.1).
+        let at = manifest_bytes
+            .windows(5)
+            .position(|w| w == b"1.0.0")
+            .expect("version");
+        std::os::unix::fs::FileExt::write_at(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(&manifest_path)
+                .expect("open"),
+            b"1.0.1",
+            at as u64,
+        )
+        .expect("rewrite");
+        let err = verified
+            .write_manifest(&mut Vec::new(), &dest)
+            .expect_err("a rewritten manifest is refused");
+        assert!(matches!(err, Error::Check(_)), "{err}");
+        assert!(
+            err.to_string().contains("changed after it was checked"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn archive_bytes_in_messages_cannot_drive_the_terminal() {
