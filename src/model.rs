@@ -123,15 +123,19 @@ pub enum Source {
     Overlay(Arc<Path>),
     /// Bytes made by the build itself (rendered templates, generated files).
     Bytes(Arc<[u8]>),
-    /// A file taken from a pinned upstream input: its exact path (in the
-    /// input cache) and the input's name, its provenance.
-    /// `sha256` is the digest the file had when it was checked: the archive
-    /// writer refuses other bytes.
-    Input {
-        path: Arc<Path>,
-        input: Arc<str>,
-        sha256: crate::trust::digest::Sha256,
-    },
+    /// A file taken from a pinned upstream input (behind a pointer: the
+    /// tree holds an entry per file, and most are not inputs).
+    Input(Arc<InputFile>),
+}
+
+/// A file taken from a pinned upstream input: its exact path (in the input
+/// cache) and the input's name, its provenance. `sha256` is the digest the
+/// file had when it was checked: the archive writer refuses other bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputFile {
+    pub path: Arc<Path>,
+    pub input: Arc<str>,
+    pub sha256: crate::trust::digest::Sha256,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -239,7 +239,7 @@ fn write_tar<W: Write>(
                     inspect(path, entry, &bytes[..bytes.len().min(opts.head)]);
                     Sha256::of(bytes)
                 }
-                Source::Overlay(_) | Source::Input { .. } => {
+                Source::Overlay(_) | Source::Input(_) => {
                     head.clear();
                     let copy = Copy {
                         buf: &mut buf,
@@ -249,12 +249,14 @@ fn write_tar<W: Write>(
                     };
                     let src = source_path(path, source).expect("a file on disk");
                     let digest = copy_file(&src, size, &mut tar.out, copy, werr)?;
-                    if let Source::Input { input, sha256, .. } = source
-                        && digest != *sha256
+                    if let Source::Input(taken) = source
+                        && digest != taken.sha256
                     {
                         return Err(Error::check(format!(
-                            "input {input}: {} changed since it was checked (sha256 {digest}, was {sha256}); run the build again, and check what writes to the cache",
-                            src.display()
+                            "input {}: {} changed since it was checked (sha256 {digest}, was {}); run the build again, and check what writes to the cache",
+                            taken.input,
+                            src.display(),
+                            taken.sha256
                         )));
                     }
                     inspect(path, entry, &head);
@@ -280,7 +282,7 @@ fn write_tar<W: Write>(
 pub fn source_path(path: &RelPath, source: &Source) -> Option<PathBuf> {
     match source {
         Source::Overlay(root) => Some(root.join(path.as_str())),
-        Source::Input { path, .. } => Some(path.to_path_buf()),
+        Source::Input(taken) => Some(taken.path.to_path_buf()),
         Source::Bytes(_) => None,
     }
 }
@@ -671,11 +673,11 @@ mod tests {
                 RelPath::new("usr/bin/node").expect("valid path"),
                 Entry {
                     kind: Kind::File {
-                        source: Source::Input {
+                        source: Source::Input(Arc::new(crate::model::InputFile {
                             path: Arc::from(file.as_path()),
                             input: Arc::from("node"),
                             sha256,
-                        },
+                        })),
                         size: 8,
                     },
                     mode: 0o755,

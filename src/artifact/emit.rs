@@ -218,11 +218,11 @@ pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Compos
                 .map_err(Error::io(&t.source, "reading a taken input file"))?
                 .len();
             let kind = crate::model::Kind::File {
-                source: crate::model::Source::Input {
+                source: crate::model::Source::Input(std::sync::Arc::new(crate::model::InputFile {
                     path: t.source.as_path().into(),
                     input: t.input.as_str().into(),
                     sha256: t.sha256,
-                },
+                })),
                 size,
             };
             adapter

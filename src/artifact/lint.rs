@@ -142,7 +142,7 @@ pub fn content(path: &RelPath, entry: &Entry, head: &[u8]) -> Vec<Finding> {
 fn read_head(path: &RelPath, source: &Source) -> Result<Vec<u8>> {
     match source {
         Source::Bytes(b) => Ok(b[..b.len().min(SCAN_LIMIT as usize)].to_vec()),
-        Source::Overlay(_) | Source::Input { .. } => {
+        Source::Overlay(_) | Source::Input(_) => {
             let p = crate::artifact::archive::source_path(path, source).expect("a file on disk");
             let file = std::fs::File::open(&p).map_err(Error::io(&p, "opening for reading"))?;
             let mut head = Vec::new();

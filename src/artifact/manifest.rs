@@ -194,9 +194,9 @@ impl Manifest {
         for (path, e) in tree.entries {
             let input = match &e.kind {
                 Kind::File {
-                    source: crate::model::Source::Input { input, .. },
+                    source: crate::model::Source::Input(taken),
                     ..
-                } => Some(input.to_string()),
+                } => Some(taken.input.to_string()),
                 _ => None,
             };
             let (kind, size, sha256, target) = match e.kind {
