@@ -163,6 +163,9 @@ pub struct ReadAhead {
     /// Chunks; an empty chunk marks the end of the stream.
     chunks: std::sync::mpsc::Receiver<io::Result<Arc<Vec<u8>>>>,
     chunk: Arc<Vec<u8>>,
+    /// Chunks done with go back to the reading thread, which fills them
+    /// again (no allocation, and no zeroing, per chunk).
+    spent: Recycler,
     pos: usize,
     /// The end, or the reader's error (repeated on every later read).
     done: Option<Result<(), (io::ErrorKind, String)>>,
@@ -189,13 +192,18 @@ impl ReadAhead {
     ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
         let (digests_tx, digests) = std::sync::mpsc::channel();
         let (chunks_tx, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(Self::DEPTH);
-        std::thread::spawn(move || hash_stretches(&layout, &chunks, &digests_tx));
+        let (spent_tx, spent) = std::sync::mpsc::channel();
+        let hasher_spent = Recycler(spent_tx.clone());
+        std::thread::spawn(move || hash_stretches(&layout, &chunks, &digests_tx, &hasher_spent));
         let mut hasher = Some(chunks_tx);
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
             let mut count = 0u64;
             loop {
-                let mut chunk = vec![0u8; Self::CHUNK];
+                let mut chunk = spent.try_recv().unwrap_or_default();
+                // Zeroes only what the last fill did not reach (all of a
+                // new chunk).
+                chunk.resize(Self::CHUNK, 0);
                 let n = match inner.read(&mut chunk) {
                     Ok(0) => {
                         let _ = tx.send(Ok(Arc::new(Vec::new())));
@@ -227,6 +235,7 @@ impl ReadAhead {
         let stream = ReadAhead {
             chunks: rx,
             chunk: Arc::new(Vec::new()),
+            spent: Recycler(spent_tx),
             pos: 0,
             done: None,
             reader: Some(reader),
@@ -244,6 +253,22 @@ impl ReadAhead {
     }
 }
 
+/// Where the threads of `ReadAhead` give back the chunks they are done
+/// with: the last one to let go of a chunk returns it to the reading thread.
+struct Recycler(std::sync::mpsc::Sender<Vec<u8>>);
+
+impl Recycler {
+    fn give_back(&self, chunk: Arc<Vec<u8>>) {
+        if let Ok(chunk) = Arc::try_unwrap(chunk)
+            && chunk.capacity() > 0
+        {
+            // The reading thread may be gone (the stream ended): then the
+            // chunk is simply freed.
+            let _ = self.0.send(chunk);
+        }
+    }
+}
+
 /// The hashing thread of `ReadAhead::spawn_hashing`: walks `layout` over
 /// the chunks and sends each stretch's digest when its last byte (or, for
 /// an empty stretch, its start) has come. It stops when the layout or the
@@ -252,6 +277,7 @@ fn hash_stretches(
     layout: &[Stretch],
     chunks: &std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
     digests: &std::sync::mpsc::Sender<Sha256>,
+    spent: &Recycler,
 ) {
     let mut stretches = layout.iter();
     let Some(mut at) = stretches.next().copied() else {
@@ -274,7 +300,10 @@ fn hash_stretches(
         }
         if pos == chunk.len() {
             match chunks.recv() {
-                Ok(next) => (chunk, pos) = (next, 0),
+                Ok(next) => {
+                    spent.give_back(std::mem::replace(&mut chunk, next));
+                    pos = 0;
+                }
                 Err(_) => return,
             }
             continue;
@@ -308,7 +337,8 @@ impl Read for ReadAhead {
             match self.chunks.recv() {
                 Ok(Ok(chunk)) if chunk.is_empty() => self.done = Some(Ok(())),
                 Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
+                    self.spent
+                        .give_back(std::mem::replace(&mut self.chunk, chunk));
                     self.pos = 0;
                 }
                 Ok(Err(e)) => self.done = Some(Err((e.kind(), e.to_string()))),
