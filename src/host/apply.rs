@@ -13,7 +13,8 @@
 //!    signed manifest as it streams, while the file's signature is checked
 //!    on another thread and a third creates the new directories and the
 //!    farm links of new paths (they dangle until the switch: the root still
-//!    shows the old release; which to make, the signed manifest decided);
+//!    shows the old release; which to make, the signed manifest decided;
+//!    a plan that also restores lost paths makes them after the staging);
 //!    only when the signature matched, rename the partial directory to
 //!    `releases/<id>/` (exchanged atomically, after a `syncfs`, with a
 //!    release directory of that name already on disk: nothing on disk is
@@ -847,6 +848,13 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
     };
     match stage {
         None => new_paths()?,
+        // Links that restore what the root lost (a repair, or drift of the
+        // release being replaced) would outlive a failed verdict, which
+        // reverts only what this release adds: they wait for the staging.
+        Some(stage) if !only_adds(journal, plan) => {
+            stage.run(state, &journal.to)?;
+            new_paths()?;
+        }
         Some(stage) => {
             let (staged, linked) = std::thread::scope(|scope| {
                 let links = scope.spawn(new_paths);
@@ -868,6 +876,19 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
         farm.link(p)?;
     }
     state.sync_fs()
+}
+
+/// Whether every directory and link `plan` makes outside adoption is a path
+/// the activated release adds (one its predecessor did not have): all that
+/// `revert` removes again.
+fn only_adds(journal: &Journal, plan: &Plan) -> bool {
+    if journal.action == Action::Repair {
+        return false;
+    }
+    let added: HashSet<&RelPath> = plan.added.iter().collect();
+    let adopted: HashSet<&RelPath> = journal.adopted.iter().collect();
+    plan.new_dirs.iter().all(|e| added.contains(&e.path))
+        && (plan.links.iter()).all(|p| adopted.contains(p) || added.contains(p))
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.

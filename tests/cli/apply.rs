@@ -486,6 +486,18 @@ fn unsigned_untrusted_tampered_downgraded_and_renamed_artifacts_are_refused() {
         "signature does not match the artifact",
     ];
     assert_refused_untouched(&f, &flipped(&f.v2, "tampered"), &signature);
+    // Tampered, onto a root whose release lost a link that the new release
+    // keeps: that link is restored only once the signature matched (the
+    // links of new paths are made beside the staging, and reverted).
+    let lost = f.root("lost-link");
+    f.apply(&f.v1, &lost, &[]).ok();
+    fs::remove_file(lost.join("etc/app/a.conf")).unwrap();
+    let before = snapshot(&lost);
+    let run = f
+        .apply(&flipped(&f.v2, "tampered-lost"), &lost, &[])
+        .expect_code(1);
+    has(&run.stderr, &signature);
+    assert_eq!(snapshot(&lost), before, "{} changed", lost.display());
     // Tampered and a downgrade: the signature's verdict still comes first.
     assert_refused_on(&f, &flipped(&f.v1, "tampered-v1"), &signature, false);
     // Downgraded: release 1 onto a root running release 2.
