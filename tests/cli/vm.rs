@@ -480,11 +480,23 @@ junk ===== BEGIN b =====
 ===== END b rc=127 =====
 ===== BEGIN c =====
 no newline===== END c rc=1 =====
+===== BEGIN d =====
+half of it, then a hangup cut the wri===== BEGIN d =====
+all of it
+===== END d rc=0 =====
 ===== BEGIN cut =====
 never ended
 ";
     let got = parse_sections(console);
-    assert_eq!(got.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+    // A block written again after a hangup cut it: the last copy counts.
+    assert_eq!(
+        got["d"],
+        Section {
+            rc: 0,
+            text: "all of it".into()
+        }
+    );
     assert_eq!(
         got["a"],
         Section {

@@ -12,11 +12,17 @@ set -u
 # ttyS0 hangs up (vhangup) every descriptor opened before it, and writes
 # through those fail from then on.
 exec </dev/null >/dev/null 2>&1
+# A getty that starts while a long block is being written hangs up the
+# descriptor halfway: the block is written again through a fresh open (the
+# parser keeps the last BEGIN before an END, so a cut copy is ignored).
 say() {
-  local format=$1
+  local format=$1 _
   shift
-  # shellcheck disable=SC2059 # the format is each caller's literal
-  printf "$format" "$@" >/dev/ttyS0
+  for _ in 1 2 3; do
+    # shellcheck disable=SC2059 # the format is each caller's literal
+    printf "$format" "$@" >/dev/ttyS0 && return 0
+    sleep 1
+  done
 }
 dmesg -n 1 || true
 kill -s SIGRTMIN+21 1 || true
