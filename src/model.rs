@@ -91,7 +91,7 @@ impl serde::Serialize for RelPath {
 /// a path that escapes the root.
 impl<'de> serde::Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        let s = String::deserialize(deserializer)?;
         let p = RelPath::new(&s).map_err(serde::de::Error::custom)?;
         if *p.0 != *s {
             return Err(serde::de::Error::custom(format!(

@@ -595,9 +595,7 @@ fn refuse_conflicts(plan: &Plan) -> Result<()> {
 /// once the journal names the release, an interrupted activation is
 /// reverted with the manifest read back from there (`recover`).
 fn begin_stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()> {
-    let releases = state.releases()?;
-    let partial = state::partial_name(id);
-    let partial_path = state.path("releases").join(&partial);
+    let (releases, partial, partial_path) = staging(state, id)?;
     let io = |action| Error::io(&partial_path, action);
     releases
         .remove_tree(&partial)
@@ -619,6 +617,14 @@ fn begin_stage(state: &State, verified: &Verified, id: &ReleaseId) -> Result<()>
     made
 }
 
+/// `releases/` as a handle, and the name and path in it of release `id`'s
+/// partial directory.
+fn staging(state: &State, id: &ReleaseId) -> Result<(Dir, String, std::path::PathBuf)> {
+    let partial = state::partial_name(id);
+    let path = state.path("releases").join(&partial);
+    Ok((state.releases()?, partial, path))
+}
+
 /// The extraction of step 4, run beside the farm links.
 struct Stage<'a> {
     verified: &'a Verified,
@@ -633,9 +639,7 @@ impl Stage<'_> {
     /// (`RENAME_EXCHANGE`), never trusted. A failure leaves the partial
     /// directory for `revert` to remove.
     fn run(self, state: &State, id: &ReleaseId) -> Result<()> {
-        let releases = state.releases()?;
-        let partial = state::partial_name(id);
-        let partial_path = state.path("releases").join(&partial);
+        let (releases, partial, partial_path) = staging(state, id)?;
         let io = |action| Error::io(&partial_path, action);
         let dir = releases
             .open_dir(&partial)
@@ -686,11 +690,11 @@ fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> 
         key_id: verified.key_id().to_owned(),
     };
     let info_json = state::to_json(&info);
+    let io = |name: &str| Error::io(&dir.display(name), "writing release metadata");
     let write = |name: &str, fill: &dyn Fn(&mut std::fs::File) -> Result<()>| {
-        let io = |e| Error::io(&dir.display(name), "writing release metadata")(e);
-        let mut f = dir.create_file(name, 0o644).map_err(io)?;
+        let mut f = dir.create_file(name, 0o644).map_err(io(name))?;
         fill(&mut f)?;
-        f.sync_all().map_err(io)
+        f.sync_all().map_err(io(name))
     };
     write("manifest.json", &|f| {
         verified.write_manifest(f, &dir.display("manifest.json"))
@@ -699,10 +703,7 @@ fn write_metadata(verified: &Verified, id: &ReleaseId, dir: &Dir) -> Result<()> 
         ("artifact.minisig", verified.signature_bytes()),
         ("release.json", &info_json[..]),
     ] {
-        write(name, &|f| {
-            f.write_all(bytes)
-                .map_err(Error::io(&dir.display(name), "writing release metadata"))
-        })?;
+        write(name, &|f| f.write_all(bytes).map_err(io(name)))?;
     }
     Ok(())
 }
@@ -851,7 +852,7 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
         // Links that restore what the root lost (a repair, or drift of the
         // release being replaced) would outlive a failed verdict, which
         // reverts only what this release adds: they wait for the staging.
-        Some(stage) if !only_adds(journal, plan) => {
+        Some(stage) if !only_adds(journal.action, plan, &adopted) => {
             stage.run(state, &journal.to)?;
             new_paths()?;
         }
@@ -881,12 +882,11 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
 /// Whether every directory and link `plan` makes outside adoption is a path
 /// the activated release adds (one its predecessor did not have): all that
 /// `revert` removes again.
-fn only_adds(journal: &Journal, plan: &Plan) -> bool {
-    if journal.action == Action::Repair {
+fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
+    if action == Action::Repair {
         return false;
     }
     let added: HashSet<&RelPath> = plan.added.iter().collect();
-    let adopted: HashSet<&RelPath> = journal.adopted.iter().collect();
     plan.new_dirs.iter().all(|e| added.contains(&e.path))
         && (plan.links.iter()).all(|p| adopted.contains(p) || added.contains(p))
 }
@@ -1033,11 +1033,9 @@ fn describe_recovery(state: &State) -> Result<Option<String>> {
 /// activation, and removes partial releases. Says what it did.
 pub fn recover(state: &State) -> Result<Option<String>> {
     let Some(journal) = state.journal()? else {
-        let partials = state.partials()?;
-        for p in &partials {
-            state.remove_release(p)?;
-        }
-        return Ok((!partials.is_empty()).then(|| "removed a partly extracted release".to_owned()));
+        return Ok(state
+            .remove_partials()?
+            .then(|| "removed a partly extracted release".to_owned()));
     };
     if state.current_id()?.as_ref() == Some(&journal.to) {
         let new = state.release(&journal.to)?.manifest;
@@ -1046,9 +1044,7 @@ pub fn recover(state: &State) -> Result<Option<String>> {
             .and_then(|from| state.release(from).ok())
             .map(|r| r.manifest);
         finish(state, &journal, (&new, old.as_ref()))?;
-        for p in state.partials()? {
-            state.remove_release(&p)?;
-        }
+        state.remove_partials()?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",
             journal.action, journal.to
@@ -1108,9 +1104,7 @@ fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()>
     if !record.history.contains(&journal.to) {
         state.remove_release(journal.to.as_str())?;
     }
-    for p in state.partials()? {
-        state.remove_release(&p)?;
-    }
+    state.remove_partials()?;
     state.sync_fs()?;
     if hooks::is_live(&state.root) {
         hooks::run(

@@ -609,6 +609,15 @@ impl State {
         Ok(names)
     }
 
+    /// Removes every partial release; returns whether there was any.
+    pub fn remove_partials(&self) -> Result<bool> {
+        let partials = self.partials()?;
+        for p in &partials {
+            self.remove_release(p)?;
+        }
+        Ok(!partials.is_empty())
+    }
+
     /// Removes `releases/<name>` and everything in it, following nothing.
     pub fn remove_release(&self, name: &str) -> Result<()> {
         self.releases()?.remove_tree(name).map_err(state_error(
