@@ -202,21 +202,33 @@ impl ReadAhead {
             loop {
                 let mut chunk = spent.try_recv().unwrap_or_default();
                 // Zeroes only what the last fill did not reach (all of a
-                // new chunk).
+                // new chunk): chunks are filled whole but for the last.
                 chunk.resize(Self::CHUNK, 0);
-                let n = match inner.read(&mut chunk) {
-                    Ok(0) => {
-                        let _ = tx.send(Ok(Arc::new(Vec::new())));
-                        break;
+                let mut n = 0;
+                let mut failed = None;
+                while n < Self::CHUNK {
+                    match inner.read(&mut chunk[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        break;
-                    }
-                };
+                }
                 chunk.truncate(n);
+                let last = match failed {
+                    Some(e) => Some(Err(e)),
+                    None if n < Self::CHUNK => Some(Ok(Arc::new(Vec::new()))),
+                    None => None,
+                };
+                if n == 0 {
+                    if let Some(last) = last {
+                        let _ = tx.send(last);
+                    }
+                    break;
+                }
                 count += n as u64;
                 let chunk = Arc::new(chunk);
                 // A hasher that stopped (its layout ended) needs no more.
@@ -228,6 +240,10 @@ impl ReadAhead {
                 }
                 if tx.send(Ok(chunk)).is_err() {
                     break; // the consumer gave up
+                }
+                if let Some(last) = last {
+                    let _ = tx.send(last);
+                    break;
                 }
             }
             count
@@ -383,6 +399,39 @@ mod tests {
             format!("a\u{e9}{}", "a".repeat(61))
                 .parse::<Sha256>()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn read_ahead_delivers_the_stream_and_the_stretches_digests() {
+        // Reads of at most 7 bytes: chunks are filled from many reads.
+        struct Trickle(io::Cursor<Vec<u8>>);
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(7);
+                self.0.read(&mut buf[..n])
+            }
+        }
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let layout = vec![
+            Stretch { skip: 10, len: 300_000 },
+            Stretch { skip: 0, len: 0 },
+            Stretch { skip: 5, len: 399_985 },
+        ];
+        let (mut stream, digests) =
+            ReadAhead::spawn_hashing(Trickle(io::Cursor::new(data.clone())), layout);
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).unwrap();
+        assert_eq!(got, data);
+        assert_eq!(stream.finish().unwrap(), data.len() as u64);
+        let digests: Vec<Sha256> = digests.iter().collect();
+        assert_eq!(
+            digests,
+            [
+                Sha256::of(&data[10..300_010]),
+                Sha256::of(b""),
+                Sha256::of(&data[300_015..]),
+            ]
         );
     }
 
