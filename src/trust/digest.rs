@@ -172,6 +172,11 @@ pub struct ReadAhead {
     reader: Option<std::thread::JoinHandle<u64>>,
 }
 
+/// Work for the hashing thread of `ReadAhead::spawn_hashing` to do in
+/// steps whenever it waits for the stream, and to finish after it: called
+/// until it returns false.
+pub type SideJob = Box<dyn FnMut() -> bool + Send>;
+
 /// A stretch of a stream to hash: `skip` bytes after the previous stretch,
 /// then `len` bytes hashed.
 #[derive(Clone, Copy, Debug)]
@@ -186,15 +191,27 @@ impl ReadAhead {
 
     /// Starts reading `inner`; the SHA-256 of each of `layout`'s stretches
     /// comes through the receiver, in order, once the stream got that far.
+    /// The hashing thread does steps of `side` whenever it waits for the
+    /// stream, and the rest of it after the stream (or the layout) ended.
     pub fn spawn_hashing<R: Read + Send + 'static>(
         mut inner: R,
         layout: Vec<Stretch>,
+        side: Option<SideJob>,
     ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
         let (digests_tx, digests) = std::sync::mpsc::channel();
         let (chunks_tx, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(Self::DEPTH);
         let (spent_tx, spent) = std::sync::mpsc::channel();
         let hasher_spent = Recycler(spent_tx.clone());
-        std::thread::spawn(move || hash_stretches(&layout, &chunks, &digests_tx, &hasher_spent));
+        std::thread::spawn(move || {
+            let mut side = side;
+            hash_stretches(&layout, &chunks, &digests_tx, &hasher_spent, &mut side);
+            // The rest of the side job, the stream no longer waiting on
+            // this thread.
+            drop((chunks, digests_tx));
+            if let Some(mut job) = side {
+                while job() {}
+            }
+        });
         let mut hasher = Some(chunks_tx);
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
         let reader = std::thread::spawn(move || {
@@ -294,6 +311,7 @@ fn hash_stretches(
     chunks: &std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
     digests: &std::sync::mpsc::Sender<Sha256>,
     spent: &Recycler,
+    side: &mut Option<SideJob>,
 ) {
     let mut stretches = layout.iter();
     let Some(mut at) = stretches.next().copied() else {
@@ -315,7 +333,20 @@ fn hash_stretches(
             continue;
         }
         if pos == chunk.len() {
-            match chunks.recv() {
+            let next = match side {
+                Some(job) => match chunks.try_recv() {
+                    Ok(next) => Ok(next),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        if !job() {
+                            *side = None;
+                        }
+                        continue;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+                },
+                None => chunks.recv().map_err(drop),
+            };
+            match next {
                 Ok(next) => {
                     spent.give_back(std::mem::replace(&mut chunk, next));
                     pos = 0;
@@ -414,12 +445,28 @@ mod tests {
         }
         let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
         let layout = vec![
-            Stretch { skip: 10, len: 300_000 },
+            Stretch {
+                skip: 10,
+                len: 300_000,
+            },
             Stretch { skip: 0, len: 0 },
-            Stretch { skip: 5, len: 399_985 },
+            Stretch {
+                skip: 5,
+                len: 399_985,
+            },
         ];
+        // A side job of 1000 steps, finished whatever the stream did.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut steps = 0u32;
+        let side: SideJob = Box::new(move || {
+            steps += 1;
+            if steps == 1000 {
+                done_tx.send(steps).unwrap();
+            }
+            steps < 1000
+        });
         let (mut stream, digests) =
-            ReadAhead::spawn_hashing(Trickle(io::Cursor::new(data.clone())), layout);
+            ReadAhead::spawn_hashing(Trickle(io::Cursor::new(data.clone())), layout, Some(side));
         let mut got = Vec::new();
         stream.read_to_end(&mut got).unwrap();
         assert_eq!(got, data);
@@ -433,6 +480,24 @@ mod tests {
                 Sha256::of(&data[300_015..]),
             ]
         );
+        assert_eq!(done.recv().unwrap(), 1000);
+
+        // A stream that ends before its layout: the job still finishes.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let side: SideJob = Box::new(move || {
+            done_tx.send(()).unwrap();
+            false
+        });
+        let (mut stream, _digests) = ReadAhead::spawn_hashing(
+            io::Cursor::new(vec![1u8; 10]),
+            vec![Stretch {
+                skip: 0,
+                len: 1 << 20,
+            }],
+            Some(side),
+        );
+        io::copy(&mut stream, &mut io::sink()).unwrap();
+        done.recv().unwrap();
     }
 
     #[test]

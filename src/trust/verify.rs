@@ -15,11 +15,13 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::artifact::archive;
 use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
-use crate::trust::digest::{HashingReader, ReadAhead, Sha256, Stretch};
+use crate::trust::digest::{HashingReader, ReadAhead, Sha256, SideJob, Stretch};
 use crate::trust::sign::{Prehasher, PublicKey, Signature};
 
 /// Manifests larger than this are refused before parsing (and downloading).
@@ -120,6 +122,11 @@ impl Verified {
     /// end), hands each to `sink`, and finally checks the tar stream's
     /// size.
     pub fn stream(&self, sink: &mut Sink<'_>) -> Result<()> {
+        self.stream_with(sink, None)
+    }
+
+    /// `stream`, the hashing thread doing `side` in its gaps.
+    fn stream_with(&self, sink: &mut Sink<'_>, side: Option<SideJob>) -> Result<()> {
         let mut file = self
             .file
             .try_clone()
@@ -135,6 +142,7 @@ impl Verified {
         let (mut stream, digests) = ReadAhead::spawn_hashing(
             archive::decode(file, &self.artifact)?,
             contents(&self.manifest),
+            side,
         );
         let members = Members {
             stream: &mut stream,
@@ -180,24 +188,60 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
 }
 
 /// Verifies an artifact and every member; `progress(done, total)` is told
-/// of bytes hashed. Nothing is written, so once the trusted comment's
-/// signature vouches for the manifest, the members are checked against it
-/// while the signature's prehash of the file is computed beside them (two
-/// reads of the file, on two cores); the result stands only if the file's
-/// signature then matches, and a signature that does not is the error
-/// reported, whatever the members showed. The artifact's SHA-256 is not
-/// computed: the signature covers its every byte.
+/// of bytes hashed for the signature. Nothing is written, so once the
+/// trusted comment's signature vouches for the manifest, the members are
+/// checked against it while the signature's prehash of the file is computed
+/// beside them; the result stands only if the file's signature then
+/// matches, and a signature that does not is the error reported, whatever
+/// the members showed. The artifact's SHA-256 is not computed: the
+/// signature covers its every byte.
+///
+/// The prehash is a side job of the thread that hashes the members
+/// (`ReadAhead::spawn_hashing`): it reads and hashes the next chunk of the
+/// file whenever that thread waits for the decompressor, and finishes once
+/// the members are hashed. Two busy threads on two cores, the
+/// decompressing one and the hashing one, instead of three that took turns
+/// on the cores while the decompressor, the one the others wait for, lost
+/// its turn.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
     let admitted = admit(opts)?;
-    let (signed, streamed) = std::thread::scope(|scope| {
-        let members = scope.spawn(|| admitted.verified.stream(&mut |_, _| Ok(())));
-        let signed = admitted.check_file(progress);
-        let streamed = members
-            .join()
-            .unwrap_or_else(|_| Err(Error::check("the checking thread panicked")));
-        (signed, streamed)
-    });
-    let signed = signed?;
+    let v = &admitted.verified;
+    let mut hash = FilePrehash::new(&v.file, &v.artifact)?;
+    let hashed = Arc::new(AtomicU64::new(0));
+    let (tx, result) = std::sync::mpsc::channel();
+    let job: SideJob = {
+        let hashed = Arc::clone(&hashed);
+        Box::new(move || match hash.step() {
+            Ok(None) => {
+                hashed.store(hash.offset, Ordering::Relaxed);
+                true
+            }
+            Ok(Some(done)) => {
+                let _ = tx.send(Ok(done));
+                false
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                false
+            }
+        })
+    };
+    let total = v.manifest.archive.size;
+    let streamed = v.stream_with(
+        &mut |_, _| {
+            progress(hashed.load(Ordering::Relaxed), total);
+            Ok(())
+        },
+        Some(job),
+    );
+    // The hashing thread finishes the job whatever became of the stream;
+    // a stream that failed before it started the thread dropped the job.
+    let prehash = match result.recv() {
+        Ok(hashed) => hashed.map_err(Error::io(&v.artifact, "reading artifact"))?,
+        Err(_) => prehash_file(&v.file, &v.artifact, progress)?,
+    };
+    progress(prehash.1, total);
+    let signed = admitted.check_prehash(prehash)?;
     streamed?;
     Ok(admitted.confirmed(signed))
 }
@@ -254,7 +298,12 @@ impl Admitted {
     /// trusted comment. `progress(done, total)` is told of bytes hashed.
     pub fn check_file(&self, progress: &dyn Fn(u64, u64)) -> Result<Signed> {
         let v = &self.verified;
-        let (prehash, n) = prehash_file(&v.file, &v.artifact, progress)?;
+        self.check_prehash(prehash_file(&v.file, &v.artifact, progress)?)
+    }
+
+    /// The file's signature, given the prehash and size of the file.
+    fn check_prehash(&self, (prehash, n): ([u8; 64], u64)) -> Result<Signed> {
+        let v = &self.verified;
         if n != v.manifest.archive.size {
             return Err(Error::check(format!(
                 "{}: the artifact changed while it was read",
@@ -409,23 +458,58 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
 
 /// BLAKE2b-512 prehash and size of a file, read with positioned reads.
 fn prehash_file(file: &File, path: &Path, progress: &dyn Fn(u64, u64)) -> Result<([u8; 64], u64)> {
-    use std::os::unix::fs::FileExt;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut prehash = Prehasher::default();
-    let mut offset = 0u64;
+    let mut hash = FilePrehash::new(file, path)?;
     loop {
-        let n = match file.read_at(&mut buf, offset) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        match hash.step() {
+            Ok(None) => progress(hash.offset, total),
+            Ok(Some(done)) => return Ok(done),
             Err(e) => return Err(Error::io(path, "reading artifact")(e)),
-        };
-        prehash.update(&buf[..n]);
-        offset += n as u64;
-        progress(offset, total);
+        }
     }
-    Ok((prehash.finish(), offset))
+}
+
+/// The BLAKE2b-512 prehash of a file, computed a chunk at a time with
+/// positioned reads (the descriptor's offset is neither used nor moved).
+struct FilePrehash {
+    file: File,
+    prehash: Prehasher,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl FilePrehash {
+    fn new(file: &File, path: &Path) -> Result<FilePrehash> {
+        let file = file
+            .try_clone()
+            .map_err(Error::io(path, "reopening artifact"))?;
+        Ok(FilePrehash {
+            file,
+            prehash: Prehasher::default(),
+            offset: 0,
+            buf: vec![0u8; 256 * 1024],
+        })
+    }
+
+    /// Hashes the next chunk; at the end, the prehash and the file's size.
+    fn step(&mut self) -> std::io::Result<Option<([u8; 64], u64)>> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            match self.file.read_at(&mut self.buf, self.offset) {
+                Ok(0) => {
+                    let prehash = std::mem::take(&mut self.prehash).finish();
+                    return Ok(Some((prehash, self.offset)));
+                }
+                Ok(n) => {
+                    self.prehash.update(&self.buf[..n]);
+                    self.offset += n as u64;
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// Reads the manifest file at `path` (at most `MANIFEST_MAX` bytes); a
