@@ -306,6 +306,8 @@ impl Recycler {
 /// the chunks and sends each stretch's digest when its last byte (or, for
 /// an empty stretch, its start) has come. It stops when the layout or the
 /// chunks end; a stream shorter than the layout leaves digests unsent.
+/// While `side` is there, a step of it is done whenever no chunk is
+/// waiting (it is set to `None` once it says it is done).
 fn hash_stretches(
     layout: &[Stretch],
     chunks: &std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
