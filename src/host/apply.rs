@@ -888,7 +888,10 @@ fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
     }
     let added: HashSet<&RelPath> = plan.added.iter().collect();
     plan.new_dirs.iter().all(|e| added.contains(&e.path))
-        && (plan.links.iter()).all(|p| adopted.contains(p) || added.contains(p))
+        && plan
+            .links
+            .iter()
+            .all(|p| adopted.contains(p) || added.contains(p))
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.

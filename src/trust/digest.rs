@@ -196,14 +196,13 @@ impl ReadAhead {
     pub fn spawn_hashing<R: Read + Send + 'static>(
         mut inner: R,
         layout: Vec<Stretch>,
-        side: Option<SideJob>,
+        mut side: Option<SideJob>,
     ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
         let (digests_tx, digests) = std::sync::mpsc::channel();
         let (chunks_tx, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(Self::DEPTH);
         let (spent_tx, spent) = std::sync::mpsc::channel();
         let hasher_spent = Recycler(spent_tx.clone());
         std::thread::spawn(move || {
-            let mut side = side;
             hash_stretches(&layout, &chunks, &digests_tx, &hasher_spent, &mut side);
             // The rest of the side job, the stream no longer waiting on
             // this thread.
@@ -235,31 +234,27 @@ impl ReadAhead {
                     }
                 }
                 chunk.truncate(n);
-                let last = match failed {
-                    Some(e) => Some(Err(e)),
-                    None if n < Self::CHUNK => Some(Ok(Arc::new(Vec::new()))),
-                    None => None,
-                };
-                if n == 0 {
-                    if let Some(last) = last {
-                        let _ = tx.send(last);
+                if n > 0 {
+                    count += n as u64;
+                    let chunk = Arc::new(chunk);
+                    // A hasher that stopped (its layout ended) needs no more.
+                    if hasher
+                        .as_ref()
+                        .is_some_and(|h| h.send(Arc::clone(&chunk)).is_err())
+                    {
+                        hasher = None;
                     }
+                    if tx.send(Ok(chunk)).is_err() {
+                        break; // the consumer gave up
+                    }
+                }
+                // A short fill is the end of the stream or its error.
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e));
                     break;
                 }
-                count += n as u64;
-                let chunk = Arc::new(chunk);
-                // A hasher that stopped (its layout ended) needs no more.
-                if hasher
-                    .as_ref()
-                    .is_some_and(|h| h.send(Arc::clone(&chunk)).is_err())
-                {
-                    hasher = None;
-                }
-                if tx.send(Ok(chunk)).is_err() {
-                    break; // the consumer gave up
-                }
-                if let Some(last) = last {
-                    let _ = tx.send(last);
+                if n < Self::CHUNK {
+                    let _ = tx.send(Ok(Arc::new(Vec::new())));
                     break;
                 }
             }
@@ -336,25 +331,21 @@ fn hash_stretches(
         }
         if pos == chunk.len() {
             let next = match side {
+                None => chunks.recv().ok(),
                 Some(job) => match chunks.try_recv() {
-                    Ok(next) => Ok(next),
+                    Ok(next) => Some(next),
                     Err(std::sync::mpsc::TryRecvError::Empty) => {
                         if !job() {
                             *side = None;
                         }
                         continue;
                     }
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
                 },
-                None => chunks.recv().map_err(drop),
             };
-            match next {
-                Ok(next) => {
-                    spent.give_back(std::mem::replace(&mut chunk, next));
-                    pos = 0;
-                }
-                Err(_) => return,
-            }
+            let Some(next) = next else { return };
+            spent.give_back(std::mem::replace(&mut chunk, next));
+            pos = 0;
             continue;
         }
         let rest = &chunk[pos..];
