@@ -194,6 +194,11 @@ impl Layer {
             .follow_links(false)
             .sort_by_file_name();
         let shared_root: Arc<Path> = Arc::from(root);
+        // Collected, then built into the map at once: inserted one by one in
+        // path order, the map's nodes would be half empty, and the memory
+        // they held stays in the heap for the rest of the build once the
+        // tree is rebuilt from them.
+        let mut found = Vec::new();
         for item in walk {
             let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
             let full = item.path();
@@ -265,14 +270,18 @@ impl Layer {
             if let Kind::Symlink { target } = &kind {
                 check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
-            if self.entries.contains_key(&path) {
-                return Err(Error::input(
-                    full,
-                    format!("{path} is provided twice (a file and its .tmpl); keep one"),
-                ));
-            }
-            self.entries.insert(path, self.entry(kind, mode));
+            found.push((path, self.entry(kind, mode)));
         }
+        // A template's path may sort away from where the walk met it.
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(pair) = found.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            let path = &pair[0].0;
+            return Err(Error::input(
+                &root.join(format!("{path}.tmpl")),
+                format!("{path} is provided twice (a file and its .tmpl); keep one"),
+            ));
+        }
+        self.entries = found.into_iter().collect();
         Ok(())
     }
 
