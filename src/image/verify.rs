@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::image::manifest::ImageManifest;
-use crate::trust::digest::Sha256;
 use crate::trust::sign::PublicKey;
 use crate::trust::verify::{binding, hash_file, read_manifest, read_signature, same_release};
 
@@ -70,12 +69,7 @@ pub fn verify(
         signature.verify_comment(keys)
     }
     .map_err(|m| Error::check(format!("{}: {m}", path.display())))?;
-    let claimed = binding(
-        &signature,
-        &sig_path,
-        &manifest_path,
-        &Sha256::of(&manifest_bytes),
-    )?;
+    let (claimed, _) = binding(&signature, &sig_path, &manifest_path, &manifest_bytes)?;
     let manifest = ImageManifest::parse(&manifest_bytes).map_err(|m| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",

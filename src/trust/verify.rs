@@ -352,9 +352,7 @@ struct Opened {
     sig_path: PathBuf,
     manifest_path: PathBuf,
     manifest_file: File,
-    /// The digest of the manifest's bytes, read once to their end and not
-    /// kept.
-    manifest_sha256: Sha256,
+    manifest_bytes: Vec<u8>,
 }
 
 fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
@@ -376,7 +374,7 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     // a missing signature.
     let file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
     let (sig_bytes, signature) = read_signature(&sig_path, "artifact")?;
-    let (manifest_file, manifest_sha256) = open_hashed(&manifest_path)?;
+    let (manifest_file, manifest_bytes) = open_limited(&manifest_path, MANIFEST_MAX)?;
     Ok(Opened {
         file,
         sig_bytes,
@@ -384,7 +382,7 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
         sig_path,
         manifest_path,
         manifest_file,
-        manifest_sha256,
+        manifest_bytes,
     })
 }
 
@@ -394,12 +392,17 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
     let Opened {
         sig_path,
         manifest_path,
-        manifest_file,
-        manifest_sha256,
+        manifest_bytes,
         ..
     } = opened;
-    let claimed = binding(&opened.signature, sig_path, manifest_path, manifest_sha256)?;
-    let manifest = parse_bound(manifest_file, manifest_path, manifest_sha256)?;
+    let (claimed, manifest_sha) =
+        binding(&opened.signature, sig_path, manifest_path, manifest_bytes)?;
+    let manifest = Manifest::parse(manifest_bytes).map_err(|m| {
+        Error::check(format!(
+            "{}: signed manifest is malformed: {m}",
+            manifest_path.display()
+        ))
+    })?;
     same_release(&claimed, &manifest.name, &manifest.version, sig_path)?;
     // The name is part of what was signed: a renamed artifact is refused
     // here, for `verify` and `apply` alike.
@@ -418,7 +421,7 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
             .try_clone()
             .map_err(Error::io(manifest_path, "reopening manifest"))?,
         manifest_path: manifest_path.clone(),
-        manifest_sha256: *manifest_sha256,
+        manifest_sha256: manifest_sha,
         signature_bytes: opened.sig_bytes.clone(),
         key_id,
         artifact: artifact.to_path_buf(),
@@ -523,102 +526,51 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// `read_limited`, and the file it read, still open.
 fn open_limited(path: &Path, max: u64) -> Result<(File, Vec<u8>)> {
-    let file = open_manifest(path)?;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::check(format!(
+                "{}: no manifest found (was the artifact renamed? keep NAME.tar.zst, its .minisig \
+                 and NAME.manifest.json together under their signed names)",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(path, "opening manifest")(e)),
+    };
     let mut bytes = Vec::new();
     (&file)
         .take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(Error::io(path, "reading manifest"))?;
     if bytes.len() as u64 > max {
-        return Err(too_large(path, max));
+        return Err(Error::check(format!(
+            "{}: manifest is larger than {max} bytes",
+            path.display()
+        )));
     }
     Ok((file, bytes))
 }
 
-/// The manifest at `path`, held open, and the SHA-256 of its bytes (at
-/// most `MANIFEST_MAX`), read to their end and not kept: the digest the
-/// trusted comment must name before the manifest is parsed
-/// (`parse_bound`).
-fn open_hashed(path: &Path) -> Result<(File, Sha256)> {
-    let file = open_manifest(path)?;
-    let mut from = HashingReader::new((&file).take(MANIFEST_MAX + 1));
-    std::io::copy(&mut from, &mut std::io::sink()).map_err(Error::io(path, "reading manifest"))?;
-    let (sha256, size) = from.finish();
-    if size > MANIFEST_MAX {
-        return Err(too_large(path, MANIFEST_MAX));
-    }
-    Ok((file, sha256))
-}
-
-/// Parses the manifest `open_hashed` hashed once its digest was found
-/// signed, reading the file again from its start as it parses; the bytes
-/// parsed must have that digest again (else the file changed in between,
-/// and what was parsed is not used).
-fn parse_bound(file: &File, path: &Path, sha256: &Sha256) -> Result<Manifest> {
-    let read_err = || Error::io(path, "reading manifest");
-    let mut file = file;
-    std::io::Seek::rewind(&mut file).map_err(read_err())?;
-    let mut from = std::io::BufReader::with_capacity(
-        64 << 10,
-        HashingReader::new(file.take(MANIFEST_MAX + 1)),
-    );
-    let parsed = Manifest::read(&mut from).map_err(read_err())?;
-    // A malformed manifest stops the parser early: the rest is hashed too.
-    std::io::copy(&mut from, &mut std::io::sink()).map_err(read_err())?;
-    if from.into_inner().finish().0 != *sha256 {
-        return Err(Error::check(format!(
-            "{}: the manifest changed while it was read; nothing was kept, try again",
-            path.display()
-        )));
-    }
-    parsed.map_err(|m| {
-        Error::check(format!(
-            "{}: signed manifest is malformed: {m}",
-            path.display()
-        ))
-    })
-}
-
-fn too_large(path: &Path, max: u64) -> Error {
-    Error::check(format!(
-        "{}: manifest is larger than {max} bytes",
-        path.display()
-    ))
-}
-
-/// Opens the manifest at `path`; a missing one fails the check.
-fn open_manifest(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::check(format!(
-                "{}: no manifest found (was the artifact renamed? keep NAME.tar.zst, its .minisig \
-                 and NAME.manifest.json together under their signed names)",
-                path.display()
-            ))
-        } else {
-            Error::io(path, "opening manifest")(e)
-        }
-    })
-}
-
 /// The trusted comment's binding, once the signature was checked: the
-/// manifest's bytes must have the signed digest, `manifest_sha256`.
+/// manifest's bytes must have the signed digest; returns the binding and
+/// that digest.
 pub(crate) fn binding(
     signature: &Signature,
     sig_path: &Path,
     manifest_path: &Path,
-    manifest_sha256: &Sha256,
-) -> Result<Binding> {
+    manifest_bytes: &[u8],
+) -> Result<(Binding, Sha256)> {
     let claimed = Binding::parse(signature.trusted_comment())
         .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
-    if claimed.manifest_sha256 != *manifest_sha256 {
+    let manifest_sha = Sha256::of(manifest_bytes);
+    if claimed.manifest_sha256 != manifest_sha {
         return Err(Error::check(format!(
-            "{}: manifest digest {manifest_sha256} is not the signed one {}",
+            "{}: manifest digest {manifest_sha} is not the signed one {}",
             manifest_path.display(),
             claimed.manifest_sha256
         )));
     }
-    Ok(claimed)
+    Ok((claimed, manifest_sha))
 }
 
 /// The signed name and version are the manifest's.
@@ -1173,54 +1125,6 @@ mod tests {
         assert!(matches!(err, Error::Check(_)), "{err}");
         assert!(
             err.to_string().contains("changed after it was checked"),
-            "{err}"
-        );
-    }
-
-    /// The manifest is parsed in a second read of the file, after its
-    /// digest was found signed: bytes that changed in between (here the
-    /// version, one byte, same length) are refused, not used; a manifest
-    /// read again unchanged parses, and a signed but malformed one is
-    /// reported as such.
-    #[test]
-    fn a_manifest_that_changes_between_its_check_and_its_parse_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("n.manifest.json");
-        let signed = Manifest::sample().to_canonical_json();
-        std::fs::write(&path, &signed).expect("manifest");
-        let (file, sha256) = open_hashed(&path).expect("hashed");
-        assert_eq!(sha256, Sha256::of(&signed));
-        assert_eq!(
-            parse_bound(&file, &path, &sha256).expect("parsed"),
-            Manifest::sample()
-        );
-        let at = signed
-            .windows(5)
-            .position(|w| w == b"1.0.0")
-            .expect("version");
-        std::os::unix::fs::FileExt::write_at(
-            &std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .expect("open"),
-            b"1.0.1",
-            at as u64,
-        )
-        .expect("rewrite");
-        let err = parse_bound(&file, &path, &sha256).expect_err("changed bytes are refused");
-        assert!(matches!(err, Error::Check(_)), "{err}");
-        assert!(
-            err.to_string().contains("changed while it was read"),
-            "{err}"
-        );
-
-        let malformed = b"{\"archive\": 1}\n   trailing";
-        std::fs::write(&path, malformed).expect("malformed");
-        let (file, sha256) = open_hashed(&path).expect("hashed");
-        assert_eq!(sha256, Sha256::of(malformed));
-        let err = parse_bound(&file, &path, &sha256).expect_err("malformed");
-        assert!(
-            err.to_string().contains("signed manifest is malformed"),
             "{err}"
         );
     }
