@@ -289,7 +289,25 @@ impl Manifest {
 
     /// Parses manifest bytes; the error says what is wrong.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
-        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        Manifest::checked(serde_json::from_slice(bytes).map_err(|e| e.to_string())?)
+    }
+
+    /// Parses a manifest as it is read from `from` (to its end), without
+    /// holding its bytes: a failed read is the outer error, a malformed
+    /// manifest the inner one. Slower than `parse` by about a tenth of a
+    /// second per 40,000 entries; for a manifest that is not on the way to
+    /// the first byte written.
+    pub fn read<R: std::io::Read>(from: R) -> std::io::Result<Result<Manifest, String>> {
+        match serde_json::from_reader(from) {
+            Ok(m) => Ok(Manifest::checked(m)),
+            Err(e) if e.is_io() => Err(e.into()),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    }
+
+    /// What the types cannot say: the schema, the format, the order of the
+    /// entries and the fields each kind has.
+    fn checked(mut m: Manifest) -> Result<Manifest, String> {
         // Parsing grew the list by doubling: give the slack back, it lives
         // as long as the command (a third of a large manifest's memory).
         m.entries.shrink_to_fit();

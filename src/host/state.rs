@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::host::confined::{self, Dir, Meta, Resolve};
 use crate::host::hooks::Hooks;
 use crate::model::RelPath;
-use crate::trust::digest::Sha256;
+use crate::trust::digest::{HashingReader, Sha256};
 
 /// Where the state lives, relative to the root.
 pub const STATE_DIR: &str = "var/lib/infrakit";
@@ -451,14 +451,24 @@ impl State {
         info.check(id)
             .map_err(|m| Error::input(&dir.display(&info_rel), m))?;
         let manifest_rel = base.join("manifest.json");
-        let bytes = dir
-            .read(&manifest_rel, crate::trust::verify::MANIFEST_MAX)
-            .map_err(state_error(
-                dir.display(&manifest_rel),
-                "reading release manifest",
-            ))?;
-        let manifest =
-            Manifest::parse(&bytes).map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
+        // Parsed as it is read, and hashed: a large release's manifest is
+        // megabytes, and an apply that replaces the release holds the new
+        // one's parsed manifest too.
+        let read_err = || state_error(dir.display(&manifest_rel), "reading release manifest");
+        let max = crate::trust::verify::MANIFEST_MAX;
+        let file = dir.open_file(&manifest_rel).map_err(read_err())?;
+        let mut from =
+            io::BufReader::with_capacity(64 << 10, HashingReader::new(file.take(max + 1)));
+        let parsed = Manifest::read(&mut from).map_err(read_err())?;
+        // A malformed manifest stops the parser early: the rest is read too.
+        io::copy(&mut from, &mut io::sink()).map_err(read_err())?;
+        let (manifest_sha256, size) = from.into_inner().finish();
+        if size > max {
+            return Err(read_err()(io::Error::other(format!(
+                "larger than {max} bytes"
+            ))));
+        }
+        let manifest = parsed.map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
         if (&manifest.name, &manifest.version, manifest.archive.sha256)
             != (&info.name, &info.version, info.sha256)
         {
@@ -475,7 +485,7 @@ impl State {
         Ok(Release {
             info,
             manifest,
-            manifest_sha256: Sha256::of(&bytes),
+            manifest_sha256,
             signature,
         })
     }

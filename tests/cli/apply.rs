@@ -295,6 +295,54 @@ fn upgrade_then_rollback_restores_the_previous_release_exactly() {
     assert_eq!(view(&root), v2_view);
 }
 
+/// The retained release's manifest is read back from the state directory
+/// as untrusted input (parsed as it is read): one that is cut short, one of
+/// another release, and a symlink in its place are each refused, by status
+/// and by an apply that would replace the release, and the root stays as it
+/// was.
+#[test]
+fn a_retained_manifest_that_is_not_the_releases_is_refused() {
+    let f = Fleet::new();
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    let releases = state_dir(&root).join("releases");
+    let id = fs::read_dir(&releases)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| !n.starts_with('.'))
+        .expect("the retained release");
+    let manifest = releases.join(&id).join("manifest.json");
+    let signed = fs::read(&manifest).unwrap();
+    let other = fs::read(f.v2.with_file_name("p.manifest.json")).unwrap();
+    let cut = signed[..signed.len() / 2].to_vec();
+    for (case, bytes, needle) in [
+        ("cut short", Some(cut), "EOF while parsing"),
+        ("another release's", Some(other), "is not the manifest of"),
+        ("a symlink", None, "under a symlink"),
+    ] {
+        fs::remove_file(&manifest).unwrap();
+        match bytes {
+            Some(b) => fs::write(&manifest, b).unwrap(),
+            None => std::os::unix::fs::symlink("../../../../etc/hostname", &manifest).unwrap(),
+        }
+        let before = snapshot(&root);
+        let run = status(&root, &[]).expect_code(2);
+        has(
+            &run.stderr,
+            &[&format!("releases/{id}/manifest.json"), needle],
+        );
+        let run = f.apply(&f.v2, &root, &[]).expect_code(2);
+        has(
+            &run.stderr,
+            &[&format!("releases/{id}/manifest.json"), needle],
+        );
+        assert_eq!(snapshot(&root), before, "{case}: the root changed");
+    }
+    fs::remove_file(&manifest).unwrap();
+    fs::write(&manifest, &signed).unwrap();
+    status(&root, &[]).ok();
+}
+
 #[test]
 fn retained_releases_are_configurable() {
     let f = Fleet::new();
