@@ -98,6 +98,15 @@ pub fn optional<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
+/// The limit of `Dir::read`, for a file read through `take(limit + 1)`:
+/// `read` bytes came, more than `limit` is an error.
+pub fn within(read: u64, limit: u64) -> io::Result<()> {
+    if read > limit {
+        return Err(io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(())
+}
+
 /// Whether an error means a symlink stood in the way (or resolution would
 /// have left the directory).
 pub fn is_escape(e: &io::Error) -> bool {
@@ -277,9 +286,7 @@ impl Dir {
         self.open_file(rel)?
             .take(limit + 1)
             .read_to_end(&mut bytes)?;
-        if bytes.len() as u64 > limit {
-            return Err(io::Error::other(format!("larger than {limit} bytes")));
-        }
+        within(bytes.len() as u64, limit)?;
         Ok(bytes)
     }
 

@@ -460,14 +460,12 @@ impl State {
         let mut from =
             io::BufReader::with_capacity(64 << 10, HashingReader::new(file.take(max + 1)));
         let parsed = Manifest::read(&mut from).map_err(read_err())?;
-        // A malformed manifest stops the parser early: the rest is read too.
+        // A malformed manifest stops the parser early: read on to the end
+        // (or the limit), so that one too large is reported as too large,
+        // as `Dir::read` reports it.
         io::copy(&mut from, &mut io::sink()).map_err(read_err())?;
         let (manifest_sha256, size) = from.into_inner().finish();
-        if size > max {
-            return Err(read_err()(io::Error::other(format!(
-                "larger than {max} bytes"
-            ))));
-        }
+        confined::within(size, max).map_err(read_err())?;
         let manifest = parsed.map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
         if (&manifest.name, &manifest.version, manifest.archive.sha256)
             != (&info.name, &info.version, info.sha256)
