@@ -318,11 +318,7 @@ pub fn build(ui: &Ui, args: &BuildArgs) -> Result<()> {
     let m = &built.manifest;
     ui.say(format_args!(
         "built {} {}: {} entries, {} bytes, sha256 {}",
-        m.name,
-        m.version,
-        m.entries.len(),
-        m.archive.size,
-        m.archive.sha256
+        m.name, m.version, built.entries, m.archive.size, m.archive.sha256
     ));
     ui.say(format_args!("  {}", built.artifact.display()));
     ui.say(format_args!("  {}", built.manifest_path.display()));

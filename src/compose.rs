@@ -160,11 +160,6 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
             }
         }
     }
-    // Built by inserts in path order, the map's nodes are about half empty;
-    // rebuilt from its sorted entries, they are full. The tree lives as long
-    // as the build, and for a large one it is the build's largest allocation
-    // after zstd's.
-    tree.entries = std::mem::take(&mut tree.entries).into_iter().collect();
     Ok(tree)
 }
 

@@ -189,6 +189,209 @@ impl Tree {
     }
 }
 
+/// The composed tree packed for writing the archive and the manifest: the
+/// entries in archive order, their paths and link targets back to back, each
+/// source and layer held once; about 80 bytes an entry, against about 140 in
+/// the map. Packing drains the map, and the packed entries are kept in
+/// chunks of 64 KiB, small enough for the allocator to place them in the
+/// memory the map's nodes and paths gave back: the heap then never holds
+/// both at once, and the archive is written beside zstd's buffers with only
+/// the packed tree under them (docs/benchmarks.md). Read back one entry at a
+/// time, as the map gave them.
+#[derive(Debug, Default)]
+pub struct PackedTree {
+    items: Vec<Vec<Item>>,
+    /// Each entry's path then its link target (symlinks only); an entry's
+    /// text never straddles two chunks.
+    text: Vec<String>,
+    sources: Vec<Source>,
+    layers: Vec<Arc<str>>,
+    len: usize,
+    files: usize,
+}
+
+/// The bytes of one chunk of `PackedTree`.
+const CHUNK: usize = 64 << 10;
+
+#[derive(Debug)]
+struct Item {
+    /// File size (files only).
+    size: u64,
+    path_len: u32,
+    target_len: u32,
+    /// Index in `sources` (files only).
+    source: u32,
+    layer: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    kind: ItemKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ItemKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+impl PackedTree {
+    /// Packs `tree`, consuming it entry by entry. Fails only on a tree no
+    /// machine could hold (a path, or a count of sources, past `u32`).
+    pub fn pack(tree: Tree) -> Result<PackedTree, String> {
+        let index = |n: usize, what: &str| {
+            u32::try_from(n)
+                .map_err(|_| format!("the composed tree is too large to archive: {what}"))
+        };
+        let mut packed = PackedTree::default();
+        let mut roots: Vec<(Arc<Path>, usize)> = Vec::new();
+        for (path, entry) in tree.entries {
+            let target = match &entry.kind {
+                Kind::Symlink { target } => target.as_str(),
+                _ => "",
+            };
+            packed.push_text(path.as_str(), target);
+            let target_len = index(target.len(), "a link target longer than 4 GiB")?;
+            let layer = match packed.layers.iter().position(|l| *l == entry.layer) {
+                Some(i) => i,
+                None => {
+                    packed.layers.push(entry.layer.clone());
+                    packed.layers.len() - 1
+                }
+            };
+            let (kind, size, source) = match entry.kind {
+                Kind::Dir => (ItemKind::Dir, 0, 0),
+                Kind::Symlink { .. } => (ItemKind::Symlink, 0, 0),
+                Kind::File { source, size } => {
+                    packed.files += 1;
+                    // An overlay's files share its root: held once. Made
+                    // bytes and input files are one source each.
+                    let shared = match &source {
+                        Source::Overlay(root) => roots
+                            .iter()
+                            .find(|(r, _)| Arc::ptr_eq(r, root))
+                            .map(|&(_, i)| i),
+                        Source::Bytes(_) | Source::Input(_) => None,
+                    };
+                    let i = match shared {
+                        Some(i) => i,
+                        None => {
+                            if let Source::Overlay(root) = &source {
+                                roots.push((root.clone(), packed.sources.len()));
+                            }
+                            packed.sources.push(source);
+                            packed.sources.len() - 1
+                        }
+                    };
+                    (
+                        ItemKind::File,
+                        size,
+                        index(i, "more than 4 billion sources")?,
+                    )
+                }
+            };
+            let item = Item {
+                size,
+                path_len: index(path.as_str().len(), "a path longer than 4 GiB")?,
+                target_len,
+                source,
+                layer: index(layer, "more than 4 billion layers")?,
+                mode: entry.mode,
+                uid: entry.uid,
+                gid: entry.gid,
+                kind,
+            };
+            let per_chunk = CHUNK / std::mem::size_of::<Item>();
+            match packed.items.last_mut() {
+                Some(chunk) if chunk.len() < per_chunk => chunk.push(item),
+                _ => {
+                    let mut chunk = Vec::with_capacity(per_chunk);
+                    chunk.push(item);
+                    packed.items.push(chunk);
+                }
+            }
+            packed.len += 1;
+        }
+        Ok(packed)
+    }
+
+    /// Appends an entry's text, in a new chunk when the last one is full.
+    fn push_text(&mut self, path: &str, target: &str) {
+        let len = path.len() + target.len();
+        let fits = |chunk: &String| chunk.capacity() - chunk.len() >= len;
+        if !self.text.last().is_some_and(fits) {
+            self.text.push(String::with_capacity(CHUNK.max(len)));
+        }
+        if let Some(chunk) = self.text.last_mut() {
+            chunk.push_str(path);
+            chunk.push_str(target);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of regular files.
+    pub fn files(&self) -> usize {
+        self.files
+    }
+
+    /// The number of entries `layer` provided.
+    pub fn entries_of(&self, layer: &str) -> usize {
+        match self.layers.iter().position(|l| **l == *layer) {
+            Some(i) => self
+                .items
+                .iter()
+                .flatten()
+                .filter(|e| e.layer as usize == i)
+                .count(),
+            None => 0,
+        }
+    }
+
+    /// Every entry in archive order, as the map held it (each path and entry
+    /// made afresh, its source and layer shared).
+    pub fn iter(&self) -> impl Iterator<Item = (RelPath, Entry)> + '_ {
+        // Walks the text chunks in step with the items, as `push_text` filled
+        // them.
+        let mut chunks = self.text.iter();
+        let mut chunk = "";
+        self.items.iter().flatten().map(move |item| {
+            let len = item.path_len as usize + item.target_len as usize;
+            if chunk.len() < len {
+                chunk = chunks.next().map_or("", String::as_str);
+            }
+            let (text, rest) = chunk.split_at(len);
+            chunk = rest;
+            let (path, target) = text.split_at(item.path_len as usize);
+            let kind = match item.kind {
+                ItemKind::Dir => Kind::Dir,
+                ItemKind::Symlink => Kind::Symlink {
+                    target: target.to_owned(),
+                },
+                ItemKind::File => Kind::File {
+                    source: self.sources[item.source as usize].clone(),
+                    size: item.size,
+                },
+            };
+            let entry = Entry {
+                kind,
+                mode: item.mode,
+                uid: item.uid,
+                gid: item.gid,
+                layer: self.layers[item.layer as usize].clone(),
+            };
+            // Checked when the tree was composed.
+            (RelPath(Arc::from(path)), entry)
+        })
+    }
+}
+
 /// Follows `target` from `link`'s directory, resolving every symlink on the
 /// way as the kernel would (relative ones from their own directory, absolute
 /// ones from the root); `symlink_at` says which paths are symlinks and to
@@ -250,6 +453,87 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_packed_tree_gives_back_every_entry_in_order() {
+        let root: Arc<Path> = Arc::from(Path::new("/overlay/root"));
+        let other: Arc<Path> = Arc::from(Path::new("/other/root"));
+        let entry = |kind, mode, layer: &str| Entry {
+            kind,
+            mode,
+            uid: mode,
+            gid: mode + 1,
+            layer: Arc::from(layer),
+        };
+        let file = |source, size| Kind::File { source, size };
+        let input = Arc::new(InputFile {
+            path: Arc::from(Path::new("/cache/node")),
+            input: Arc::from("node"),
+            sha256: crate::trust::digest::Sha256::of(b"node"),
+        });
+        let mut tree = Tree::default();
+        for (path, e) in [
+            ("etc", entry(Kind::Dir, 0o755, "base")),
+            (
+                "etc/a",
+                entry(file(Source::Overlay(root.clone()), 3), 0o644, "base"),
+            ),
+            (
+                "etc/b",
+                entry(file(Source::Overlay(other.clone()), 0), 0o600, "chain"),
+            ),
+            (
+                "etc/c",
+                entry(file(Source::Overlay(root.clone()), 7), 0o640, "base"),
+            ),
+            (
+                "etc/d",
+                entry(
+                    file(Source::Bytes(Arc::from(&b"made"[..])), 4),
+                    0o644,
+                    "chain",
+                ),
+            ),
+            (
+                "etc/link",
+                entry(
+                    Kind::Symlink {
+                        target: "../usr/bin/node".into(),
+                    },
+                    0o777,
+                    "chain",
+                ),
+            ),
+            (
+                "etc/empty-target",
+                entry(
+                    Kind::Symlink {
+                        target: String::new(),
+                    },
+                    0o777,
+                    "base",
+                ),
+            ),
+            (
+                "usr/bin/node",
+                entry(file(Source::Input(input), 4), 0o755, "chain"),
+            ),
+            ("zz", entry(Kind::Dir, 0o700, "chain")),
+        ] {
+            tree.entries.insert(p(path), e);
+        }
+        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        let back: Vec<(RelPath, Entry)> = packed.iter().collect();
+        let want: Vec<(RelPath, Entry)> = tree.entries.into_iter().collect();
+        assert_eq!(back, want);
+        assert_eq!((packed.len(), packed.files()), (9, 5));
+        assert_eq!(packed.entries_of("base"), 4);
+        assert_eq!(packed.entries_of("chain"), 5);
+        assert_eq!(packed.entries_of("none"), 0);
+        // Two overlay roots, one made file, one input: four sources.
+        assert_eq!(packed.sources.len(), 4);
+        assert!(PackedTree::pack(Tree::default()).expect("packs").is_empty());
     }
 
     #[test]

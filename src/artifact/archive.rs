@@ -1,4 +1,5 @@
-//! The deterministic archive: a GNU-format tar stream written from a `Tree`
+//! The deterministic archive: a GNU-format tar stream written from a tree
+//! (`PackedTree`)
 //! in one pass (each source file read once, hashed as it is copied), wrapped
 //! in zstd (multithreaded API, checksum, pledged size) or gzip (fixed header).
 //! Never reads the clock: mtime comes in as a parameter. `header` renders a
@@ -13,7 +14,7 @@ use std::thread;
 
 use crate::artifact::prefetch::{self, Prefetch};
 use crate::error::{Error, Result};
-use crate::model::{Entry, Kind, RelPath, Source, Tree};
+use crate::model::{Entry, Kind, PackedTree, RelPath, Source};
 use crate::trust::digest::{HashingReader, HashingWriter, Sha256};
 
 const BLOCK: u64 = 512;
@@ -108,7 +109,7 @@ fn job_size(level: i32) -> Option<u32> {
 }
 
 /// The exact size of the tar stream for `tree` (needed by zstd's pledged size).
-pub fn tar_size(tree: &Tree) -> u64 {
+pub fn tar_size(tree: &PackedTree) -> u64 {
     let long = |len: usize| {
         if len > 100 {
             BLOCK + padded(len as u64 + 1)
@@ -117,7 +118,7 @@ pub fn tar_size(tree: &Tree) -> u64 {
         }
     };
     let mut total = 2 * BLOCK;
-    for (path, entry) in &tree.entries {
+    for (path, entry) in tree.iter() {
         let name_len = path.as_str().len() + usize::from(entry.kind == Kind::Dir);
         total += BLOCK + long(name_len);
         match &entry.kind {
@@ -130,10 +131,9 @@ pub fn tar_size(tree: &Tree) -> u64 {
 }
 
 /// The sum of all file sizes, for progress reporting.
-pub fn content_size(tree: &Tree) -> u64 {
-    tree.entries
-        .values()
-        .map(|e| match e.kind {
+pub fn content_size(tree: &PackedTree) -> u64 {
+    tree.iter()
+        .map(|(_, e)| match e.kind {
             Kind::File { size, .. } => size,
             _ => 0,
         })
@@ -143,7 +143,7 @@ pub fn content_size(tree: &Tree) -> u64 {
 /// Writes `tree` as a compressed tar to `out`, calling `progress` with the
 /// number of content bytes copied so far.
 pub fn write<W: Write>(
-    tree: &Tree,
+    tree: &PackedTree,
     out: W,
     opts: &Options,
     progress: &dyn Fn(u64),
@@ -197,7 +197,7 @@ fn finish<W: Write>(
 type TarResult<W> = (W, Vec<Sha256>, Sha256, u64);
 
 fn write_tar<W: Write>(
-    tree: &Tree,
+    tree: &PackedTree,
     out: W,
     opts: &Options,
     progress: &dyn Fn(u64),
@@ -208,13 +208,14 @@ fn write_tar<W: Write>(
         mtime: opts.mtime,
         header: Vec::with_capacity(3 * BLOCK as usize),
     };
-    let mut files = Vec::new();
+    let mut files = Vec::with_capacity(tree.files());
     let mut buf = vec![0u8; COPY_BUF];
     let mut head = Vec::with_capacity(opts.head);
     let mut done = 0u64;
     thread::scope(|scope| {
         let prefetch = Prefetch::start(scope, overlay_files(tree));
-        for (path, entry) in &tree.entries {
+        for (path, entry) in tree.iter() {
+            let (path, entry) = (&path, &entry);
             let werr = |e| artifact_error("writing archive")(e);
             let body = match &entry.kind {
                 Kind::Dir => Body::Dir,
@@ -288,13 +289,11 @@ pub fn source_path(path: &RelPath, source: &Source) -> Option<PathBuf> {
 }
 
 /// The files `write_tar` reads from disk, in the order it reads them.
-fn overlay_files(tree: &Tree) -> impl Iterator<Item = (PathBuf, u64)> + Send + '_ {
-    tree.entries
-        .iter()
-        .filter_map(|(path, entry)| match &entry.kind {
-            Kind::File { source, size } => source_path(path, source).map(|p| (p, *size)),
-            _ => None,
-        })
+fn overlay_files(tree: &PackedTree) -> impl Iterator<Item = (PathBuf, u64)> + Send + '_ {
+    tree.iter().filter_map(|(path, entry)| match &entry.kind {
+        Kind::File { source, size } => source_path(&path, source).map(|p| (p, *size)),
+        _ => None,
+    })
 }
 
 /// Buffers for `copy_file`: the copy buffer, and where the file's first
@@ -626,6 +625,7 @@ pub fn members(file: File, path: &Path) -> Result<Vec<Member>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Tree;
     use std::sync::Arc;
 
     /// A tree of one overlay file, `name` under `root`, listed with `size`.
@@ -655,7 +655,8 @@ mod tests {
             workers: 1,
             mtime: 0,
         };
-        write(tree, io::sink(), &opts, &|_| {}, &mut |_, _, _| {})
+        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        write(&packed, io::sink(), &opts, &|_| {}, &mut |_, _, _| {})
     }
 
     fn message(result: Result<Summary>) -> String {

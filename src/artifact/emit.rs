@@ -21,7 +21,7 @@ use crate::compose::overlay::Layer;
 use crate::compose::profile::Profile;
 use crate::error::{Error, Result};
 use crate::inputs::decl::Input;
-use crate::model::Tree;
+use crate::model::{PackedTree, Tree};
 use crate::trust::digest::{HashingWriter, Sha256};
 use crate::trust::sign::{Prehasher, SecretKey};
 
@@ -161,7 +161,10 @@ pub struct Built {
     pub artifact: PathBuf,
     pub manifest_path: PathBuf,
     pub signature: Option<PathBuf>,
+    /// The manifest as written, but for its entries (`entries` of them),
+    /// which were made and written one at a time.
     pub manifest: Manifest,
+    pub entries: u64,
     pub key_id: Option<String>,
 }
 
@@ -406,6 +409,9 @@ fn write_outputs(
     let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
+    // From here on the tree is only read in order: packed, it takes about
+    // half the memory beside zstd's buffers.
+    let tree = PackedTree::pack(tree).map_err(|why| Error::input(opts.profile, why))?;
     let artifact_tmp = temp_in(opts.out_dir)?;
     let total = archive::content_size(&tree);
     let archive_opts = archive::Options {
@@ -439,27 +445,30 @@ fn write_outputs(
         (summary, prehash.map(Prehasher::finish))
     };
 
+    // The entries are made one at a time from the packed tree as the
+    // manifest is written: never all in memory.
     let manifest = Manifest::new(
         profile,
         version,
         source_date_epoch,
         opts.format,
-        tree,
+        &tree,
         &summary,
         adapters,
     );
     let mut manifest_tmp = temp_in(opts.out_dir)?;
-    let manifest_sha256 = {
+    let (entries, manifest_sha256) = {
         let mut w = BufWriter::new(HashingWriter::new(manifest_tmp.as_file_mut()));
-        manifest
-            .write_canonical_json(&mut w)
-            .and_then(|()| w.flush())
+        let entries = manifest
+            .write_canonical_json_streamed(Manifest::entries(&tree, &summary.files), &mut w)
+            .and_then(|n| w.flush().map(|()| n))
             .map_err(Error::io(&manifest_path, "writing manifest"))?;
         let hashing = w
             .into_inner()
             .map_err(|e| Error::io(&manifest_path, "writing manifest")(e.into_error()))?;
-        hashing.finish().1
+        (entries, hashing.finish().1)
     };
+    drop(tree);
 
     let signed = match (opts.sign_key, &prehash) {
         (Some(key), Some(prehash)) => {
@@ -518,6 +527,7 @@ fn write_outputs(
         manifest_path,
         signature: signed.as_ref().map(|_| sig_path),
         manifest,
+        entries,
         key_id: signed.map(|(_, id)| id),
     })
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::archive::{Format, Summary};
 use crate::compose::adapter::AdapterFacts;
 use crate::compose::profile::Profile;
-use crate::model::{Kind, RelPath, Tree};
+use crate::model::{Kind, PackedTree, RelPath};
 use crate::trust::digest::Sha256;
 
 pub const SCHEMA: u32 = 1;
@@ -164,15 +164,16 @@ mod octal {
 }
 
 impl Manifest {
-    /// The manifest of `tree` as archived with `summary`.
-    /// The manifest of `tree` as archived with `summary`; consumes the tree
-    /// so the two are never both in memory for long.
+    /// The manifest of `tree` as archived with `summary`, without its
+    /// entries: `entries` makes them one at a time, and
+    /// `write_canonical_json_streamed` writes them in their place, so that
+    /// a large tree's manifest is never held in memory.
     pub fn new(
         profile: &Profile,
         version: &str,
         source_date_epoch: u64,
         format: Format,
-        tree: Tree,
+        tree: &PackedTree,
         summary: &Summary,
         adapters: &AdapterFacts,
     ) -> Manifest {
@@ -182,41 +183,9 @@ impl Manifest {
             .chain(&profile.adapters)
             .map(|l| LayerInfo {
                 name: l.name.clone(),
-                entries: tree
-                    .entries
-                    .values()
-                    .filter(|e| *e.layer == *l.name)
-                    .count() as u64,
+                entries: tree.entries_of(&l.name) as u64,
             })
             .collect();
-        let mut digests = summary.files.iter().copied();
-        let mut entries = Vec::with_capacity(tree.entries.len());
-        for (path, e) in tree.entries {
-            let input = match &e.kind {
-                Kind::File {
-                    source: crate::model::Source::Input(taken),
-                    ..
-                } => Some(taken.input.to_string()),
-                _ => None,
-            };
-            let (kind, size, sha256, target) = match e.kind {
-                Kind::Dir => (EntryType::Dir, None, None, None),
-                Kind::File { size, .. } => (EntryType::File, Some(size), digests.next(), None),
-                Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
-            };
-            entries.push(ManifestEntry {
-                input,
-                path,
-                kind,
-                mode: e.mode,
-                uid: e.uid,
-                gid: e.gid,
-                size,
-                sha256,
-                target,
-                layer: e.layer.to_string(),
-            });
-        }
         Manifest {
             schema: SCHEMA,
             name: profile.name.clone(),
@@ -268,8 +237,43 @@ impl Manifest {
                 tar_sha256: summary.tar_sha256,
                 tar_size: summary.tar_size,
             },
-            entries,
+            entries: Vec::new(),
         }
+    }
+
+    /// The manifest entries of `tree`, in order, with the digests its files
+    /// had as they were archived (`Summary::files`).
+    pub fn entries<'t>(
+        tree: &'t PackedTree,
+        digests: &'t [Sha256],
+    ) -> impl Iterator<Item = ManifestEntry> + 't {
+        let mut digests = digests.iter().copied();
+        tree.iter().map(move |(path, e)| {
+            let input = match &e.kind {
+                Kind::File {
+                    source: crate::model::Source::Input(taken),
+                    ..
+                } => Some(taken.input.to_string()),
+                _ => None,
+            };
+            let (kind, size, sha256, target) = match e.kind {
+                Kind::Dir => (EntryType::Dir, None, None, None),
+                Kind::File { size, .. } => (EntryType::File, Some(size), digests.next(), None),
+                Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
+            };
+            ManifestEntry {
+                input,
+                path,
+                kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                size,
+                sha256,
+                target,
+                layer: e.layer.to_string(),
+            }
+        })
     }
 
     /// Canonical JSON: keys sorted at every level, no insignificant
@@ -285,6 +289,43 @@ impl Manifest {
     pub fn write_canonical_json<W: std::io::Write>(&self, mut w: W) -> std::io::Result<()> {
         serde_json::to_writer(&mut w, self).map_err(std::io::Error::other)?;
         w.write_all(b"\n")
+    }
+
+    /// Streams the canonical JSON of this manifest with `entries` as its
+    /// entries, serialised one at a time: the same bytes as
+    /// `write_canonical_json` of the manifest holding them (a test keeps the
+    /// two in step). Returns how many entries were written. The manifest
+    /// itself must hold none.
+    pub fn write_canonical_json_streamed<W: std::io::Write>(
+        &self,
+        entries: impl Iterator<Item = ManifestEntry>,
+        mut w: W,
+    ) -> std::io::Result<u64> {
+        // Written without entries, the manifest has `"entries":[]` right
+        // after its `archive` object (keys are in order): the entries go
+        // between the brackets.
+        const EMPTY: &[u8] = b"},\"entries\":[]";
+        let head = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let at = match memchr::memmem::find(&head, EMPTY) {
+            Some(at) if self.entries.is_empty() => at + EMPTY.len() - 1,
+            _ => {
+                return Err(std::io::Error::other(
+                    "a manifest streamed with its entries must hold none itself",
+                ));
+            }
+        };
+        w.write_all(&head[..at])?;
+        let mut count = 0u64;
+        for entry in entries {
+            if count > 0 {
+                w.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut w, &entry).map_err(std::io::Error::other)?;
+            count += 1;
+        }
+        w.write_all(&head[at..])?;
+        w.write_all(b"\n")?;
+        Ok(count)
     }
 
     /// Parses manifest bytes; the error says what is wrong.
@@ -492,6 +533,47 @@ mod tests {
             let parsed = Manifest::parse(&link.to_canonical_json());
             assert_eq!(parsed.is_ok(), ok, "{target:?}: {parsed:?}");
         }
+    }
+
+    #[test]
+    fn streamed_entries_give_the_bytes_of_the_whole_manifest() {
+        let mut m = Manifest::sample();
+        let second = ManifestEntry {
+            path: RelPath::new("etc/tricky").unwrap(),
+            kind: EntryType::Symlink,
+            size: None,
+            sha256: None,
+            // Text like the splice point, inside a string.
+            target: Some("},\"entries\":[]".into()),
+            ..m.entries[0].clone()
+        };
+        m.entries.push(second);
+        m.name = "},\"entries\":[]".into();
+        m.archive.format = "},\"entries\":[]".into();
+        for n in 0..=m.entries.len() {
+            let whole = Manifest {
+                entries: m.entries[..n].to_vec(),
+                ..m.clone()
+            };
+            let head = Manifest {
+                entries: Vec::new(),
+                ..m.clone()
+            };
+            let mut streamed = Vec::new();
+            let count = head
+                .write_canonical_json_streamed(whole.entries.clone().into_iter(), &mut streamed)
+                .unwrap();
+            assert_eq!(count, n as u64);
+            assert_eq!(
+                String::from_utf8(streamed).unwrap(),
+                String::from_utf8(whole.to_canonical_json()).unwrap()
+            );
+        }
+        // A manifest that holds entries itself is not streamed into.
+        let err = m
+            .write_canonical_json_streamed(std::iter::empty(), Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("must hold none"), "{err}");
     }
 
     #[test]

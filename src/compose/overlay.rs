@@ -195,9 +195,7 @@ impl Layer {
             .sort_by_file_name();
         let shared_root: Arc<Path> = Arc::from(root);
         // Collected, then built into the map at once: inserted one by one in
-        // path order, the map's nodes would be half empty, and the memory
-        // they held stays in the heap for the rest of the build once the
-        // tree is rebuilt from them.
+        // path order, the map's nodes would be half empty.
         let mut found = Vec::new();
         for item in walk {
             let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
@@ -281,6 +279,9 @@ impl Layer {
                 format!("{path} is provided twice (a file and its .tmpl); keep one"),
             ));
         }
+        // The list and the map are both held while the map is built: no
+        // slack from the list's doubling beside them.
+        found.shrink_to_fit();
         self.entries = found.into_iter().collect();
         Ok(())
     }
