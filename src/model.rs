@@ -189,6 +189,58 @@ impl Tree {
     }
 }
 
+/// A list kept in chunks of 64 KiB (`CHUNK`): it grows without copying, and
+/// its chunks are small enough for the allocator to place in memory freed
+/// before, where one long list would be mapped afresh or grow the heap. For
+/// what the build holds per file beside zstd's buffers.
+#[derive(Clone, Debug)]
+pub struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Default for Chunked<T> {
+    fn default() -> Self {
+        Chunked {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Chunked<T> {
+    const PER_CHUNK: usize = if std::mem::size_of::<T>() == 0 {
+        CHUNK
+    } else {
+        let n = CHUNK / std::mem::size_of::<T>();
+        if n == 0 { 1 } else { n }
+    };
+
+    pub fn push(&mut self, item: T) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < Self::PER_CHUNK => chunk.push(item),
+            _ => {
+                let mut chunk = Vec::with_capacity(Self::PER_CHUNK);
+                chunk.push(item);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+}
+
 /// The composed tree packed for writing the archive and the manifest: the
 /// entries in archive order, their paths and link targets back to back, each
 /// source and layer held once; about 80 bytes an entry, against about 140 in
@@ -200,13 +252,12 @@ impl Tree {
 /// time, as the map gave them.
 #[derive(Debug, Default)]
 pub struct PackedTree {
-    items: Vec<Vec<Item>>,
+    items: Chunked<Item>,
     /// Each entry's path then its link target (symlinks only); an entry's
     /// text never straddles two chunks.
     text: Vec<String>,
     sources: Vec<Source>,
     layers: Vec<Arc<str>>,
-    len: usize,
     files: usize,
 }
 
@@ -301,16 +352,7 @@ impl PackedTree {
                 gid: entry.gid,
                 kind,
             };
-            let per_chunk = CHUNK / std::mem::size_of::<Item>();
-            match packed.items.last_mut() {
-                Some(chunk) if chunk.len() < per_chunk => chunk.push(item),
-                _ => {
-                    let mut chunk = Vec::with_capacity(per_chunk);
-                    chunk.push(item);
-                    packed.items.push(chunk);
-                }
-            }
-            packed.len += 1;
+            packed.items.push(item);
         }
         Ok(packed)
     }
@@ -329,11 +371,11 @@ impl PackedTree {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.items.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.items.is_empty()
     }
 
     /// The number of regular files.
@@ -344,12 +386,7 @@ impl PackedTree {
     /// The number of entries `layer` provided.
     pub fn entries_of(&self, layer: &str) -> usize {
         match self.layers.iter().position(|l| **l == *layer) {
-            Some(i) => self
-                .items
-                .iter()
-                .flatten()
-                .filter(|e| e.layer as usize == i)
-                .count(),
+            Some(i) => self.items.iter().filter(|e| e.layer as usize == i).count(),
             None => 0,
         }
     }
@@ -361,7 +398,7 @@ impl PackedTree {
         // them.
         let mut chunks = self.text.iter();
         let mut chunk = "";
-        self.items.iter().flatten().map(move |item| {
+        self.items.iter().map(move |item| {
             let len = item.path_len as usize + item.target_len as usize;
             if chunk.len() < len {
                 chunk = chunks.next().map_or("", String::as_str);
@@ -534,6 +571,53 @@ mod tests {
         // Two overlay roots, one made file, one input: four sources.
         assert_eq!(packed.sources.len(), 4);
         assert!(PackedTree::pack(Tree::default()).expect("packs").is_empty());
+    }
+
+    #[test]
+    fn a_packed_tree_spans_chunks_in_order() {
+        let root: Arc<Path> = Arc::from(Path::new("/overlay/root"));
+        let mut tree = Tree::default();
+        // Enough entries, and text, for several chunks of each; a path
+        // longer than a chunk, and a link target that does not fit the rest
+        // of one.
+        let long = "d/".to_owned() + &"x".repeat(CHUNK + 10);
+        for i in 0..6000u32 {
+            let (path, kind) = match i {
+                17 => (long.clone(), Kind::Dir),
+                i if i % 7 == 0 => (
+                    format!("d/link-{i:05}"),
+                    Kind::Symlink {
+                        target: "t".repeat(usize::try_from(i).unwrap() % 3000 + 1),
+                    },
+                ),
+                i => (
+                    format!("d/some/longer/directory/file-{i:05}"),
+                    Kind::File {
+                        source: Source::Overlay(root.clone()),
+                        size: u64::from(i),
+                    },
+                ),
+            };
+            let entry = Entry {
+                kind,
+                mode: 0o644,
+                uid: i,
+                gid: i,
+                layer: Arc::from("base"),
+            };
+            tree.entries.insert(p(&path), entry);
+        }
+        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        assert!(packed.items.chunks.len() > 3 && packed.text.len() > 3);
+        assert!(packed.iter().eq(tree.entries.into_iter()));
+
+        let mut list = Chunked::default();
+        for i in 0..100_000u64 {
+            list.push(i);
+        }
+        assert_eq!(list.len(), 100_000);
+        assert!(list.iter().copied().eq(0..100_000));
+        assert!(list.chunks.iter().all(|c| c.capacity() * 8 == CHUNK));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::thread;
 
 use crate::artifact::prefetch::{self, Prefetch};
 use crate::error::{Error, Result};
-use crate::model::{Entry, Kind, PackedTree, RelPath, Source};
+use crate::model::{Chunked, Entry, Kind, PackedTree, RelPath, Source};
 use crate::trust::digest::{HashingReader, HashingWriter, Sha256};
 
 const BLOCK: u64 = 512;
@@ -84,7 +84,7 @@ pub struct Summary {
     pub sha256: Sha256,
     pub size: u64,
     /// The digest of every regular file, as streamed, in tree order.
-    pub files: Vec<Sha256>,
+    pub files: Chunked<Sha256>,
 }
 
 /// Errors while producing the archive stream name the artifact being written.
@@ -179,7 +179,7 @@ pub fn write<W: Write>(
 
 fn finish<W: Write>(
     out: HashingWriter<W>,
-    files: Vec<Sha256>,
+    files: Chunked<Sha256>,
     tar_sha256: Sha256,
     tar_size: u64,
 ) -> Result<Summary> {
@@ -194,7 +194,7 @@ fn finish<W: Write>(
     })
 }
 
-type TarResult<W> = (W, Vec<Sha256>, Sha256, u64);
+type TarResult<W> = (W, Chunked<Sha256>, Sha256, u64);
 
 fn write_tar<W: Write>(
     tree: &PackedTree,
@@ -208,7 +208,7 @@ fn write_tar<W: Write>(
         mtime: opts.mtime,
         header: Vec::with_capacity(3 * BLOCK as usize),
     };
-    let mut files = Vec::with_capacity(tree.files());
+    let mut files = Chunked::default();
     let mut buf = vec![0u8; COPY_BUF];
     let mut head = Vec::with_capacity(opts.head);
     let mut done = 0u64;

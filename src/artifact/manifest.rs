@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::archive::{Format, Summary};
 use crate::compose::adapter::AdapterFacts;
 use crate::compose::profile::Profile;
-use crate::model::{Kind, PackedTree, RelPath};
+use crate::model::{Chunked, Kind, PackedTree, RelPath};
 use crate::trust::digest::Sha256;
 
 pub const SCHEMA: u32 = 1;
@@ -245,7 +245,7 @@ impl Manifest {
     /// had as they were archived (`Summary::files`).
     pub fn entries<'t>(
         tree: &'t PackedTree,
-        digests: &'t [Sha256],
+        digests: &'t Chunked<Sha256>,
     ) -> impl Iterator<Item = ManifestEntry> + 't {
         let mut digests = digests.iter().copied();
         tree.iter().map(move |(path, e)| {
