@@ -196,24 +196,20 @@ impl Tree {
 #[derive(Clone, Debug)]
 pub struct Chunked<T> {
     chunks: Vec<Vec<T>>,
-    len: usize,
 }
 
 impl<T> Default for Chunked<T> {
     fn default() -> Self {
-        Chunked {
-            chunks: Vec::new(),
-            len: 0,
-        }
+        Chunked { chunks: Vec::new() }
     }
 }
 
 impl<T> Chunked<T> {
-    const PER_CHUNK: usize = if std::mem::size_of::<T>() == 0 {
-        CHUNK
-    } else {
-        let n = CHUNK / std::mem::size_of::<T>();
-        if n == 0 { 1 } else { n }
+    /// Items per chunk: at least one, however large an item.
+    const PER_CHUNK: usize = match CHUNK.checked_div(std::mem::size_of::<T>()) {
+        Some(0) => 1,
+        Some(n) => n,
+        None => CHUNK,
     };
 
     pub fn push(&mut self, item: T) {
@@ -225,15 +221,14 @@ impl<T> Chunked<T> {
                 self.chunks.push(chunk);
             }
         }
-        self.len += 1;
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.chunks.iter().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.chunks.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &T> {
@@ -258,7 +253,6 @@ pub struct PackedTree {
     text: Vec<String>,
     sources: Vec<Source>,
     layers: Vec<Arc<str>>,
-    files: usize,
 }
 
 /// The bytes of one chunk of `PackedTree`.
@@ -314,7 +308,6 @@ impl PackedTree {
                 Kind::Dir => (ItemKind::Dir, 0, 0),
                 Kind::Symlink { .. } => (ItemKind::Symlink, 0, 0),
                 Kind::File { source, size } => {
-                    packed.files += 1;
                     // An overlay's files share its root: held once. Made
                     // bytes and input files are one source each.
                     let shared = match &source {
@@ -380,7 +373,10 @@ impl PackedTree {
 
     /// The number of regular files.
     pub fn files(&self) -> usize {
-        self.files
+        self.items
+            .iter()
+            .filter(|e| e.kind == ItemKind::File)
+            .count()
     }
 
     /// The number of entries `layer` provided.
