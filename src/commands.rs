@@ -466,21 +466,20 @@ pub fn verify(
         signature,
         keys: keyring.keys(),
     };
-    let verified = ui
-        .with_bar("verifying", |progress| verify::verify(&opts, progress))
+    let checked = ui
+        .with_bar("verifying", |progress| {
+            verify::verify_streamed(&opts, progress)
+        })
         .map_err(|e| op.own(e))?;
-    let m = verified.manifest();
+    let m = &checked.manifest;
     ui.put("name", &m.name);
     ui.put("version", &m.version);
-    ui.put("key_id", verified.key_id());
-    ui.put("entries", m.entries.len());
+    ui.put("key_id", &checked.key_id);
+    ui.put("entries", checked.entries);
     ui.put("sha256", m.archive.sha256);
     ui.say(format_args!(
         "verified {} {}: signed by key {}, {} entries match the manifest",
-        m.name,
-        m.version,
-        verified.key_id(),
-        m.entries.len()
+        m.name, m.version, checked.key_id, checked.entries
     ));
     Ok(())
 }

@@ -57,6 +57,13 @@ impl RelPath {
             .collect()
     }
 
+    /// Whether this path lies somewhere under `dir`.
+    pub fn is_under(&self, dir: &RelPath) -> bool {
+        self.0
+            .strip_prefix(&*dir.0)
+            .is_some_and(|rest| rest.starts_with('/'))
+    }
+
     pub fn depth(&self) -> usize {
         self.0.matches('/').count()
     }

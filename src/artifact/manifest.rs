@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::archive::{Format, Summary};
+use crate::artifact::pieces::{Pieces, PiecesError};
 use crate::compose::adapter::AdapterFacts;
 use crate::compose::profile::Profile;
 use crate::model::{Chunked, Kind, PackedTree, RelPath};
@@ -352,49 +353,32 @@ impl Manifest {
         // Parsing grew the list by doubling: give the slack back, it lives
         // as long as the command (a third of a large manifest's memory).
         m.entries.shrink_to_fit();
-        if m.schema != SCHEMA {
+        m.check_head()?;
+        let mut order = EntryCheck::default();
+        m.entries.iter().try_for_each(|e| order.check(e))?;
+        Ok(m)
+    }
+
+    /// Parses the head `Pieces` kept (the manifest with `"entries":[]`)
+    /// and checks it; the entries are `EntryReader`'s.
+    pub fn parse_head(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        m.check_head()?;
+        Ok(m)
+    }
+
+    /// The checks `checked` makes of everything but the entries.
+    fn check_head(&self) -> Result<(), String> {
+        if self.schema != SCHEMA {
             return Err(format!(
                 "schema {} is not supported (want {SCHEMA})",
-                m.schema
+                self.schema
             ));
         }
-        if Format::parse(&m.archive.format).is_none() {
-            return Err(format!("unknown archive format {:?}", m.archive.format));
+        if Format::parse(&self.archive.format).is_none() {
+            return Err(format!("unknown archive format {:?}", self.archive.format));
         }
-        // The order the archive is written in, strictly: no duplicates.
-        for pair in m.entries.windows(2) {
-            if pair[0].path >= pair[1].path {
-                return Err(format!(
-                    "entry {} comes after {}: entries must be sorted and unique",
-                    pair[1].path, pair[0].path
-                ));
-            }
-        }
-        for e in &m.entries {
-            let fields = (e.size.is_some(), e.sha256.is_some(), e.target.is_some());
-            let ok = match e.kind {
-                EntryType::Dir => fields == (false, false, false),
-                EntryType::File => fields == (true, true, false),
-                EntryType::Symlink => fields == (false, false, true),
-            };
-            if !ok {
-                return Err(format!(
-                    "entry {} has the wrong fields for a {:?} (files: size and sha256; symlinks: target; directories: neither)",
-                    e.path, e.kind
-                ));
-            }
-            // A tar link name ends at its first NUL: such a target would
-            // read differently elsewhere, and infrakit never builds one.
-            if let Some(target) = &e.target
-                && (target.is_empty() || target.contains('\0'))
-            {
-                return Err(format!(
-                    "entry {}: symlink target {target:?} is empty or holds a NUL byte",
-                    e.path
-                ));
-            }
-        }
-        Ok(m)
+        Ok(())
     }
 
     /// The artifact's file name: `<name>.<format>`.
@@ -438,6 +422,115 @@ impl Binding {
             version: get(version, "version:")?,
             manifest_sha256: get(digest, "manifest-sha256:")?.parse()?,
         })
+    }
+}
+
+/// The checks of each entry in turn: the order the archive is written in,
+/// strictly (no duplicates), and the fields each kind has.
+#[derive(Default)]
+pub struct EntryCheck {
+    last: Option<RelPath>,
+}
+
+impl EntryCheck {
+    pub fn check(&mut self, e: &ManifestEntry) -> Result<(), String> {
+        if let Some(last) = &self.last
+            && *last >= e.path
+        {
+            return Err(format!(
+                "entry {} comes after {last}: entries must be sorted and unique",
+                e.path
+            ));
+        }
+        self.last = Some(e.path.clone());
+        let fields = (e.size.is_some(), e.sha256.is_some(), e.target.is_some());
+        let ok = match e.kind {
+            EntryType::Dir => fields == (false, false, false),
+            EntryType::File => fields == (true, true, false),
+            EntryType::Symlink => fields == (false, false, true),
+        };
+        if !ok {
+            return Err(format!(
+                "entry {} has the wrong fields for a {:?} (files: size and sha256; symlinks: target; directories: neither)",
+                e.path, e.kind
+            ));
+        }
+        // A tar link name ends at its first NUL: such a target would
+        // read differently elsewhere, and infrakit never builds one.
+        if let Some(target) = &e.target
+            && (target.is_empty() || target.contains('\0'))
+        {
+            return Err(format!(
+                "entry {}: symlink target {target:?} is empty or holds a NUL byte",
+                e.path
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A manifest's entries parsed and checked one at a time as it is read
+/// (`Pieces`), without holding the file or the list.
+pub struct EntryReader<R> {
+    pieces: Pieces<R>,
+    check: EntryCheck,
+}
+
+/// What `EntryReader::finish` gives: the head (`Manifest::parse_head`),
+/// the file's SHA-256 (if it was hashed) and size, and how many entries it
+/// holds.
+pub struct Read {
+    pub head: Vec<u8>,
+    pub sha256: Option<Sha256>,
+    pub size: u64,
+    pub entries: u64,
+}
+
+impl<R: std::io::Read> EntryReader<R> {
+    /// Reads at most `max` bytes; `hash`: whether to hash them.
+    pub fn new(from: R, max: u64, hash: bool) -> EntryReader<R> {
+        EntryReader {
+            pieces: Pieces::new(from, max, hash),
+            check: EntryCheck::default(),
+        }
+    }
+
+    /// The next entry, parsed and checked; `None` at the end of the file.
+    pub fn next_entry(&mut self) -> Result<Option<ManifestEntry>, PiecesError> {
+        let Some(bytes) = self.pieces.next_entry()? else {
+            return Ok(None);
+        };
+        let entry: ManifestEntry = serde_json::from_slice(bytes).map_err(|e| {
+            let at = match &self.check.last {
+                Some(last) => format!("the entry after {last}"),
+                None => "the first entry".to_owned(),
+            };
+            PiecesError::Malformed(format!("{at}: {e}"))
+        })?;
+        self.check.check(&entry).map_err(PiecesError::Malformed)?;
+        Ok(Some(entry))
+    }
+
+    /// Skips the next entry without parsing it; false at the end.
+    pub fn skip_entry(&mut self) -> Result<bool, PiecesError> {
+        Ok(self.pieces.next_entry()?.is_some())
+    }
+
+    /// After a `Malformed` error: reads and hashes the rest of the file
+    /// (`finish` then gives the whole file's digest).
+    pub fn drain(&mut self) -> Result<(), PiecesError> {
+        self.pieces.drain()
+    }
+
+    /// Once `next_entry` gave `None`: see `Read`.
+    pub fn finish(&mut self) -> Read {
+        let (head, sha256, size, entries) = self.pieces.finish();
+        Read {
+            head,
+            sha256,
+            size,
+            entries,
+        }
     }
 }
 
@@ -599,5 +692,147 @@ mod tests {
         assert!(serde_json::from_str::<ManifestEntry>(&good.replace("PATH", "etc")).is_ok());
         let extra = good.replace("PATH", "etc").replace("{", "{\"x\":1,");
         assert!(serde_json::from_str::<ManifestEntry>(&extra).is_err());
+    }
+
+    /// `bytes` read a piece at a time by `EntryReader`, `step` bytes a read,
+    /// put together again.
+    fn read_in_pieces(bytes: &[u8], step: usize) -> Result<Manifest, String> {
+        struct Slow<'a>(&'a [u8], usize);
+        impl std::io::Read for Slow<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.1.min(buf.len()).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut reader = EntryReader::new(Slow(bytes, step), 1 << 30, true);
+        let mut entries = Vec::new();
+        while let Some(e) = reader.next_entry().map_err(|e| format!("{e:?}"))? {
+            entries.push(e);
+        }
+        let read = reader.finish();
+        assert_eq!(read.sha256, Some(Sha256::of(bytes)));
+        assert_eq!(read.size, bytes.len() as u64);
+        assert_eq!(read.entries, entries.len() as u64);
+        let mut m = Manifest::parse_head(&read.head)?;
+        m.entries = entries;
+        Ok(m)
+    }
+
+    /// A manifest whose strings hold what a careless scanner would take
+    /// for structure.
+    fn tricky() -> Manifest {
+        let mut m = Manifest::sample();
+        m.name = "n\"],\"entries\":[{".into();
+        let mut names = ["a", "a/]b{\"", "a/]b{\"/c\\", "a/b", "a/entries"];
+        names.sort_by_key(|n| RelPath::new(n).unwrap());
+        m.entries = names
+            .iter()
+            .map(|p| ManifestEntry {
+                path: RelPath::new(p).unwrap(),
+                kind: EntryType::Symlink,
+                size: None,
+                sha256: None,
+                target: Some("\\\"]}".into()),
+                layer: "\\".into(),
+                ..m.entries[0].clone()
+            })
+            .collect();
+        m
+    }
+
+    #[test]
+    fn entries_read_in_pieces_are_the_whole_manifest() {
+        for m in [Manifest::sample(), tricky()] {
+            let canonical = m.to_canonical_json();
+            let pretty = serde_json::to_vec_pretty(&m).unwrap();
+            for bytes in [&canonical, &pretty] {
+                assert_eq!(Manifest::parse(bytes).unwrap(), m);
+                for step in [1, 2, 3, 7, 64, 1 << 20] {
+                    assert_eq!(read_in_pieces(bytes, step).unwrap(), m, "step {step}");
+                }
+            }
+        }
+        let mut none = Manifest::sample();
+        none.entries.clear();
+        assert_eq!(read_in_pieces(&none.to_canonical_json(), 5).unwrap(), none);
+    }
+
+    #[test]
+    fn pieces_refuse_what_the_whole_parse_refuses() {
+        let good = String::from_utf8(tricky().to_canonical_json()).unwrap();
+        let list = |s: &str| {
+            let a = s.find("\"entries\":[").unwrap() + "\"entries\":".len();
+            let b = s.find("],\"layers\"").unwrap() + 1;
+            (a, b)
+        };
+        let (a, b) = list(&good);
+        let one = r#"{"gid":0,"layer":"b","mode":"0755","path":"x","type":"dir","uid":0}"#;
+        let with_list = |l: &str| format!("{}{l}{}", &good[..a], &good[b..]);
+        // The key spelled with an escape: serde reads "entries", the pieces
+        // find no list and refuse it (infrakit writes no escaped key).
+        let escaped = good.replacen("\"entries\":", "\"\\u0065ntries\":", 1);
+        assert_eq!(Manifest::parse(escaped.as_bytes()).unwrap(), tricky());
+        assert!(read_in_pieces(escaped.as_bytes(), 4).is_err());
+        let cases = [
+            // Two lists.
+            good.replacen(
+                "\"layers\":",
+                &format!("\"entries\":[{one}],\"layers\":"),
+                1,
+            ),
+            with_list("{}"),
+            with_list("[1]"),
+            with_list(&format!("[{one}{one}]")),
+            with_list(&format!("[{one},]")),
+            with_list(&format!("[,{one}]")),
+            with_list(&format!("[{one},{one}]")), // not unique
+            with_list(&format!("[{}]", one.replace("\"x\"", "\"../x\""))),
+            with_list("[{\"gid\":0}]"),
+            with_list(&format!("[{one}")),
+            good.replace('}', ""),
+            format!("{good}{good}"),
+        ];
+        for bad in &cases {
+            assert!(Manifest::parse(bad.as_bytes()).is_err(), "{bad}");
+            for step in [1, 7, 1 << 20] {
+                assert!(
+                    read_in_pieces(bad.as_bytes(), step).is_err(),
+                    "{step}: {bad}"
+                );
+            }
+        }
+        // The cases are bad for the reason given, not by accident.
+        assert_eq!(
+            read_in_pieces(with_list(&format!("[{one}]")).as_bytes(), 3)
+                .unwrap()
+                .entries
+                .len(),
+            1
+        );
+        assert!(read_in_pieces(good.as_bytes(), 3).is_ok());
+    }
+
+    #[test]
+    fn pieces_stop_at_the_limit() {
+        let bytes = Manifest::sample().to_canonical_json();
+        let max = bytes.len() as u64 - 1;
+        let mut reader = EntryReader::new(bytes.as_slice(), max, false);
+        let err = loop {
+            match reader.next_entry() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("read past the limit"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, PiecesError::TooLarge(m) if m == max),
+            "{err:?}"
+        );
+        let mut reader = EntryReader::new(bytes.as_slice(), max + 1, false);
+        assert!(reader.next_entry().unwrap().is_some());
+        assert!(reader.next_entry().unwrap().is_none());
+        assert_eq!(reader.finish().sha256, None);
     }
 }

@@ -69,7 +69,12 @@ pub fn verify(
         signature.verify_comment(keys)
     }
     .map_err(|m| Error::check(format!("{}: {m}", path.display())))?;
-    let (claimed, _) = binding(&signature, &sig_path, &manifest_path, &manifest_bytes)?;
+    let (claimed, _) = binding(
+        &signature,
+        &sig_path,
+        &manifest_path,
+        &crate::trust::digest::Sha256::of(&manifest_bytes),
+    )?;
     let manifest = ImageManifest::parse(&manifest_bytes).map_err(|m| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",

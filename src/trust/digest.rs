@@ -15,6 +15,11 @@ use sha2::Digest as _;
 pub struct Sha256([u8; 32]);
 
 impl Sha256 {
+    /// The digest of what `hasher` was given.
+    pub fn finished(hasher: sha2::Sha256) -> Sha256 {
+        Sha256(hasher.finalize().into())
+    }
+
     pub fn of(bytes: &[u8]) -> Sha256 {
         Sha256(sha2::Sha256::digest(bytes).into())
     }
@@ -195,7 +200,7 @@ impl ReadAhead {
     /// stream, and the rest of it after the stream (or the layout) ended.
     pub fn spawn_hashing<R: Read + Send + 'static>(
         mut inner: R,
-        layout: Vec<Stretch>,
+        layout: Box<dyn Iterator<Item = Stretch> + Send>,
         mut side: Option<SideJob>,
     ) -> (ReadAhead, std::sync::mpsc::Receiver<Sha256>) {
         let (digests_tx, digests) = std::sync::mpsc::channel();
@@ -203,7 +208,7 @@ impl ReadAhead {
         let (spent_tx, spent) = std::sync::mpsc::channel();
         let hasher_spent = Recycler(spent_tx.clone());
         std::thread::spawn(move || {
-            hash_stretches(&layout, &chunks, &digests_tx, &hasher_spent, &mut side);
+            hash_stretches(layout, &chunks, &digests_tx, &hasher_spent, &mut side);
             // The rest of the side job, the stream no longer waiting on
             // this thread.
             drop((chunks, digests_tx));
@@ -304,14 +309,13 @@ impl Recycler {
 /// While `side` is there, a step of it is done whenever no chunk is
 /// waiting (it is set to `None` once it says it is done).
 fn hash_stretches(
-    layout: &[Stretch],
+    mut stretches: Box<dyn Iterator<Item = Stretch> + Send>,
     chunks: &std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
     digests: &std::sync::mpsc::Sender<Sha256>,
     spent: &Recycler,
     side: &mut Option<SideJob>,
 ) {
-    let mut stretches = layout.iter();
-    let Some(mut at) = stretches.next().copied() else {
+    let Some(mut at) = stretches.next() else {
         return;
     };
     let mut hasher = sha2::Sha256::new();
@@ -324,7 +328,7 @@ fn hash_stretches(
                 return;
             }
             match stretches.next() {
-                Some(next) => at = *next,
+                Some(next) => at = next,
                 None => return,
             }
             continue;
@@ -458,8 +462,11 @@ mod tests {
             }
             steps < 1000
         });
-        let (mut stream, digests) =
-            ReadAhead::spawn_hashing(Trickle(io::Cursor::new(data.clone())), layout, Some(side));
+        let (mut stream, digests) = ReadAhead::spawn_hashing(
+            Trickle(io::Cursor::new(data.clone())),
+            Box::new(layout.into_iter()),
+            Some(side),
+        );
         let mut got = Vec::new();
         stream.read_to_end(&mut got).unwrap();
         assert_eq!(got, data);
@@ -483,10 +490,10 @@ mod tests {
         });
         let (mut stream, _digests) = ReadAhead::spawn_hashing(
             io::Cursor::new(vec![1u8; 10]),
-            vec![Stretch {
+            Box::new(std::iter::once(Stretch {
                 skip: 0,
                 len: 1 << 20,
-            }],
+            })),
             Some(side),
         );
         io::copy(&mut stream, &mut io::sink()).unwrap();

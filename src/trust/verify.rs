@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::artifact::archive;
-use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
+use crate::artifact::manifest::{Binding, EntryReader, EntryType, Manifest, ManifestEntry};
+use crate::artifact::pieces::PiecesError;
 use crate::error::{Error, Result};
+use crate::model::RelPath;
 use crate::trust::digest::{HashingReader, ReadAhead, Sha256, SideJob, Stretch};
 use crate::trust::sign::{Prehasher, PublicKey, Signature};
 
@@ -44,7 +46,10 @@ pub struct VerifyOptions<'a> {
 /// reads the file that was authenticated even if the path is replaced.
 #[derive(Debug)]
 pub struct Verified {
+    /// Its entries too, unless it was verified by `verify_streamed`.
     manifest: Manifest,
+    /// How many entries the manifest has.
+    entries: u64,
     /// The manifest file that was checked, held open: its bytes are not
     /// kept (a large release's manifest is megabytes), they are copied
     /// from here and checked again when they are written out.
@@ -133,6 +138,17 @@ impl Verified {
             .map_err(Error::io(&self.artifact, "reopening artifact"))?;
         std::io::Seek::rewind(&mut file)
             .map_err(Error::io(&self.artifact, "rewinding artifact"))?;
+        // The entries are read from the manifest file again as they are
+        // needed, not held: twice, here and on the hashing thread, each
+        // reading its own way through the file that was checked; this one
+        // hashes it again, so that a manifest changed since fails.
+        let mtime = self.manifest.source_date_epoch;
+        let layout = Layout {
+            entries: self.signed_entries(None)?,
+            header: Vec::with_capacity(3 * BLOCK),
+            skip: 0,
+            mtime,
+        };
         // Decompression runs on its own thread. The tar stream's SHA-256 is
         // not recomputed: `check_entries` has compared every byte of the
         // stream with what the signed manifest determines (each header
@@ -141,14 +157,15 @@ impl Verified {
         // The members' SHA-256 on a thread of its own, beside both.
         let (mut stream, digests) = ReadAhead::spawn_hashing(
             archive::decode(file, &self.artifact)?,
-            contents(&self.manifest),
+            Box::new(layout),
             side,
         );
         let members = Members {
             stream: &mut stream,
             digests: &digests,
         };
-        check_entries(&self.artifact, members, &self.manifest, sink)?;
+        let entries = self.signed_entries(Some(self.manifest_sha256))?;
+        check_entries(&self.artifact, members, mtime, entries, sink)?;
         let tar_size = stream.finish().map_err(|e| {
             Error::check(format!(
                 "{}: archive unreadable: {e}",
@@ -164,6 +181,119 @@ impl Verified {
             )));
         }
         Ok(())
+    }
+
+    /// The manifest's entries, read again from the file that was checked;
+    /// with `want`, hashed, ending in an error unless that is the digest.
+    fn signed_entries(&self, want: Option<Sha256>) -> Result<SignedEntries> {
+        let file = self
+            .manifest_file
+            .try_clone()
+            .map_err(Error::io(&self.manifest_path, "reopening manifest"))?;
+        Ok(SignedEntries {
+            reader: EntryReader::new(At { file, offset: 0 }, MANIFEST_MAX, want.is_some()),
+            want,
+            path: self.manifest_path.clone(),
+            done: false,
+        })
+    }
+}
+
+/// The entries of a manifest that was checked, read from its file again
+/// (`Verified::signed_entries`).
+struct SignedEntries {
+    reader: EntryReader<At>,
+    want: Option<Sha256>,
+    path: PathBuf,
+    done: bool,
+}
+
+impl Iterator for SignedEntries {
+    type Item = Result<ManifestEntry>;
+
+    fn next(&mut self) -> Option<Result<ManifestEntry>> {
+        if self.done {
+            return None;
+        }
+        let next = self.reader.next_entry();
+        if !matches!(next, Ok(Some(_))) {
+            self.done = true;
+        }
+        match next {
+            Ok(Some(entry)) => Some(Ok(entry)),
+            Ok(None) => {
+                let read = self.reader.finish();
+                match self.want {
+                    Some(want) if read.sha256 != Some(want) => Some(Err(changed(&self.path))),
+                    _ => None,
+                }
+            }
+            Err(e) => Some(Err(manifest_error(&self.path, e))),
+        }
+    }
+}
+
+/// A manifest's error as reading it again found it: the file was checked
+/// whole before, so it changed since.
+fn manifest_error(path: &Path, e: PiecesError) -> Error {
+    match e {
+        PiecesError::Io(e) => Error::io(path, "reading manifest")(e),
+        PiecesError::TooLarge(_) => changed(path),
+        PiecesError::Malformed(m) => Error::check(format!(
+            "{}: signed manifest is malformed: {m}",
+            path.display()
+        )),
+    }
+}
+
+fn changed(path: &Path) -> Error {
+    Error::check(format!(
+        "{}: the manifest changed after it was checked; nothing was kept, try again",
+        path.display()
+    ))
+}
+
+/// A file read from `offset` on with positioned reads: its own way through
+/// the file, whatever else reads it.
+struct At {
+    file: File,
+    offset: u64,
+}
+
+impl Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Where the regular files' contents lie in the tar stream the manifest
+/// determines: after each one's header (and whatever came between), up to
+/// its size. It ends early if the manifest cannot be read: then the
+/// checking thread, reading the same, reports why.
+struct Layout {
+    entries: SignedEntries,
+    header: Vec<u8>,
+    skip: u64,
+    mtime: u64,
+}
+
+impl Iterator for Layout {
+    type Item = Stretch;
+
+    fn next(&mut self) -> Option<Stretch> {
+        loop {
+            let e = self.entries.next()?.ok()?;
+            self.header.clear();
+            archive::header(&mut self.header, &member(&e), self.mtime);
+            self.skip += self.header.len() as u64;
+            if let (EntryType::File, Some(len)) = (e.kind, e.size) {
+                let skip = std::mem::replace(&mut self.skip, archive::padding(len) as u64);
+                return Some(Stretch { skip, len });
+            }
+        }
     }
 }
 
@@ -204,7 +334,43 @@ pub fn signature_beside(artifact: &Path) -> PathBuf {
 /// on the cores while the decompressor, the one the others wait for, lost
 /// its turn.
 pub fn verify(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Verified> {
-    let admitted = admit(opts)?;
+    verify_with(opts, progress, Load::Entries)
+}
+
+/// `verify`, without holding the manifest's entries: each is read from the
+/// manifest file as the member it describes comes, so memory does not grow
+/// with the release. For `infrakit verify`, which reports and keeps nothing.
+pub fn verify_streamed(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Checked> {
+    let v = verify_with(opts, progress, Load::Head)?;
+    Ok(Checked {
+        manifest: v.manifest,
+        entries: v.entries,
+        key_id: v.key_id,
+    })
+}
+
+/// What `verify_streamed` found: the manifest without its entries, their
+/// number, and the key that signed them.
+#[derive(Debug)]
+pub struct Checked {
+    pub manifest: Manifest,
+    pub entries: u64,
+    pub key_id: String,
+}
+
+/// Whether to parse and keep the manifest's entries or only its head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Entries,
+    Head,
+}
+
+fn verify_with(
+    opts: &VerifyOptions<'_>,
+    progress: &dyn Fn(u64, u64),
+    load: Load,
+) -> Result<Verified> {
+    let admitted = admit_with(opts, load)?;
     let v = &admitted.verified;
     let mut hash = FilePrehash::new(&v.file, &v.artifact)?;
     let hashed = Arc::new(AtomicU64::new(0));
@@ -261,13 +427,17 @@ pub struct Admitted {
 /// The trusted comment's signature first: the manifest it binds is
 /// authentic before it is parsed, and the members are compared with it.
 pub fn admit(opts: &VerifyOptions<'_>) -> Result<Admitted> {
+    admit_with(opts, Load::Entries)
+}
+
+fn admit_with(opts: &VerifyOptions<'_>, load: Load) -> Result<Admitted> {
     let opened = open(opts)?;
     let key = opened
         .signature
         .verify_comment(opts.keys)
         .map_err(|m| Error::check(format!("{}: {m}", opened.sig_path.display())))?
         .clone();
-    let verified = bind(opts.artifact, &opened, key.key_id())?;
+    let verified = bind(opts.artifact, &opened, key.key_id(), load)?;
     let size = opened
         .file
         .metadata()
@@ -352,7 +522,11 @@ struct Opened {
     sig_path: PathBuf,
     manifest_path: PathBuf,
     manifest_file: File,
-    manifest_bytes: Vec<u8>,
+    /// The manifest file's SHA-256, hashed as it was opened (not parsed).
+    manifest_sha256: Sha256,
+    /// Its head (`Manifest::parse_head`) and how many entries it holds, or
+    /// why it could not be split.
+    manifest_head: std::result::Result<(Vec<u8>, u64), String>,
 }
 
 fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
@@ -374,7 +548,43 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     // a missing signature.
     let file = File::open(artifact).map_err(Error::io(artifact, "opening artifact"))?;
     let (sig_bytes, signature) = read_signature(&sig_path, "artifact")?;
-    let (manifest_file, manifest_bytes) = open_limited(&manifest_path, MANIFEST_MAX)?;
+    let manifest_file = open_manifest(&manifest_path)?;
+    // Hashed and split (not parsed): the head is parsed once the digest
+    // is the signed one; a manifest that cannot be split is reported then.
+    let mut reader = EntryReader::new(
+        At {
+            file: manifest_file
+                .try_clone()
+                .map_err(Error::io(&manifest_path, "reopening manifest"))?,
+            offset: 0,
+        },
+        MANIFEST_MAX,
+        true,
+    );
+    let split = loop {
+        match reader.skip_entry() {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(PiecesError::Malformed(m)) => break Err(m),
+            Err(PiecesError::TooLarge(max)) => return Err(too_large(&manifest_path, max)),
+            Err(PiecesError::Io(e)) => {
+                return Err(Error::io(&manifest_path, "reading manifest")(e));
+            }
+        }
+    };
+    if split.is_err() {
+        match reader.drain() {
+            Ok(()) => {}
+            Err(PiecesError::TooLarge(max)) => return Err(too_large(&manifest_path, max)),
+            Err(PiecesError::Io(e)) => {
+                return Err(Error::io(&manifest_path, "reading manifest")(e));
+            }
+            Err(PiecesError::Malformed(m)) => return Err(Error::check(m)),
+        }
+    }
+    let read = reader.finish();
+    let manifest_sha256 = read.sha256.ok_or_else(|| changed(&manifest_path))?;
+    let manifest_head = split.map(|()| (read.head, read.entries));
     Ok(Opened {
         file,
         sig_bytes,
@@ -382,27 +592,67 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
         sig_path,
         manifest_path,
         manifest_file,
-        manifest_bytes,
+        manifest_sha256,
+        manifest_head,
     })
 }
 
 /// The manifest the trusted comment binds, its name and version the
-/// signed ones, the artifact under its signed name.
-fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
+/// signed ones, the artifact under its signed name. The manifest is parsed
+/// only once its digest is the signed one, a piece at a time from the file
+/// that was hashed (hashed again as it is read: a file changed since
+/// fails); with `Load::Head`, its entries are checked later, as the
+/// members stream.
+fn bind(artifact: &Path, opened: &Opened, key_id: String, load: Load) -> Result<Verified> {
     let Opened {
         sig_path,
         manifest_path,
-        manifest_bytes,
+        manifest_sha256,
         ..
     } = opened;
     let (claimed, manifest_sha) =
-        binding(&opened.signature, sig_path, manifest_path, manifest_bytes)?;
-    let manifest = Manifest::parse(manifest_bytes).map_err(|m| {
+        binding(&opened.signature, sig_path, manifest_path, manifest_sha256)?;
+    let malformed = |m: String| {
         Error::check(format!(
             "{}: signed manifest is malformed: {m}",
             manifest_path.display()
         ))
-    })?;
+    };
+    let (head, count) = opened
+        .manifest_head
+        .as_ref()
+        .map_err(|m| malformed(m.clone()))?;
+    let mut manifest = Manifest::parse_head(head).map_err(malformed)?;
+    let manifest_file = opened
+        .manifest_file
+        .try_clone()
+        .map_err(Error::io(manifest_path, "reopening manifest"))?;
+    if load == Load::Entries {
+        // Read again to parse the entries, and hashed again: the bytes
+        // parsed must be the ones checked.
+        let mut reader = EntryReader::new(
+            At {
+                file: manifest_file
+                    .try_clone()
+                    .map_err(Error::io(manifest_path, "reopening manifest"))?,
+                offset: 0,
+            },
+            MANIFEST_MAX,
+            true,
+        );
+        // As many as the split counted (a hint: at most a million ahead).
+        let mut entries = Vec::with_capacity(usize::try_from(*count).unwrap_or(0).min(1 << 20));
+        while let Some(e) = reader
+            .next_entry()
+            .map_err(|e| manifest_error(manifest_path, e))?
+        {
+            entries.push(e);
+        }
+        if reader.finish().sha256 != Some(manifest_sha) {
+            return Err(changed(manifest_path));
+        }
+        manifest.entries = entries;
+    }
     same_release(&claimed, &manifest.name, &manifest.version, sig_path)?;
     // The name is part of what was signed: a renamed artifact is refused
     // here, for `verify` and `apply` alike.
@@ -416,10 +666,8 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String) -> Result<Verified> {
     }
     Ok(Verified {
         manifest,
-        manifest_file: opened
-            .manifest_file
-            .try_clone()
-            .map_err(Error::io(manifest_path, "reopening manifest"))?,
+        entries: *count,
+        manifest_file,
         manifest_path: manifest_path.clone(),
         manifest_sha256: manifest_sha,
         signature_bytes: opened.sig_bytes.clone(),
@@ -443,7 +691,7 @@ pub fn authenticate(opts: &VerifyOptions<'_>, progress: &dyn Fn(u64, u64)) -> Re
         .signature
         .verify(opts.keys, &prehash)
         .map_err(|m| Error::check(format!("{}: {m}", artifact.display())))?;
-    let verified = bind(artifact, &opened, key.key_id())?;
+    let verified = bind(artifact, &opened, key.key_id(), Load::Entries)?;
     let archive = &verified.manifest.archive;
     if (sha256, size) != (archive.sha256, archive.size) {
         return Err(Error::check(format!(
@@ -526,29 +774,36 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// `read_limited`, and the file it read, still open.
 fn open_limited(path: &Path, max: u64) -> Result<(File, Vec<u8>)> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::check(format!(
-                "{}: no manifest found (was the artifact renamed? keep NAME.tar.zst, its .minisig \
-                 and NAME.manifest.json together under their signed names)",
-                path.display()
-            )));
-        }
-        Err(e) => return Err(Error::io(path, "opening manifest")(e)),
-    };
+    let file = open_manifest(path)?;
     let mut bytes = Vec::new();
     (&file)
         .take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(Error::io(path, "reading manifest"))?;
     if bytes.len() as u64 > max {
-        return Err(Error::check(format!(
-            "{}: manifest is larger than {max} bytes",
-            path.display()
-        )));
+        return Err(too_large(path, max));
     }
     Ok((file, bytes))
+}
+
+/// Opens a manifest; a missing one fails the check.
+fn open_manifest(path: &Path) -> Result<File> {
+    match File::open(path) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::check(format!(
+            "{}: no manifest found (was the artifact renamed? keep NAME.tar.zst, its .minisig \
+             and NAME.manifest.json together under their signed names)",
+            path.display()
+        ))),
+        Err(e) => Err(Error::io(path, "opening manifest")(e)),
+    }
+}
+
+fn too_large(path: &Path, max: u64) -> Error {
+    Error::check(format!(
+        "{}: manifest is larger than {max} bytes",
+        path.display()
+    ))
 }
 
 /// The trusted comment's binding, once the signature was checked: the
@@ -558,11 +813,11 @@ pub(crate) fn binding(
     signature: &Signature,
     sig_path: &Path,
     manifest_path: &Path,
-    manifest_bytes: &[u8],
+    manifest_sha: &Sha256,
 ) -> Result<(Binding, Sha256)> {
     let claimed = Binding::parse(signature.trusted_comment())
         .map_err(|m| Error::check(format!("{}: trusted comment: {m}", sig_path.display())))?;
-    let manifest_sha = Sha256::of(manifest_bytes);
+    let manifest_sha = *manifest_sha;
     if claimed.manifest_sha256 != manifest_sha {
         return Err(Error::check(format!(
             "{}: manifest digest {manifest_sha} is not the signed one {}",
@@ -655,17 +910,22 @@ pub(crate) fn hash_file(
 fn check_entries(
     artifact: &Path,
     members: Members<'_>,
-    manifest: &Manifest,
+    mtime: u64,
+    entries: impl Iterator<Item = Result<ManifestEntry>>,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
     let tar_stream = members.stream;
     let fail = |m: String| Error::check(format!("{}: {m}", artifact.display()));
     let unreadable = |e: std::io::Error| fail(format!("archive unreadable: {e}"));
-    let mtime = manifest.source_date_epoch;
-    let mut dirs: std::collections::HashSet<&crate::model::RelPath> = Default::default();
+    // The directories the current entry may lie in, outermost first: the
+    // entries come in component order, so a directory's members follow it
+    // and a directory that does not hold the current entry holds none of
+    // the later ones.
+    let mut dirs: Vec<RelPath> = Vec::new();
     let mut expected = Vec::with_capacity(3 * BLOCK);
     let mut got = Vec::with_capacity(3 * BLOCK);
-    for want in &manifest.entries {
+    for want in entries {
+        let want = &want?;
         expected.clear();
         archive::header(&mut expected, &member(want), mtime);
         got.resize(expected.len(), 0);
@@ -681,8 +941,11 @@ fn check_entries(
             got.truncate(n);
             return Err(fail(explain(&got, tar_stream, &expected, want, mtime)));
         }
+        while dirs.last().is_some_and(|d| !want.path.is_under(d)) {
+            dirs.pop();
+        }
         if let Some(parent) = want.path.parent()
-            && !dirs.contains(&parent)
+            && dirs.last() != Some(&parent)
         {
             return Err(fail(format!(
                 "{}: lies under {parent}, which is not a directory of this release",
@@ -691,7 +954,7 @@ fn check_entries(
         }
         let size = match want.kind {
             EntryType::Dir => {
-                dirs.insert(&want.path);
+                dirs.push(want.path.clone());
                 None
             }
             EntryType::Symlink => None,
@@ -772,25 +1035,6 @@ fn check_entries(
 struct Members<'a> {
     stream: &'a mut dyn Read,
     digests: &'a std::sync::mpsc::Receiver<Sha256>,
-}
-
-/// Where the regular files' contents lie in the tar stream the manifest
-/// determines: after each one's header (and whatever came between), up to
-/// its size.
-fn contents(manifest: &Manifest) -> Vec<Stretch> {
-    let mut layout = Vec::new();
-    let mut header = Vec::with_capacity(3 * BLOCK);
-    let mut skip = 0u64;
-    for e in &manifest.entries {
-        header.clear();
-        archive::header(&mut header, &member(e), manifest.source_date_epoch);
-        skip += header.len() as u64;
-        if let (EntryType::File, Some(len)) = (e.kind, e.size) {
-            layout.push(Stretch { skip, len });
-            skip = archive::padding(len) as u64;
-        }
-    }
-    layout
 }
 
 /// The archive member `archive::write` writes for a manifest entry.
@@ -1068,37 +1312,126 @@ fn type_name(flag: u8) -> String {
 mod tests {
     use super::*;
 
-    /// The manifest an applied release keeps is copied from the file that
-    /// was checked, not held in memory: rewritten in place after the check,
-    /// it is refused rather than copied.
-    #[test]
-    fn a_manifest_rewritten_after_its_check_is_not_copied() {
-        use crate::trust::sign::{Prehasher, SecretKey};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let artifact = dir.path().join("n.tar.zst");
-        std::fs::write(&artifact, b"a").expect("artifact");
+    /// A signed artifact of a directory and a file, written the way
+    /// `archive::write` writes it, and the keys that trust it.
+    fn signed_release(dir: &Path) -> (PathBuf, Vec<u8>, [PublicKey; 1]) {
         let mut m = Manifest::sample();
-        m.archive.size = 1;
+        let mut etc = m.entries[0].clone();
+        (etc.path, etc.kind, etc.mode) =
+            (RelPath::new("etc").expect("path"), EntryType::Dir, 0o755);
+        (etc.size, etc.sha256) = (None, None);
+        m.entries.insert(0, etc);
+        let mut tar = Vec::new();
+        for e in &m.entries {
+            archive::header(&mut tar, &member(e), m.source_date_epoch);
+        }
+        tar.extend_from_slice(b"hi\n");
+        tar.resize(tar.len() + archive::padding(3) + archive::END_OF_ARCHIVE, 0);
+        let zst = zstd::encode_all(tar.as_slice(), 3).expect("zstd");
+        m.archive.tar_size = tar.len() as u64;
+        (m.archive.size, m.archive.sha256) = (zst.len() as u64, Sha256::of(&zst));
+        let artifact = dir.join("n.tar.zst");
+        let (manifest_bytes, keys) = write_signed(&artifact, &zst, &m);
+        (artifact, manifest_bytes, keys)
+    }
+
+    /// Writes `content` at `artifact`, `m` beside it and a signature by a
+    /// new key binding both; returns the manifest's bytes and the key.
+    fn write_signed(artifact: &Path, content: &[u8], m: &Manifest) -> (Vec<u8>, [PublicKey; 1]) {
+        use crate::trust::sign::SecretKey;
+        std::fs::write(artifact, content).expect("artifact");
         let manifest_bytes = m.to_canonical_json();
-        let manifest_path = manifest_beside(&artifact);
-        std::fs::write(&manifest_path, &manifest_bytes).expect("manifest");
+        std::fs::write(manifest_beside(artifact), &manifest_bytes).expect("manifest");
         let key = SecretKey::generate().expect("key");
         let mut prehash = Prehasher::default();
-        prehash.update(b"a");
+        prehash.update(content);
         let binding = Binding {
             name: m.name.clone(),
             version: m.version.clone(),
             manifest_sha256: Sha256::of(&manifest_bytes),
         };
         let signature = key.sign(&prehash.finish(), &binding.to_comment());
-        std::fs::write(signature_beside(&artifact), signature).expect("signature");
-        let keys = [key.public()];
-        let opts = VerifyOptions {
-            artifact: &artifact,
+        std::fs::write(signature_beside(artifact), signature).expect("signature");
+        (manifest_bytes, [key.public()])
+    }
+
+    fn options<'a>(artifact: &'a Path, keys: &'a [PublicKey]) -> VerifyOptions<'a> {
+        VerifyOptions {
+            artifact,
             manifest: None,
             signature: None,
-            keys: &keys,
+            keys,
+        }
+    }
+
+    /// `verify_streamed` reads the entries from the manifest file again as
+    /// the members come: rewritten after its check (an entry's mode), the
+    /// manifest is refused.
+    #[test]
+    fn a_manifest_rewritten_before_its_entries_are_read_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (artifact, manifest_bytes, keys) = signed_release(dir.path());
+        let opts = options(&artifact, &keys);
+        let checked = verify_streamed(&opts, &|_, _| {}).expect("verified");
+        assert_eq!((checked.entries, checked.manifest.entries.len()), (2, 0));
+        let admitted = admit_with(&opts, Load::Head).expect("admitted");
+        let text = String::from_utf8(manifest_bytes).expect("utf-8");
+        let rewritten = text.replacen("\"mode\":\"0644\"", "\"mode\":\"0600\"", 1);
+        assert_ne!(rewritten, text);
+        std::fs::write(manifest_beside(&artifact), &rewritten).expect("rewrite");
+        let err = admitted
+            .unconfirmed()
+            .stream(&mut |_, _| Ok(()))
+            .expect_err("a rewritten manifest is refused");
+        assert!(matches!(err, Error::Check(_)), "{err}");
+        // The mode no longer matches the archive's header (the next test
+        // keeps to what the archive does not show); opened again, the
+        // manifest is refused before it is parsed.
+        let Err(err) = admit_with(&opts, Load::Head) else {
+            panic!("a manifest whose digest differs was admitted");
         };
+        assert!(err.to_string().contains("is not the signed one"), "{err}");
+    }
+
+    /// The same rewrite, matching the archive: only the digest tells.
+    #[test]
+    fn a_manifest_rewritten_to_match_is_refused_by_its_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (artifact, manifest_bytes, keys) = signed_release(dir.path());
+        let opts = options(&artifact, &keys);
+        let admitted = admit_with(&opts, Load::Head).expect("admitted");
+        // The layer's name is not part of the archive: same length.
+        let text = String::from_utf8(manifest_bytes).expect("utf-8");
+        let rewritten = text.replacen("\"layer\":\"base\"", "\"layer\":\"bass\"", 1);
+        assert_ne!(rewritten, text);
+        std::fs::write(manifest_beside(&artifact), &rewritten).expect("rewrite");
+        let mut seen = Vec::new();
+        let err = admitted
+            .unconfirmed()
+            .stream(&mut |e, _| {
+                seen.push(e.layer.clone());
+                Ok(())
+            })
+            .expect_err("a rewritten manifest is refused");
+        assert!(
+            err.to_string().contains("changed after it was checked"),
+            "{err}"
+        );
+        assert_eq!(seen, ["bass", "base"]);
+    }
+
+    /// The manifest an applied release keeps is copied from the file that
+    /// was checked, not held in memory: rewritten in place after the check,
+    /// it is refused rather than copied.
+    #[test]
+    fn a_manifest_rewritten_after_its_check_is_not_copied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let artifact = dir.path().join("n.tar.zst");
+        let mut m = Manifest::sample();
+        m.archive.size = 1;
+        let (manifest_bytes, keys) = write_signed(&artifact, b"a", &m);
+        let manifest_path = manifest_beside(&artifact);
+        let opts = options(&artifact, &keys);
         let admitted = admit(&opts).expect("admitted");
         let verified = admitted.unconfirmed();
         let dest = dir.path().join("copy");
