@@ -600,7 +600,7 @@ fn inspect_operand(ui: &Ui, op: &Operand, keyring: Option<&Keyring>) -> Result<(
             .iter()
             .map(|e| Listed {
                 member: member_of(e),
-                layer: Some(e.layer.clone()),
+                layer: Some(e.layer.to_string()),
                 matches_manifest: true,
             })
             .collect();
@@ -660,7 +660,7 @@ fn inspect_operand(ui: &Ui, op: &Operand, keyring: Option<&Keyring>) -> Result<(
         .map(|member| {
             let entry = entries.get(&member.path);
             Listed {
-                layer: entry.map(|e| e.layer.clone()),
+                layer: entry.map(|e| e.layer.to_string()),
                 matches_manifest: entry.is_some_and(|e| member_of(e) == member),
                 member,
             }

@@ -343,7 +343,7 @@ mod tests {
         ManifestEntry {
             gid: 0,
             input: None,
-            layer: "l".to_owned(),
+            layer: "l".into(),
             mode,
             path: RelPath::new(path).unwrap(),
             sha256: content.map(|c| crate::trust::digest::Sha256::of(&[c])),
@@ -363,7 +363,7 @@ mod tests {
         a.push(file("etc/same", 0o644, 1));
         let mut b = vec![file("etc/a", 0o600, 2), file("etc/new", 0o644, 1)];
         let mut moved = file("etc/same", 0o644, 1);
-        moved.layer = "other".to_owned();
+        moved.layer = "other".into();
         b.push(moved);
         let mut link = entry("etc/l", EntryType::Symlink, 0o777, None);
         link.target = Some("a".to_owned());

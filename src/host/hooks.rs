@@ -159,7 +159,7 @@ impl Hooks {
             new.entries
                 .binary_search_by(|e| e.path.as_str().cmp(path.as_str()))
                 .ok()
-                .map(|i| new.entries[i].layer.as_str())
+                .map(|i| &*new.entries[i].layer)
         };
         let enabled: BTreeSet<String> = added
             .iter()

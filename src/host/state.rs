@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::host::confined::{self, Dir, Meta, Resolve};
 use crate::host::hooks::Hooks;
 use crate::model::RelPath;
-use crate::trust::digest::{HashingReader, Sha256};
+use crate::trust::digest::Sha256;
 
 /// Where the state lives, relative to the root.
 pub const STATE_DIR: &str = "var/lib/infrakit";
@@ -457,15 +457,7 @@ impl State {
         let read_err = || state_error(dir.display(&manifest_rel), "reading release manifest");
         let max = crate::trust::verify::MANIFEST_MAX;
         let file = dir.open_file(&manifest_rel).map_err(read_err())?;
-        let mut from =
-            io::BufReader::with_capacity(64 << 10, HashingReader::new(file.take(max + 1)));
-        let parsed = Manifest::read(&mut from).map_err(read_err())?;
-        // A malformed manifest stops the parser early: read on to the end
-        // (or the limit), so that one too large is reported as too large,
-        // as `Dir::read` reports it.
-        io::copy(&mut from, &mut io::sink()).map_err(read_err())?;
-        let (manifest_sha256, size) = from.into_inner().finish();
-        confined::within(size, max).map_err(read_err())?;
+        let (parsed, manifest_sha256) = Manifest::read(file, max).map_err(read_err())?;
         let manifest = parsed.map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
         if (&manifest.name, &manifest.version, manifest.archive.sha256)
             != (&info.name, &info.version, info.sha256)

@@ -1409,7 +1409,7 @@ mod tests {
         let err = admitted
             .unconfirmed()
             .stream(&mut |e, _| {
-                seen.push(e.layer.clone());
+                seen.push(e.layer.to_string());
                 Ok(())
             })
             .expect_err("a rewritten manifest is refused");
