@@ -98,14 +98,13 @@ impl serde::Serialize for RelPath {
 /// a path that escapes the root.
 impl<'de> serde::Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        let p = RelPath::new(&s).map_err(serde::de::Error::custom)?;
-        if *p.0 != *s {
-            return Err(serde::de::Error::custom(format!(
-                "path {s:?} is not normalised"
-            )));
-        }
-        Ok(p)
+        crate::trust::digest::deserialize_str(deserializer, "a relative path", |s| {
+            let p = RelPath::new(s)?;
+            if *p.0 != *s {
+                return Err(format!("path {s:?} is not normalised"));
+            }
+            Ok(p)
+        })
     }
 }
 

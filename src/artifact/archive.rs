@@ -424,6 +424,24 @@ pub fn header(out: &mut Vec<u8>, member: &Header<'_>, mtime: u64) {
     out.extend_from_slice(h.as_bytes());
 }
 
+/// How many bytes `header` appends for a member at `path` with `body`,
+/// without making them.
+pub fn header_len(path: &str, body: Body<'_>) -> u64 {
+    let long = |len: usize| {
+        if len > 100 {
+            BLOCK + padded(len as u64 + 1)
+        } else {
+            0
+        }
+    };
+    let name = path.len() + usize::from(matches!(body, Body::Dir));
+    let link = match body {
+        Body::Symlink(target) => long(target.len()),
+        Body::Dir | Body::File(_) => 0,
+    };
+    BLOCK + long(name) + link
+}
+
 /// Appends a GNU long-name (`L`) or long-link (`K`) record for `value`.
 fn long(out: &mut Vec<u8>, kind: u8, value: &str) {
     let mut h = tar::Header::new_gnu();
@@ -627,6 +645,26 @@ mod tests {
     use super::*;
     use crate::model::Tree;
     use std::sync::Arc;
+
+    #[test]
+    fn header_len_is_the_length_of_the_header() {
+        for n in [1, 98, 99, 100, 101, 510, 511, 512, 513, 2000] {
+            let path = RelPath::new(&"p".repeat(n)).expect("path");
+            let target = "t".repeat(n);
+            for body in [Body::Dir, Body::File(7), Body::Symlink(&target)] {
+                let mut out = Vec::new();
+                let member = Header {
+                    path: &path,
+                    body,
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                };
+                header(&mut out, &member, 0);
+                assert_eq!(header_len(path.as_str(), body), out.len() as u64, "{n}");
+            }
+        }
+    }
 
     /// A tree of one overlay file, `name` under `root`, listed with `size`.
     fn one_file(root: &Path, name: &str, size: u64) -> Tree {

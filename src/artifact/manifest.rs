@@ -151,20 +151,21 @@ pub struct ManifestEntry {
 }
 
 mod octal {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&format_args!("{mode:04o}"))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-        let s = String::deserialize(d)?;
-        match u32::from_str_radix(&s, 8) {
-            Ok(m) if m <= 0o7777 && s.len() == 4 => Ok(m),
-            _ => Err(serde::de::Error::custom(format!(
-                "bad mode {s:?}: want four octal digits"
-            ))),
-        }
+        crate::trust::digest::deserialize_str(
+            d,
+            "four octal digits",
+            |s| match u32::from_str_radix(s, 8) {
+                Ok(m) if m <= 0o7777 && s.len() == 4 => Ok(m),
+                _ => Err(format!("bad mode {s:?}: want four octal digits")),
+            },
+        )
     }
 }
 

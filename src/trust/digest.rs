@@ -72,9 +72,34 @@ impl Serialize for Sha256 {
 
 impl<'de> Deserialize<'de> for Sha256 {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
+        deserialize_str(deserializer, "64 lowercase hex digits", str::parse)
     }
+}
+
+/// Deserialises a string with `parse`, handed the text where the
+/// deserialiser holds it (no copy into a `String` first: a manifest has a
+/// path, a mode and a digest per entry). `expecting` says what it wants.
+pub fn deserialize_str<'de, D, T>(
+    deserializer: D,
+    expecting: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Visit<F>(&'static str, F);
+    impl<T, F: FnOnce(&str) -> Result<T, String>> serde::de::Visitor<'_> for Visit<F> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+            (self.1)(s).map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_str(Visit(expecting, parse))
 }
 
 /// Lowercase hex of any bytes.

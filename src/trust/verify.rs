@@ -20,11 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::artifact::archive;
 use crate::artifact::manifest::{Binding, EntryReader, EntryType, Manifest, ManifestEntry};
-use crate::artifact::pieces::PiecesError;
+use crate::artifact::pieces::{Pieces, PiecesError};
 use crate::error::{Error, Result};
 use crate::model::RelPath;
 use crate::trust::digest::{HashingReader, ReadAhead, Sha256, SideJob, Stretch};
 use crate::trust::sign::{Prehasher, PublicKey, Signature};
+use serde::Deserialize;
+use std::borrow::Cow;
 
 /// Manifests larger than this are refused before parsing (and downloading).
 pub const MANIFEST_MAX: u64 = 256 << 20;
@@ -144,10 +146,8 @@ impl Verified {
         // hashes it again, so that a manifest changed since fails.
         let mtime = self.manifest.source_date_epoch;
         let layout = Layout {
-            entries: self.signed_entries(None)?,
-            header: Vec::with_capacity(3 * BLOCK),
+            pieces: Pieces::new(self.reread()?, MANIFEST_MAX, false),
             skip: 0,
-            mtime,
         };
         // Decompression runs on its own thread. The tar stream's SHA-256 is
         // not recomputed: `check_entries` has compared every byte of the
@@ -164,7 +164,7 @@ impl Verified {
             stream: &mut stream,
             digests: &digests,
         };
-        let entries = self.signed_entries(Some(self.manifest_sha256))?;
+        let entries = self.signed_entries(self.manifest_sha256)?;
         check_entries(&self.artifact, members, mtime, entries, sink)?;
         let tar_size = stream.finish().map_err(|e| {
             Error::check(format!(
@@ -183,19 +183,25 @@ impl Verified {
         Ok(())
     }
 
-    /// The manifest's entries, read again from the file that was checked;
-    /// with `want`, hashed, ending in an error unless that is the digest.
-    fn signed_entries(&self, want: Option<Sha256>) -> Result<SignedEntries> {
-        let file = self
-            .manifest_file
-            .try_clone()
-            .map_err(Error::io(&self.manifest_path, "reopening manifest"))?;
+    /// The manifest's entries, read again from the file that was checked,
+    /// and hashed: they end in an error unless `want` is its digest.
+    fn signed_entries(&self, want: Sha256) -> Result<SignedEntries> {
         Ok(SignedEntries {
-            reader: EntryReader::new(At { file, offset: 0 }, MANIFEST_MAX, want.is_some()),
+            reader: EntryReader::new(self.reread()?, MANIFEST_MAX, true),
             want,
             path: self.manifest_path.clone(),
             done: false,
         })
+    }
+
+    /// The manifest file that was checked, from its start, read its own
+    /// way.
+    fn reread(&self) -> Result<At> {
+        let file = self
+            .manifest_file
+            .try_clone()
+            .map_err(Error::io(&self.manifest_path, "reopening manifest"))?;
+        Ok(At { file, offset: 0 })
     }
 }
 
@@ -203,7 +209,7 @@ impl Verified {
 /// (`Verified::signed_entries`).
 struct SignedEntries {
     reader: EntryReader<At>,
-    want: Option<Sha256>,
+    want: Sha256,
     path: PathBuf,
     done: bool,
 }
@@ -223,10 +229,7 @@ impl Iterator for SignedEntries {
             Ok(Some(entry)) => Some(Ok(entry)),
             Ok(None) => {
                 let read = self.reader.finish();
-                match self.want {
-                    Some(want) if read.sha256 != Some(want) => Some(Err(changed(&self.path))),
-                    _ => None,
-                }
+                (read.sha256 != Some(self.want)).then(|| Err(changed(&self.path)))
             }
             Err(e) => Some(Err(manifest_error(&self.path, e))),
         }
@@ -271,13 +274,25 @@ impl Read for At {
 
 /// Where the regular files' contents lie in the tar stream the manifest
 /// determines: after each one's header (and whatever came between), up to
-/// its size. It ends early if the manifest cannot be read: then the
-/// checking thread, reading the same, reports why.
+/// its size. It reads the manifest's pieces itself, parsing only what places
+/// the contents (`Shape`), and ends early if the manifest cannot be read:
+/// then the checking thread, reading the same bytes, reports why.
 struct Layout {
-    entries: SignedEntries,
-    header: Vec<u8>,
+    pieces: Pieces<At>,
     skip: u64,
-    mtime: u64,
+}
+
+/// What places an entry's content in the tar stream; the rest of the entry
+/// is skipped here (the checking thread parses and checks all of it).
+#[derive(Deserialize)]
+struct Shape<'a> {
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: EntryType,
+    size: Option<u64>,
+    #[serde(borrow)]
+    target: Option<Cow<'a, str>>,
 }
 
 impl Iterator for Layout {
@@ -285,11 +300,16 @@ impl Iterator for Layout {
 
     fn next(&mut self) -> Option<Stretch> {
         loop {
-            let e = self.entries.next()?.ok()?;
-            self.header.clear();
-            archive::header(&mut self.header, &member(&e), self.mtime);
-            self.skip += self.header.len() as u64;
-            if let (EntryType::File, Some(len)) = (e.kind, e.size) {
+            let bytes = self.pieces.next_entry().ok()??;
+            let e: Shape<'_> = serde_json::from_slice(bytes).ok()?;
+            let body = match (e.kind, e.size, &e.target) {
+                (EntryType::Dir, None, None) => archive::Body::Dir,
+                (EntryType::File, Some(size), None) => archive::Body::File(size),
+                (EntryType::Symlink, None, Some(target)) => archive::Body::Symlink(target),
+                _ => return None,
+            };
+            self.skip += archive::header_len(&e.path, body);
+            if let archive::Body::File(len) = body {
                 let skip = std::mem::replace(&mut self.skip, archive::padding(len) as u64);
                 return Some(Stretch { skip, len });
             }
