@@ -170,9 +170,11 @@ impl<R: Read> Pieces<R> {
     fn at_end(&self) -> Result<(), PiecesError> {
         match (self.place, self.lists) {
             (Place::Head, 1) => Ok(()),
-            (Place::Head, 0) => Err(malformed("it has no entries list")),
-            (Place::Head, _) => Err(malformed("it has more than one entries list")),
-            _ => Err(malformed("it ends inside the entries list")),
+            (Place::Head, 0) => Err(malformed("the manifest has no entries list")),
+            (Place::Head, _) => Err(malformed("the manifest has more than one entries list")),
+            _ => Err(malformed(
+                "the manifest ends inside its entries list: it is cut short",
+            )),
         }
     }
 
@@ -234,7 +236,7 @@ impl<R: Read> Pieces<R> {
                         }
                         _ => {
                             return Err(malformed(
-                                "its entries list must hold objects separated by commas",
+                                "the manifest's entries list must hold objects separated by commas",
                             ));
                         }
                     }

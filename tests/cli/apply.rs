@@ -316,7 +316,11 @@ fn a_retained_manifest_that_is_not_the_releases_is_refused() {
     let other = fs::read(f.v2.with_file_name("p.manifest.json")).unwrap();
     let cut = signed[..signed.len() / 2].to_vec();
     for (case, bytes, needle) in [
-        ("cut short", Some(cut), "EOF while parsing"),
+        (
+            "cut short",
+            Some(cut),
+            "ends inside its entries list: it is cut short",
+        ),
         ("another release's", Some(other), "is not the manifest of"),
         ("a symlink", None, "under a symlink"),
     ] {
