@@ -349,24 +349,11 @@ impl Manifest {
     ) -> std::io::Result<(Result<Manifest, String>, Sha256)> {
         let mut reader = EntryReader::new(from, max, true);
         let mut entries = Vec::new();
-        let parsed = loop {
-            match reader.next_entry() {
-                Ok(Some(e)) => entries.push(e),
-                Ok(None) => break Ok(()),
-                Err(PiecesError::Malformed(m)) => break Err(m),
-                Err(PiecesError::TooLarge(max)) => return Err(too_large(max)),
-                Err(PiecesError::Io(e)) => return Err(e),
-            }
-        };
-        // A malformed manifest is read on to its end (or the limit), so
-        // that one too large is reported as too large.
-        if parsed.is_err() {
-            match reader.drain() {
-                Err(PiecesError::TooLarge(max)) => return Err(too_large(max)),
-                Err(PiecesError::Io(e)) => return Err(e),
-                Ok(()) | Err(PiecesError::Malformed(_)) => {}
-            }
-        }
+        let parsed = reader.read_all(Some(&mut entries)).map_err(|e| match e {
+            PiecesError::Io(e) => e,
+            PiecesError::TooLarge(max) => too_large(max),
+            PiecesError::Malformed(m) => std::io::Error::other(m),
+        })?;
         let read = reader.finish();
         let Some(digest) = read.sha256 else {
             return Err(std::io::Error::other("the manifest was not hashed"));
@@ -566,15 +553,31 @@ impl<R: std::io::Read> EntryReader<R> {
         }
     }
 
-    /// Skips the next entry without parsing it; false at the end.
-    pub fn skip_entry(&mut self) -> Result<bool, PiecesError> {
-        Ok(self.pieces.next_entry()?.is_some())
-    }
-
-    /// After a `Malformed` error: reads and hashes the rest of the file
-    /// (`finish` then gives the whole file's digest).
-    pub fn drain(&mut self) -> Result<(), PiecesError> {
-        self.pieces.drain()
+    /// Reads the file to its end: each entry parsed, checked and pushed to
+    /// `keep`, or, without `keep`, skipped unparsed. A malformed manifest
+    /// is the inner error, read on to its end all the same (so `finish`
+    /// gives the whole file's digest, and one too large is `TooLarge`);
+    /// reading errors and `TooLarge` are the outer one.
+    pub fn read_all(
+        &mut self,
+        mut keep: Option<&mut Vec<ManifestEntry>>,
+    ) -> Result<Result<(), String>, PiecesError> {
+        let split = loop {
+            let next = match keep.as_deref_mut() {
+                Some(entries) => self.next_entry().map(|e| e.map(|e| entries.push(e))),
+                None => self.pieces.next_entry().map(|e| e.map(|_| ())),
+            };
+            match next {
+                Ok(Some(())) => {}
+                Ok(None) => return Ok(Ok(())),
+                Err(PiecesError::Malformed(m)) => break m,
+                Err(e) => return Err(e),
+            }
+        };
+        match self.pieces.drain() {
+            Ok(()) | Err(PiecesError::Malformed(_)) => Ok(Err(split)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Once `next_entry` gave `None`: see `Read`.
@@ -763,9 +766,9 @@ mod tests {
         }
         let mut reader = EntryReader::new(Slow(bytes, step), 1 << 30, true);
         let mut entries = Vec::new();
-        while let Some(e) = reader.next_entry().map_err(|e| format!("{e:?}"))? {
-            entries.push(e);
-        }
+        reader
+            .read_all(Some(&mut entries))
+            .map_err(|e| format!("{e:?}"))??;
         let read = reader.finish();
         assert_eq!(read.sha256, Some(Sha256::of(bytes)));
         assert_eq!(read.size, bytes.len() as u64);

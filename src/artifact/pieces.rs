@@ -34,7 +34,7 @@ const HEAD_MAX: usize = 16 << 20;
 /// Where the scan is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Place {
-    /// In the head, `depth` containers deep.
+    /// In the head (`Pieces::depth` containers deep).
     Head,
     /// Inside the entries list, between elements.
     List(Next),
@@ -308,23 +308,11 @@ impl<R: Read> Pieces<R> {
     }
 
     fn key_bytes(&mut self, from: usize, to: usize) {
-        if let Some(key) = &mut self.key {
-            if key.len() + (to - from) > b"entries".len() {
-                self.key = None;
-            } else {
-                key.extend_from_slice(&self.buf[from..to]);
-            }
-        }
+        key_push(&mut self.key, &self.buf[from..to]);
     }
 
     fn key_byte(&mut self, b: u8) {
-        if let Some(key) = &mut self.key {
-            if key.len() < b"entries".len() {
-                key.push(b);
-            } else {
-                self.key = None;
-            }
-        }
+        key_push(&mut self.key, &[b]);
     }
 
     fn end_key(&mut self) {
@@ -344,6 +332,18 @@ impl<R: Read> Pieces<R> {
             HEAD_MAX,
             "all but its entries",
         )
+    }
+}
+
+/// Adds `bytes` to the top-level key being read, if any; a key longer
+/// than `entries` is no longer followed.
+fn key_push(key: &mut Option<Vec<u8>>, bytes: &[u8]) {
+    if let Some(k) = key {
+        if k.len() + bytes.len() > b"entries".len() {
+            *key = None;
+        } else {
+            k.extend_from_slice(bytes);
+        }
     }
 }
 

@@ -140,14 +140,31 @@ impl Verified {
             .map_err(Error::io(&self.artifact, "reopening artifact"))?;
         std::io::Seek::rewind(&mut file)
             .map_err(Error::io(&self.artifact, "rewinding artifact"))?;
-        // The entries are read from the manifest file again as they are
-        // needed, not held: twice, here and on the hashing thread, each
-        // reading its own way through the file that was checked; this one
-        // hashes it again, so that a manifest changed since fails.
+        // Entries held (parsed in `bind`) are used as they are. Otherwise
+        // they are read from the manifest file again as they are needed:
+        // twice, here and on the hashing thread, each its own way through
+        // the file that was checked; this one hashes it again, so that a
+        // manifest changed since fails.
         let mtime = self.manifest.source_date_epoch;
-        let layout = Layout {
-            pieces: Pieces::new(self.reread()?, MANIFEST_MAX, false),
-            skip: 0,
+        let held = self.manifest.entries.len() as u64 == self.entries;
+        let layout: Box<dyn Iterator<Item = Stretch> + Send> = if held {
+            let members = self.manifest.entries.iter();
+            let stretches: Vec<Stretch> =
+                Layout::of(members.map(|e| placed(e.path.as_str(), member(e).body))).collect();
+            Box::new(stretches.into_iter())
+        } else {
+            let mut pieces = Pieces::new(self.reread()?, MANIFEST_MAX, false);
+            Box::new(Layout::of(std::iter::from_fn(move || {
+                let bytes = pieces.next_entry().ok()??;
+                let e: Shape<'_> = serde_json::from_slice(bytes).ok()?;
+                let body = match (e.kind, e.size, &e.target) {
+                    (EntryType::Dir, None, None) => archive::Body::Dir,
+                    (EntryType::File, Some(size), None) => archive::Body::File(size),
+                    (EntryType::Symlink, None, Some(target)) => archive::Body::Symlink(target),
+                    _ => return None,
+                };
+                Some(placed(&e.path, body))
+            })))
         };
         // Decompression runs on its own thread. The tar stream's SHA-256 is
         // not recomputed: `check_entries` has compared every byte of the
@@ -164,8 +181,19 @@ impl Verified {
             stream: &mut stream,
             digests: &digests,
         };
-        let entries = self.signed_entries(self.manifest_sha256)?;
-        check_entries(&self.artifact, members, mtime, entries, sink)?;
+        if held {
+            let entries = self.manifest.entries.iter().map(|e| Ok(Cow::Borrowed(e)));
+            check_entries(&self.artifact, members, mtime, entries, sink)?;
+        } else {
+            let entries = self.signed_entries(self.manifest_sha256)?;
+            check_entries(
+                &self.artifact,
+                members,
+                mtime,
+                entries.map(|e| e.map(Cow::Owned)),
+                sink,
+            )?;
+        }
         let tar_size = stream.finish().map_err(|e| {
             Error::check(format!(
                 "{}: archive unreadable: {e}",
@@ -221,18 +249,15 @@ impl Iterator for SignedEntries {
         if self.done {
             return None;
         }
-        let next = self.reader.next_entry();
-        if !matches!(next, Ok(Some(_))) {
-            self.done = true;
-        }
-        match next {
-            Ok(Some(entry)) => Some(Ok(entry)),
+        let failed = match self.reader.next_entry() {
+            Ok(Some(entry)) => return Some(Ok(entry)),
             Ok(None) => {
-                let read = self.reader.finish();
-                (read.sha256 != Some(self.want)).then(|| Err(changed(&self.path)))
+                (self.reader.finish().sha256 != Some(self.want)).then(|| changed(&self.path))
             }
-            Err(e) => Some(Err(manifest_error(&self.path, e))),
-        }
+            Err(e) => Some(manifest_error(&self.path, e)),
+        };
+        self.done = true;
+        failed.map(Err)
     }
 }
 
@@ -274,16 +299,48 @@ impl Read for At {
 
 /// Where the regular files' contents lie in the tar stream the manifest
 /// determines: after each one's header (and whatever came between), up to
-/// its size. It reads the manifest's pieces itself, parsing only what places
-/// the contents (`Shape`), and ends early if the manifest cannot be read:
-/// then the checking thread, reading the same bytes, reports why.
-struct Layout {
-    pieces: Pieces<At>,
+/// its size. Made from each member's header length and, for a regular
+/// file, its size (`placed`); read from the manifest file, it ends early if
+/// the manifest cannot be read: then the checking thread, reading the same
+/// bytes, reports why.
+struct Layout<I> {
+    members: I,
     skip: u64,
 }
 
-/// What places an entry's content in the tar stream; the rest of the entry
-/// is skipped here (the checking thread parses and checks all of it).
+impl<I: Iterator<Item = (u64, Option<u64>)>> Layout<I> {
+    fn of(members: I) -> Layout<I> {
+        Layout { members, skip: 0 }
+    }
+}
+
+impl<I: Iterator<Item = (u64, Option<u64>)>> Iterator for Layout<I> {
+    type Item = Stretch;
+
+    fn next(&mut self) -> Option<Stretch> {
+        loop {
+            let (header, size) = self.members.next()?;
+            self.skip += header;
+            if let Some(len) = size {
+                let skip = std::mem::replace(&mut self.skip, archive::padding(len) as u64);
+                return Some(Stretch { skip, len });
+            }
+        }
+    }
+}
+
+/// A member's header length and, for a regular file, its size.
+fn placed(path: &str, body: archive::Body<'_>) -> (u64, Option<u64>) {
+    let size = match body {
+        archive::Body::File(size) => Some(size),
+        archive::Body::Dir | archive::Body::Symlink(_) => None,
+    };
+    (archive::header_len(path, body), size)
+}
+
+/// What places an entry's content in the tar stream, parsed from the
+/// manifest file; the rest of the entry is skipped here (the checking
+/// thread parses and checks all of it).
 #[derive(Deserialize)]
 struct Shape<'a> {
     #[serde(borrow)]
@@ -293,28 +350,6 @@ struct Shape<'a> {
     size: Option<u64>,
     #[serde(borrow)]
     target: Option<Cow<'a, str>>,
-}
-
-impl Iterator for Layout {
-    type Item = Stretch;
-
-    fn next(&mut self) -> Option<Stretch> {
-        loop {
-            let bytes = self.pieces.next_entry().ok()??;
-            let e: Shape<'_> = serde_json::from_slice(bytes).ok()?;
-            let body = match (e.kind, e.size, &e.target) {
-                (EntryType::Dir, None, None) => archive::Body::Dir,
-                (EntryType::File, Some(size), None) => archive::Body::File(size),
-                (EntryType::Symlink, None, Some(target)) => archive::Body::Symlink(target),
-                _ => return None,
-            };
-            self.skip += archive::header_len(&e.path, body);
-            if let archive::Body::File(len) = body {
-                let skip = std::mem::replace(&mut self.skip, archive::padding(len) as u64);
-                return Some(Stretch { skip, len });
-            }
-        }
-    }
 }
 
 /// `<dir>/<stem>.manifest.json` beside `artifact` (`<stem>.tar.zst` or `.tar.gz`).
@@ -581,27 +616,11 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
         MANIFEST_MAX,
         true,
     );
-    let split = loop {
-        match reader.skip_entry() {
-            Ok(true) => {}
-            Ok(false) => break Ok(()),
-            Err(PiecesError::Malformed(m)) => break Err(m),
-            Err(PiecesError::TooLarge(max)) => return Err(too_large(&manifest_path, max)),
-            Err(PiecesError::Io(e)) => {
-                return Err(Error::io(&manifest_path, "reading manifest")(e));
-            }
-        }
-    };
-    if split.is_err() {
-        match reader.drain() {
-            Ok(()) => {}
-            Err(PiecesError::TooLarge(max)) => return Err(too_large(&manifest_path, max)),
-            Err(PiecesError::Io(e)) => {
-                return Err(Error::io(&manifest_path, "reading manifest")(e));
-            }
-            Err(PiecesError::Malformed(m)) => return Err(Error::check(m)),
-        }
-    }
+    let split = reader.read_all(None).map_err(|e| match e {
+        PiecesError::TooLarge(max) => too_large(&manifest_path, max),
+        PiecesError::Io(e) => Error::io(&manifest_path, "reading manifest")(e),
+        PiecesError::Malformed(m) => Error::check(m),
+    })?;
     let read = reader.finish();
     let manifest_sha256 = read.sha256.ok_or_else(|| changed(&manifest_path))?;
     let manifest_head = split.map(|()| (read.head, read.entries));
@@ -662,15 +681,13 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String, load: Load) -> Result<
         );
         // As many as the split counted (a hint: at most a million ahead).
         let mut entries = Vec::with_capacity(usize::try_from(*count).unwrap_or(0).min(1 << 20));
-        while let Some(e) = reader
-            .next_entry()
-            .map_err(|e| manifest_error(manifest_path, e))?
-        {
-            entries.push(e);
-        }
+        let parsed = reader
+            .read_all(Some(&mut entries))
+            .map_err(|e| manifest_error(manifest_path, e))?;
         if reader.finish().sha256 != Some(manifest_sha) {
             return Err(changed(manifest_path));
         }
+        parsed.map_err(|m| manifest_error(manifest_path, PiecesError::Malformed(m)))?;
         manifest.entries = entries;
     }
     same_release(&claimed, &manifest.name, &manifest.version, sig_path)?;
@@ -781,29 +798,18 @@ impl FilePrehash {
 }
 
 /// Reads the manifest file at `path` (at most `MANIFEST_MAX` bytes); a
-/// missing one fails the check, as in `authenticate`.
+/// missing one fails the check (exit 1), as a missing signature does: the
+/// release is incomplete.
 pub fn read_manifest(path: &Path) -> Result<Vec<u8>> {
-    read_limited(path, MANIFEST_MAX)
-}
-
-/// Reads a manifest of at most `max` bytes. A missing one fails the check
-/// (exit 1), as a missing signature does: the release is incomplete.
-fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
-    open_limited(path, max).map(|(_, bytes)| bytes)
-}
-
-/// `read_limited`, and the file it read, still open.
-fn open_limited(path: &Path, max: u64) -> Result<(File, Vec<u8>)> {
-    let file = open_manifest(path)?;
     let mut bytes = Vec::new();
-    (&file)
-        .take(max + 1)
+    open_manifest(path)?
+        .take(MANIFEST_MAX + 1)
         .read_to_end(&mut bytes)
         .map_err(Error::io(path, "reading manifest"))?;
-    if bytes.len() as u64 > max {
-        return Err(too_large(path, max));
+    if bytes.len() as u64 > MANIFEST_MAX {
+        return Err(too_large(path, MANIFEST_MAX));
     }
-    Ok((file, bytes))
+    Ok(bytes)
 }
 
 /// Opens a manifest; a missing one fails the check.
@@ -927,11 +933,11 @@ pub(crate) fn hash_file(
 /// encoding, names compared as bytes. Only regular files carry data, padded
 /// with zeros; after the last member come the two zero blocks and nothing
 /// else. Whatever another extractor could read differently is refused.
-fn check_entries(
+fn check_entries<'a>(
     artifact: &Path,
     members: Members<'_>,
     mtime: u64,
-    entries: impl Iterator<Item = Result<ManifestEntry>>,
+    entries: impl Iterator<Item = Result<Cow<'a, ManifestEntry>>>,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
     let tar_stream = members.stream;
@@ -945,7 +951,8 @@ fn check_entries(
     let mut expected = Vec::with_capacity(3 * BLOCK);
     let mut got = Vec::with_capacity(3 * BLOCK);
     for want in entries {
-        let want = &want?;
+        let want = want?;
+        let want = &*want;
         expected.clear();
         archive::header(&mut expected, &member(want), mtime);
         got.resize(expected.len(), 0);
