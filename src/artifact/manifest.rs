@@ -334,6 +334,18 @@ impl Manifest {
         Ok(count)
     }
 
+    /// The entry at `path`, found by bisection: the entries are sorted
+    /// (`EntryCheck`, whenever a manifest is read).
+    pub fn entry(&self, path: &RelPath) -> Option<&ManifestEntry> {
+        let at = self.entries.binary_search_by(|e| e.path.cmp(path)).ok()?;
+        self.entries.get(at)
+    }
+
+    /// Whether the release has an entry at `path` (see `entry`).
+    pub fn has(&self, path: &RelPath) -> bool {
+        self.entry(path).is_some()
+    }
+
     /// Parses manifest bytes; the error says what is wrong.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
         Manifest::checked(serde_json::from_slice(bytes).map_err(|e| e.to_string())?)
@@ -343,12 +355,24 @@ impl Manifest {
     /// `max` bytes), a piece at a time (`EntryReader`), without holding its
     /// bytes; also gives their SHA-256. A failed read, or more than `max`
     /// bytes, is the outer error, a malformed manifest the inner one.
-    pub fn read<R: std::io::Read>(
-        from: R,
+    /// The entries are counted first, so that their list is allocated once
+    /// at its size (grown by doubling, it would peak at half as much again).
+    /// Paths it has in common with `other`'s entries are shared with them.
+    pub fn read(
+        mut from: std::fs::File,
         max: u64,
+        other: &[ManifestEntry],
     ) -> std::io::Result<(Result<Manifest, String>, Sha256)> {
-        let mut reader = EntryReader::new(from, max, true);
-        let mut entries = Vec::new();
+        let mut count = 0usize;
+        let mut pieces = Pieces::new(&mut from, max, false);
+        // A hint only: the second read reports what is wrong, if anything.
+        while let Ok(Some(_)) = pieces.next_entry() {
+            count += 1;
+        }
+        std::io::Seek::rewind(&mut from)?;
+        let mut reader = EntryReader::new(from, max, true).sharing_paths(other);
+        // At most a million ahead, as `verify::bind` allows.
+        let mut entries = Vec::with_capacity(count.min(1 << 20));
         let parsed = reader.read_all(Some(&mut entries)).map_err(|e| match e {
             PiecesError::Io(e) => e,
             PiecesError::TooLarge(max) => too_large(max),
@@ -360,7 +384,6 @@ impl Manifest {
         };
         let manifest = parsed.and_then(|()| {
             let mut m = Manifest::parse_head(&read.head)?;
-            entries.shrink_to_fit();
             m.entries = entries;
             Ok(m)
         });
@@ -495,11 +518,14 @@ impl EntryCheck {
 
 /// A manifest's entries parsed and checked one at a time as it is read
 /// (`Pieces`), without holding the file or the list.
-pub struct EntryReader<R> {
+pub struct EntryReader<'s, R> {
     pieces: Pieces<R>,
     check: EntryCheck,
     /// The layer and input names seen, each held once (at most `SHARED`).
     shared: Vec<Arc<str>>,
+    /// Another manifest's entries (sorted) whose paths are shared with
+    /// the entries read, and how far the reading got in them.
+    paths: (&'s [ManifestEntry], usize),
 }
 
 /// What `EntryReader::finish` gives: the head (`Manifest::parse_head`),
@@ -512,13 +538,26 @@ pub struct Read {
     pub entries: u64,
 }
 
-impl<R: std::io::Read> EntryReader<R> {
+impl<R: std::io::Read> EntryReader<'static, R> {
     /// Reads at most `max` bytes; `hash`: whether to hash them.
-    pub fn new(from: R, max: u64, hash: bool) -> EntryReader<R> {
+    pub fn new(from: R, max: u64, hash: bool) -> EntryReader<'static, R> {
         EntryReader {
             pieces: Pieces::new(from, max, hash),
             check: EntryCheck::default(),
             shared: Vec::new(),
+            paths: (&[], 0),
+        }
+    }
+}
+
+impl<'s, R: std::io::Read> EntryReader<'s, R> {
+    /// Gives each entry read that has a path of `other` (sorted, as
+    /// `EntryCheck` wants) that path instead of a copy: two releases of
+    /// one profile share most of theirs.
+    pub fn sharing_paths(self, other: &'s [ManifestEntry]) -> EntryReader<'s, R> {
+        EntryReader {
+            paths: (other, 0),
+            ..self
         }
     }
 
@@ -535,6 +574,14 @@ impl<R: std::io::Read> EntryReader<R> {
             PiecesError::Malformed(format!("{at}: {e}"))
         })?;
         self.check.check(&entry).map_err(PiecesError::Malformed)?;
+        // Checked in order: what is passed in `paths` stays passed.
+        let (other, at) = &mut self.paths;
+        while other.get(*at).is_some_and(|o| o.path < entry.path) {
+            *at += 1;
+        }
+        if let Some(o) = other.get(*at).filter(|o| o.path == entry.path) {
+            entry.path = o.path.clone();
+        }
         self.share(&mut entry.layer);
         if let Some(input) = &mut entry.input {
             self.share(input);
@@ -683,6 +730,44 @@ mod tests {
             link.entries[0].target = Some(target.into());
             let parsed = Manifest::parse(&link.to_canonical_json());
             assert_eq!(parsed.is_ok(), ok, "{target:?}: {parsed:?}");
+        }
+    }
+
+    #[test]
+    fn read_shares_the_paths_of_another_manifest_and_reads_the_same() {
+        let entry = |path: &str| ManifestEntry {
+            path: RelPath::new(path).unwrap(),
+            ..Manifest::sample().entries[0].clone()
+        };
+        let manifest = |paths: &[&str]| Manifest {
+            entries: paths.iter().map(|p| entry(p)).collect(),
+            ..Manifest::sample()
+        };
+        // Component order: `a/c` before `a-b`, which sorts first bytewise.
+        let old = manifest(&["a/b", "a/c", "a-b", "b", "d/e", "z"]);
+        let new = manifest(&["a/c", "a-b", "c", "d/e", "y"]);
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &old.to_canonical_json()).unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+        let (read, sha256) = Manifest::read(file, 1 << 20, &new.entries).unwrap();
+        let read = read.unwrap();
+        assert_eq!((&read, sha256), (&old, Sha256::of(&old.to_canonical_json())));
+        let shared: Vec<&str> = read
+            .entries
+            .iter()
+            .filter(|e| {
+                let same = new.entry(&e.path);
+                same.is_some_and(|n| n.path.as_str().as_ptr() == e.path.as_str().as_ptr())
+            })
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(shared, ["a/c", "a-b", "d/e"]);
+        // Bisection finds every entry, and nothing else.
+        for e in &old.entries {
+            assert_eq!(old.entry(&e.path), Some(e));
+        }
+        for absent in ["a", "a/d", "c", "zz"] {
+            assert!(!old.has(&RelPath::new(absent).unwrap()), "{absent}");
         }
     }
 

@@ -30,7 +30,7 @@
 //! after 5 is completed by it. `status` reports either. Every path goes
 //! through `State`'s directory handles, so nothing resolves outside the root.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::path::Path;
 
@@ -269,7 +269,7 @@ fn admit(
     id: &ReleaseId,
     opts: &ApplyOptions,
 ) -> Result<Option<Release>> {
-    let current = state.current()?;
+    let current = state.current_sharing(&m.entries)?;
     if let Some(cur) = &current
         && cur.info.id != *id
         && !opts.allow_downgrade
@@ -308,16 +308,18 @@ pub fn plan(
     new: &Manifest,
     adopt: bool,
 ) -> Result<Plan> {
-    let old_entries: BTreeMap<&RelPath, &ManifestEntry> = old
-        .map(|m| m.entries.iter().map(|e| (&e.path, e)).collect())
-        .unwrap_or_default();
+    // Both lists are sorted (`EntryCheck`): merged, not indexed.
+    let mut olds = old.map_or(&[][..], |m| &m.entries[..]).iter().peekable();
     let mut plan = Plan::default();
     let mut farm = state.farm();
     // Directories the host lacks: nothing is below them (entries come in
     // manifest order, a directory before what it holds).
     let mut absent: HashSet<&RelPath> = HashSet::new();
     for e in &new.entries {
-        match old_entries.get(&e.path) {
+        while let Some(o) = olds.next_if(|o| o.path < e.path) {
+            plan.removed.push(o.path.clone());
+        }
+        match olds.next_if(|o| o.path == e.path) {
             None => plan.added.push(e.path.clone()),
             // Two directories differ only in mode and owner (not in layer).
             Some(o) if o.kind == EntryType::Dir && e.kind == EntryType::Dir => {
@@ -325,7 +327,7 @@ pub fn plan(
                     plan.changed.push(e.path.clone());
                 }
             }
-            Some(o) if *o != e => plan.changed.push(e.path.clone()),
+            Some(o) if o != e => plan.changed.push(e.path.clone()),
             Some(_) => {}
         }
         let host = match e.path.parent() {
@@ -374,12 +376,7 @@ pub fn plan(
             }
         }
     }
-    let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
-    plan.removed = old_entries
-        .keys()
-        .filter(|p| !new_paths.contains(*p))
-        .map(|p| (*p).clone())
-        .collect();
+    plan.removed.extend(olds.map(|o| o.path.clone()));
     plan.hooks = Hooks::plan(old, new, &plan.added, &plan.changed, &plan.removed);
     Ok(plan)
 }
@@ -886,12 +883,10 @@ fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
     if action == Action::Repair {
         return false;
     }
-    let added: HashSet<&RelPath> = plan.added.iter().collect();
-    plan.new_dirs.iter().all(|e| added.contains(&e.path))
-        && plan
-            .links
-            .iter()
-            .all(|p| adopted.contains(p) || added.contains(p))
+    // `added` is in manifest order, sorted.
+    let added = |p: &RelPath| plan.added.binary_search(p).is_ok();
+    plan.new_dirs.iter().all(|e| added(&e.path))
+        && plan.links.iter().all(|p| adopted.contains(p) || added(p))
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
@@ -904,20 +899,19 @@ fn finish(
     journal: &Journal,
     (new, old): (&Manifest, Option<&Manifest>),
 ) -> Result<std::time::Instant> {
-    let new_paths: HashSet<&RelPath> = new.entries.iter().map(|e| &e.path).collect();
     if let Some(old) = old {
-        remove_links(state, old, |p| new_paths.contains(p))?;
+        remove_links(state, old, |p| new.has(p))?;
     }
     state.sync_fs()?;
     let mut record = state.record()?;
     let (created, adopted) = vouched(journal, new);
     record.created_dirs.extend(created);
-    remove_empty_dirs(state, &mut record.created_dirs, &new_paths);
+    remove_empty_dirs(state, &mut record.created_dirs, |p| new.has(p));
     // Host files adopted for paths no active release has any more go back.
     let gone: Vec<(RelPath, ReleaseId)> = record
         .adopted
         .iter()
-        .filter(|(p, _)| !new_paths.contains(p))
+        .filter(|(p, _)| !new.has(p))
         .map(|(p, id)| (p.clone(), id.clone()))
         .collect();
     for (p, id) in gone {
@@ -954,18 +948,17 @@ fn finish(
 /// any path, and only a directory of `to` can have been created, only a
 /// file or symlink of `to` adopted.
 fn vouched(journal: &Journal, to: &Manifest) -> (Vec<RelPath>, Vec<RelPath>) {
-    let kind: BTreeMap<&RelPath, EntryType> =
-        to.entries.iter().map(|e| (&e.path, e.kind)).collect();
+    let kind = |p: &RelPath| to.entry(p).map(|e| e.kind);
     let created = journal
         .created_dirs
         .iter()
-        .filter(|p| kind.get(p) == Some(&EntryType::Dir))
+        .filter(|p| kind(p) == Some(EntryType::Dir))
         .cloned()
         .collect();
     let adopted = journal
         .adopted
         .iter()
-        .filter(|p| kind.get(p).is_some_and(|k| *k != EntryType::Dir))
+        .filter(|p| kind(p).is_some_and(|k| k != EntryType::Dir))
         .cloned()
         .collect();
     (created, adopted)
@@ -985,13 +978,8 @@ fn remove_links(state: &State, manifest: &Manifest, keep: impl Fn(&RelPath) -> b
 
 /// Removes created directories that `keep` does not list and that are empty,
 /// deepest first; forgets those that are gone.
-fn remove_empty_dirs(state: &State, dirs: &mut BTreeSet<RelPath>, keep: &HashSet<&RelPath>) {
-    let candidates: Vec<RelPath> = dirs
-        .iter()
-        .rev()
-        .filter(|d| !keep.contains(d))
-        .cloned()
-        .collect();
+fn remove_empty_dirs(state: &State, dirs: &mut BTreeSet<RelPath>, keep: impl Fn(&RelPath) -> bool) {
+    let candidates: Vec<RelPath> = dirs.iter().rev().filter(|d| !keep(d)).cloned().collect();
     for d in candidates {
         match state.remove_live_dir(&d) {
             Ok(()) => {
@@ -1076,7 +1064,8 @@ pub fn recover(state: &State) -> Result<Option<String>> {
 /// of the release the journal activates, if it can be read: without it, the
 /// journal vouches for no path.
 fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()> {
-    let from_paths: HashSet<RelPath> = match &journal.from {
+    // Sorted, as the manifest's entries are.
+    let from_paths: Vec<RelPath> = match &journal.from {
         Some(from) => state
             .release(from)?
             .manifest
@@ -1084,11 +1073,12 @@ fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()>
             .into_iter()
             .map(|e| e.path)
             .collect(),
-        None => HashSet::new(),
+        None => Vec::new(),
     };
+    let kept = |p: &RelPath| from_paths.binary_search(p).is_ok();
     let (created, adopted) = match to {
         Some(to) => {
-            remove_links(state, to, |p| from_paths.contains(p))?;
+            remove_links(state, to, kept)?;
             vouched(journal, to)
         }
         None => (Vec::new(), Vec::new()),
@@ -1100,9 +1090,8 @@ fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()>
         }
         state.restore(&journal.to, p)?;
     }
-    let keep: HashSet<&RelPath> = from_paths.iter().collect();
     let mut created: BTreeSet<RelPath> = created.into_iter().collect();
-    remove_empty_dirs(state, &mut created, &keep);
+    remove_empty_dirs(state, &mut created, kept);
     let record = state.record()?;
     if !record.history.contains(&journal.to) {
         state.remove_release(journal.to.as_str())?;

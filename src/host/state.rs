@@ -428,7 +428,7 @@ impl State {
     /// A retained release, read back as untrusted: `release.json` must name
     /// this release, and the manifest must be the one it describes.
     pub fn release(&self, id: &ReleaseId) -> Result<Release> {
-        self.release_in(id.as_str(), id)
+        self.release_in(id.as_str(), id, &[])
     }
 
     /// Release `id` while it is being extracted (`releases/.<id>.partial`,
@@ -436,10 +436,12 @@ impl State {
     /// reads a retained one: what recovery reverts when an activation was
     /// interrupted while staging.
     pub fn staged_release(&self, id: &ReleaseId) -> Result<Release> {
-        self.release_in(&partial_name(id), id)
+        self.release_in(&partial_name(id), id, &[])
     }
 
-    fn release_in(&self, name: &str, id: &ReleaseId) -> Result<Release> {
+    /// `other`: entries whose paths the release's manifest shares
+    /// (`Manifest::read`).
+    fn release_in(&self, name: &str, id: &ReleaseId, other: &[ManifestEntry]) -> Result<Release> {
         let dir = self.dir()?;
         let base = Path::new("releases").join(name);
         let info_rel = base.join("release.json");
@@ -457,7 +459,7 @@ impl State {
         let read_err = || state_error(dir.display(&manifest_rel), "reading release manifest");
         let max = crate::trust::verify::MANIFEST_MAX;
         let file = dir.open_file(&manifest_rel).map_err(read_err())?;
-        let (parsed, manifest_sha256) = Manifest::read(file, max).map_err(read_err())?;
+        let (parsed, manifest_sha256) = Manifest::read(file, max, other).map_err(read_err())?;
         let manifest = parsed.map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
         if (&manifest.name, &manifest.version, manifest.archive.sha256)
             != (&info.name, &info.version, info.sha256)
@@ -482,7 +484,16 @@ impl State {
 
     /// The active release, if any.
     pub fn current(&self) -> Result<Option<Release>> {
-        self.current_id()?.map(|id| self.release(&id)).transpose()
+        self.current_sharing(&[])
+    }
+
+    /// The active release, if any, its manifest's paths shared with
+    /// `other`'s where they are the same (`Manifest::read`): what an apply
+    /// that replaces it holds beside the new release's manifest.
+    pub fn current_sharing(&self, other: &[ManifestEntry]) -> Result<Option<Release>> {
+        self.current_id()?
+            .map(|id| self.release_in(id.as_str(), &id, other))
+            .transpose()
     }
 
     pub fn journal(&self) -> Result<Option<Journal>> {

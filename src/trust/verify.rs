@@ -149,8 +149,12 @@ impl Verified {
         let held = self.manifest.entries.len() as u64 == self.entries;
         let layout: Box<dyn Iterator<Item = Stretch> + Send> = if held {
             let members = self.manifest.entries.iter();
-            let stretches: Vec<Stretch> =
-                Layout::of(members.map(|e| placed(e.path.as_str(), member(e).body))).collect();
+            // One stretch per file, allocated once at its size.
+            let files = members.clone().filter(|e| e.kind == EntryType::File);
+            let mut stretches = Vec::with_capacity(files.count());
+            stretches.extend(Layout::of(
+                members.map(|e| placed(e.path.as_str(), member(e).body)),
+            ));
             Box::new(stretches.into_iter())
         } else {
             let mut pieces = Pieces::new(self.reread()?, MANIFEST_MAX, false);
@@ -236,7 +240,7 @@ impl Verified {
 /// The entries of a manifest that was checked, read from its file again
 /// (`Verified::signed_entries`).
 struct SignedEntries {
-    reader: EntryReader<At>,
+    reader: EntryReader<'static, At>,
     want: Sha256,
     path: PathBuf,
     done: bool,

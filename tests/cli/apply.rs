@@ -249,6 +249,125 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert_eq!(list_files(&empty), Vec::<String>::new());
 }
 
+/// The plan of an upgrade merges the two releases' sorted entries: what it
+/// adds, changes and removes, in manifest order, is what the two manifests
+/// say, for names whose order differs bytewise and by component (`a-b`,
+/// `a.b/`, `a/`, `a0`), a directory gone with all it held, and one added;
+/// and the upgraded root has the second release's paths and no others.
+#[test]
+fn an_upgrades_plan_is_the_difference_of_the_two_manifests() {
+    let repo = Repo::new();
+    let (secret, public) = keypair(repo.path(), "release");
+    let keyring = repo.path().join("keyring");
+    fs::create_dir_all(&keyring).unwrap();
+    fs::copy(&public, keyring.join("release.pub")).unwrap();
+    repo.overlay("app", "");
+    repo.profile(&["app"], "");
+    let v1_files = [
+        ("etc/a-b", "1"),
+        ("etc/a.b/x", "x"),
+        ("etc/a/b", "b"),
+        ("etc/a/c/d", "d"),
+        ("etc/a0", "0"),
+        ("etc/z", "z"),
+        ("opt/k/1", "1"),
+        ("opt/k/2", "2"),
+        ("zz/last", "l"),
+    ];
+    for (path, body) in v1_files {
+        repo.root_file("app", path, body);
+    }
+    let v1 = Fleet::build(&repo, &secret, "d1", "1.0.0");
+    let gone = ["etc/a.b/x", "etc/a/c/d", "etc/z", "opt/k/2", "zz/last"];
+    for path in gone {
+        fs::remove_file(repo.path().join("overlays/app/root").join(path)).unwrap();
+    }
+    for dir in ["etc/a/c", "zz"] {
+        fs::remove_dir(repo.path().join("overlays/app/root").join(dir)).unwrap();
+    }
+    for (path, body) in [
+        ("etc/a-b", "2"),
+        ("etc/a.b/y", "y"),
+        ("etc/a/c0", "c0"),
+        ("opt/k/3", "3"),
+        ("usr/new/n", "n"),
+    ] {
+        repo.root_file("app", path, body);
+    }
+    let v2 = Fleet::build(&repo, &secret, "d2", "2.0.0");
+    let f = Fleet {
+        repo,
+        keyring,
+        secret,
+        v1,
+        v2,
+    };
+    // The oracle: the manifests' entries by path, compared as JSON.
+    let entries = |out: &str| -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(f.dir().join(out).join("p.manifest.json")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        doc["entries"].as_array().unwrap().clone()
+    };
+    let (old, new) = (entries("d1"), entries("d2"));
+    let find = |list: &[serde_json::Value], path: &serde_json::Value| {
+        list.iter().find(|e| e["path"] == *path).cloned()
+    };
+    let differ = |o: &serde_json::Value, e: &serde_json::Value| {
+        if o["type"] == "dir" && e["type"] == "dir" {
+            ["mode", "uid", "gid"].iter().any(|k| o[k] != e[k])
+        } else {
+            o != e
+        }
+    };
+    let added: Vec<_> = new
+        .iter()
+        .filter(|e| find(&old, &e["path"]).is_none())
+        .map(|e| e["path"].clone())
+        .collect();
+    let removed: Vec<_> = old
+        .iter()
+        .filter(|o| find(&new, &o["path"]).is_none())
+        .map(|o| o["path"].clone())
+        .collect();
+    let changed: Vec<_> = new
+        .iter()
+        .filter(|e| find(&old, &e["path"]).is_some_and(|o| differ(&o, e)))
+        .map(|e| e["path"].clone())
+        .collect();
+    assert_eq!(changed, vec![serde_json::json!("etc/a-b")]);
+    for path in ["etc/a.b/y", "etc/a/c0", "opt/k/3", "usr/new", "usr/new/n"] {
+        assert!(
+            added.contains(&serde_json::json!(path)),
+            "{path} in {added:?}"
+        );
+    }
+    for path in gone.iter().chain(&["etc/a/c", "zz"]) {
+        assert!(
+            removed.contains(&serde_json::json!(path)),
+            "{path} in {removed:?}"
+        );
+    }
+    let root = f.root("root");
+    f.apply(&f.v1, &root, &[]).ok();
+    let run = f.apply(&f.v2, &root, &["--dry-run", "--json"]).ok();
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let list = |k: &str| doc["plan"][k].as_array().unwrap().clone();
+    assert_eq!(list("added"), added, "{}", run.stdout);
+    assert_eq!(list("changed"), changed, "{}", run.stdout);
+    assert_eq!(list("removed"), removed, "{}", run.stdout);
+    f.apply(&f.v2, &root, &[]).ok();
+    let mut want: Vec<String> = new
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_owned())
+        // The host's file, and the state directory's parents.
+        .chain(["etc/hostname", "var", "var/lib"].map(str::to_owned))
+        .collect();
+    want.sort();
+    let mut have = host_paths(&root);
+    have.sort();
+    assert_eq!(have, want);
+}
+
 #[test]
 fn upgrade_then_rollback_restores_the_previous_release_exactly() {
     let f = Fleet::new();
