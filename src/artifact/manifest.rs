@@ -355,36 +355,41 @@ impl Manifest {
     /// `max` bytes), a piece at a time (`EntryReader`), without holding its
     /// bytes; also gives their SHA-256. A failed read, or more than `max`
     /// bytes, is the outer error, a malformed manifest the inner one.
-    /// The entries are counted first, so that their list is allocated once
-    /// at its size (grown by doubling, it would peak at half as much again).
-    /// Paths it has in common with `other`'s entries are shared with them.
+    /// `entries`: whether to parse and keep the entries too, or only to
+    /// split them off (the head alone is parsed). Kept, they are counted
+    /// first, so that their list is allocated once at its size (grown by
+    /// doubling, it would peak at half as much again).
     pub fn read(
-        mut from: std::fs::File,
+        mut from: &std::fs::File,
         max: u64,
-        other: &[ManifestEntry],
+        entries: bool,
     ) -> std::io::Result<(Result<Manifest, String>, Sha256)> {
         let mut count = 0usize;
-        let mut pieces = Pieces::new(&mut from, max, false);
-        // A hint only: the second read reports what is wrong, if anything.
-        while let Ok(Some(_)) = pieces.next_entry() {
-            count += 1;
+        if entries {
+            let mut pieces = Pieces::new(&mut from, max, false);
+            // A hint only: the second read reports what is wrong, if anything.
+            while let Ok(Some(_)) = pieces.next_entry() {
+                count += 1;
+            }
+            std::io::Seek::rewind(&mut from)?;
         }
-        std::io::Seek::rewind(&mut from)?;
-        let mut reader = EntryReader::new(from, max, true).sharing_paths(other);
+        let mut reader = EntryReader::new(from, max, true);
         // At most a million ahead, as `verify::bind` allows.
-        let mut entries = Vec::with_capacity(count.min(1 << 20));
-        let parsed = reader.read_all(Some(&mut entries)).map_err(|e| match e {
-            PiecesError::Io(e) => e,
-            PiecesError::TooLarge(max) => too_large(max),
-            PiecesError::Malformed(m) => std::io::Error::other(m),
-        })?;
+        let mut kept = Vec::with_capacity(count.min(1 << 20));
+        let parsed = reader
+            .read_all(entries.then_some(&mut kept))
+            .map_err(|e| match e {
+                PiecesError::Io(e) => e,
+                PiecesError::TooLarge(max) => too_large(max),
+                PiecesError::Malformed(m) => std::io::Error::other(m),
+            })?;
         let read = reader.finish();
         let Some(digest) = read.sha256 else {
             return Err(std::io::Error::other("the manifest was not hashed"));
         };
         let manifest = parsed.and_then(|()| {
             let mut m = Manifest::parse_head(&read.head)?;
-            m.entries = entries;
+            m.entries = kept;
             Ok(m)
         });
         Ok((manifest, digest))
@@ -518,14 +523,11 @@ impl EntryCheck {
 
 /// A manifest's entries parsed and checked one at a time as it is read
 /// (`Pieces`), without holding the file or the list.
-pub struct EntryReader<'s, R> {
+pub struct EntryReader<R> {
     pieces: Pieces<R>,
     check: EntryCheck,
     /// The layer and input names seen, each held once (at most `SHARED`).
     shared: Vec<Arc<str>>,
-    /// Another manifest's entries (sorted) whose paths are shared with
-    /// the entries read, and how far the reading got in them.
-    paths: (&'s [ManifestEntry], usize),
 }
 
 /// What `EntryReader::finish` gives: the head (`Manifest::parse_head`),
@@ -538,26 +540,13 @@ pub struct Read {
     pub entries: u64,
 }
 
-impl<R: std::io::Read> EntryReader<'static, R> {
+impl<R: std::io::Read> EntryReader<R> {
     /// Reads at most `max` bytes; `hash`: whether to hash them.
-    pub fn new(from: R, max: u64, hash: bool) -> EntryReader<'static, R> {
+    pub fn new(from: R, max: u64, hash: bool) -> EntryReader<R> {
         EntryReader {
             pieces: Pieces::new(from, max, hash),
             check: EntryCheck::default(),
             shared: Vec::new(),
-            paths: (&[], 0),
-        }
-    }
-}
-
-impl<'s, R: std::io::Read> EntryReader<'s, R> {
-    /// Gives each entry read that has a path of `other` (sorted, as
-    /// `EntryCheck` wants) that path instead of a copy: two releases of
-    /// one profile share most of theirs.
-    pub fn sharing_paths(self, other: &'s [ManifestEntry]) -> EntryReader<'s, R> {
-        EntryReader {
-            paths: (other, 0),
-            ..self
         }
     }
 
@@ -574,14 +563,6 @@ impl<'s, R: std::io::Read> EntryReader<'s, R> {
             PiecesError::Malformed(format!("{at}: {e}"))
         })?;
         self.check.check(&entry).map_err(PiecesError::Malformed)?;
-        // Checked in order: what is passed in `paths` stays passed.
-        let (other, at) = &mut self.paths;
-        while other.get(*at).is_some_and(|o| o.path < entry.path) {
-            *at += 1;
-        }
-        if let Some(o) = other.get(*at).filter(|o| o.path == entry.path) {
-            entry.path = o.path.clone();
-        }
         self.share(&mut entry.layer);
         if let Some(input) = &mut entry.input {
             self.share(input);
@@ -734,40 +715,42 @@ mod tests {
     }
 
     #[test]
-    fn read_shares_the_paths_of_another_manifest_and_reads_the_same() {
+    fn read_gives_the_whole_manifest_or_its_head_and_bisection_finds_entries() {
         let entry = |path: &str| ManifestEntry {
             path: RelPath::new(path).unwrap(),
             ..Manifest::sample().entries[0].clone()
         };
-        let manifest = |paths: &[&str]| Manifest {
-            entries: paths.iter().map(|p| entry(p)).collect(),
+        // Component order: `a/c` before `a-b`, which sorts first bytewise.
+        let m = Manifest {
+            entries: ["a/b", "a/c", "a-b", "b", "d/e", "z"].map(entry).to_vec(),
             ..Manifest::sample()
         };
-        // Component order: `a/c` before `a-b`, which sorts first bytewise.
-        let old = manifest(&["a/b", "a/c", "a-b", "b", "d/e", "z"]);
-        let new = manifest(&["a/c", "a-b", "c", "d/e", "y"]);
+        let json = m.to_canonical_json();
         let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, &old.to_canonical_json()).unwrap();
-        std::io::Seek::rewind(&mut file).unwrap();
-        let (read, sha256) = Manifest::read(file, 1 << 20, &new.entries).unwrap();
-        let read = read.unwrap();
-        assert_eq!((&read, sha256), (&old, Sha256::of(&old.to_canonical_json())));
-        let shared: Vec<&str> = read
-            .entries
-            .iter()
-            .filter(|e| {
-                let same = new.entry(&e.path);
-                same.is_some_and(|n| n.path.as_str().as_ptr() == e.path.as_str().as_ptr())
-            })
-            .map(|e| e.path.as_str())
-            .collect();
-        assert_eq!(shared, ["a/c", "a-b", "d/e"]);
-        // Bisection finds every entry, and nothing else.
-        for e in &old.entries {
-            assert_eq!(old.entry(&e.path), Some(e));
+        std::io::Write::write_all(&mut file, &json).unwrap();
+        for whole in [true, false] {
+            std::io::Seek::rewind(&mut file).unwrap();
+            let (read, sha256) = Manifest::read(&file, 1 << 20, whole).unwrap();
+            let want = Manifest {
+                entries: if whole { m.entries.clone() } else { Vec::new() },
+                ..m.clone()
+            };
+            assert_eq!((read.unwrap(), sha256), (want, Sha256::of(&json)));
+        }
+        // Cut short: refused either way, and the digest is of what was read.
+        let mut cut = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut cut, &json[..json.len() / 2]).unwrap();
+        for whole in [true, false] {
+            std::io::Seek::rewind(&mut cut).unwrap();
+            let (read, sha256) = Manifest::read(&cut, 1 << 20, whole).unwrap();
+            assert!(read.unwrap_err().contains("cut short"));
+            assert_eq!(sha256, Sha256::of(&json[..json.len() / 2]));
+        }
+        for e in &m.entries {
+            assert_eq!(m.entry(&e.path), Some(e));
         }
         for absent in ["a", "a/d", "c", "zz"] {
-            assert!(!old.has(&RelPath::new(absent).unwrap()), "{absent}");
+            assert!(!m.has(&RelPath::new(absent).unwrap()), "{absent}");
         }
     }
 

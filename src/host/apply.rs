@@ -40,7 +40,7 @@ use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
 use crate::host::confined::{Dir, Kind, Parents};
 use crate::host::hooks::{self, Hooks};
-use crate::host::state::{self, Action, Journal, Release, ReleaseId, ReleaseInfo, State};
+use crate::host::state::{self, Action, Entries, Journal, Release, ReleaseId, ReleaseInfo, State};
 use crate::host::status::{self, Drift};
 use crate::model::RelPath;
 use crate::trust::digest::HashingReader;
@@ -53,6 +53,10 @@ pub struct Plan {
     pub added: Vec<RelPath>,
     pub changed: Vec<RelPath>,
     pub removed: Vec<RelPath>,
+    /// Of `removed`, the files and symlinks: their farm links go once the
+    /// release is switched (`finish`).
+    #[serde(skip)]
+    pub unlink: Vec<RelPath>,
     /// Directories to create (they are missing on the host).
     #[serde(serialize_with = "entry_paths")]
     pub new_dirs: Vec<ManifestEntry>,
@@ -70,6 +74,16 @@ pub struct Plan {
     /// Paths the release cannot take without `--adopt` (or at all).
     pub conflicts: Vec<String>,
     pub hooks: Hooks,
+}
+
+impl Plan {
+    /// Adds `old`, an entry the new release does not have.
+    fn remove(&mut self, old: &ManifestEntry) {
+        self.removed.push(old.path.clone());
+        if old.kind != EntryType::Dir {
+            self.unlink.push(old.path.clone());
+        }
+    }
 }
 
 fn entry_paths<S: serde::Serializer>(entries: &[ManifestEntry], s: S) -> Result<S::Ok, S::Error> {
@@ -195,13 +209,12 @@ pub fn apply(
         }
         let from = d.current.as_ref().map(|c| c.info.id.clone());
         let journal = Journal::new(d.action, from, id.clone(), &d.plan, history, opts.now);
-        let old = d.current.as_ref().map(|c| &c.manifest);
         activate(
             state,
             &journal,
             d.plan,
             recovered,
-            (verified.manifest(), old),
+            verified.manifest(),
             stage,
         )
     })();
@@ -247,8 +260,10 @@ fn decide(
             (Action::Repair, repair_plan(state, id, m, drift)?)
         }
         _ => {
-            let old = current.as_ref().map(|r| &r.manifest);
-            let mut plan = plan(state, id, old, m, opts.adopt)?;
+            let old = current
+                .as_ref()
+                .map(|r| r.entries().map(|e| (&r.manifest, e)));
+            let mut plan = plan(state, id, old.transpose()?, m, opts.adopt)?;
             plan.stage = true;
             (Action::Apply, plan)
         }
@@ -269,7 +284,13 @@ fn admit(
     id: &ReleaseId,
     opts: &ApplyOptions,
 ) -> Result<Option<Release>> {
-    let current = state.current_sharing(&m.entries)?;
+    // The release it replaces is read without its entries: the plan and
+    // `finish` read them again as they go. Applied again, it is read whole
+    // (its drift is checked against them).
+    let current = match state.current_id()? {
+        Some(cur) if cur == *id => state.current()?,
+        _ => state.current_head()?,
+    };
     if let Some(cur) = &current
         && cur.info.id != *id
         && !opts.allow_downgrade
@@ -301,15 +322,24 @@ fn admit(
 /// identical to what the release puts there are adopted without `--adopt`;
 /// so are all others with it. A backup of an adopted path that already
 /// exists is never overwritten: that is a conflict.
+/// `old`: the manifest replaced, and its entries (which it need not hold).
 pub fn plan(
     state: &State,
     id: &ReleaseId,
-    old: Option<&Manifest>,
+    old: Option<(&Manifest, Entries<'_>)>,
     new: &Manifest,
     adopt: bool,
 ) -> Result<Plan> {
-    // Both lists are sorted (`EntryCheck`): merged, not indexed.
-    let mut olds = old.map_or(&[][..], |m| &m.entries[..]).iter().peekable();
+    let (old, olds) = match old {
+        Some((m, entries)) => (Some(m), entries),
+        None => (None, Box::new(std::iter::empty()) as Entries<'_>),
+    };
+    // Both lists are sorted (`EntryCheck`): merged, not indexed. The first
+    // error reading the old ends its list, and fails the plan.
+    let mut failed = None;
+    let mut olds = olds
+        .map_while(|o| o.map_err(|e| failed = Some(e)).ok())
+        .peekable();
     let mut plan = Plan::default();
     let mut farm = state.farm();
     // Directories the host lacks: nothing is below them (entries come in
@@ -317,7 +347,7 @@ pub fn plan(
     let mut absent: HashSet<&RelPath> = HashSet::new();
     for e in &new.entries {
         while let Some(o) = olds.next_if(|o| o.path < e.path) {
-            plan.removed.push(o.path.clone());
+            plan.remove(&o);
         }
         match olds.next_if(|o| o.path == e.path) {
             None => plan.added.push(e.path.clone()),
@@ -327,7 +357,7 @@ pub fn plan(
                     plan.changed.push(e.path.clone());
                 }
             }
-            Some(o) if o != e => plan.changed.push(e.path.clone()),
+            Some(o) if *o != *e => plan.changed.push(e.path.clone()),
             Some(_) => {}
         }
         let host = match e.path.parent() {
@@ -376,7 +406,10 @@ pub fn plan(
             }
         }
     }
-    plan.removed.extend(olds.map(|o| o.path.clone()));
+    olds.for_each(|o| plan.remove(&o));
+    if let Some(e) = failed {
+        return Err(e);
+    }
     plan.hooks = Hooks::plan(old, new, &plan.added, &plan.changed, &plan.removed);
     Ok(plan)
 }
@@ -386,7 +419,7 @@ pub fn plan(
 /// (kept, never deleted), the release extracted afresh when its own files
 /// drifted, and the units whose files were repaired restarted.
 fn repair_plan(state: &State, id: &ReleaseId, m: &Manifest, drift: Vec<Drift>) -> Result<Plan> {
-    let mut plan = plan(state, id, Some(m), m, true)?;
+    let mut plan = plan(state, id, Some((m, state::held(m))), m, true)?;
     let repaired: Vec<RelPath> = m
         .entries
         .iter()
@@ -484,7 +517,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
             "{from} is the oldest retained release: there is nothing to roll back to"
         )));
     };
-    let old = state.release(&from)?;
+    let old = state.release_head(&from)?;
     let target = state.release(&to)?;
     vouch(state, &target, keys)?;
     let drift = status::release_drift(state, &target)?;
@@ -496,7 +529,8 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
             d.detail
         )));
     }
-    let plan = plan(state, &to, Some(&old.manifest), &target.manifest, false)?;
+    let old_entries = Some((&old.manifest, old.entries()?));
+    let plan = plan(state, &to, old_entries, &target.manifest, false)?;
     refuse_conflicts(&plan)?;
     refuse_bad_units(&plan)?;
     if dry_run {
@@ -513,8 +547,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
     }
     let history = record.history[..pos].to_vec();
     let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
-    let manifests = (&target.manifest, Some(&old.manifest));
-    activate(state, &journal, plan, recovered, manifests, None)
+    activate(state, &journal, plan, recovered, &target.manifest, None)
 }
 
 /// Checks that a retained release's manifest is still the signed one: the
@@ -788,7 +821,7 @@ fn activate(
     journal: &Journal,
     plan: Plan,
     recovered: Option<String>,
-    manifests: (&Manifest, Option<&Manifest>),
+    new: &Manifest,
     stage: Option<Stage<'_>>,
 ) -> Result<Outcome> {
     if let Err(e) = state.write_journal(journal) {
@@ -805,12 +838,12 @@ fn activate(
         Ok(())
     });
     if let Err(e) = prepared {
-        let _ = revert(state, journal, Some(manifests.0));
+        let _ = revert(state, journal, Some(new));
         return Err(e);
     }
     let signers_down = std::time::Instant::now();
     state.switch(&journal.to)?;
-    let starting = finish(state, journal, manifests)?;
+    let starting = finish(state, journal, new, &plan.unlink)?;
     let signer_down_ms = (!journal.hooks.stop_before.is_empty())
         .then(|| (starting - signers_down).as_secs_f64() * 1000.0)
         .map(|ms| (ms * 10.0).round() / 10.0);
@@ -890,17 +923,21 @@ fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
 }
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
-/// `(new, old)` are the manifests of `journal.to` and `journal.from` (none
-/// when that is gone). Returns when the signers' starts began (the end of
+/// `new` is the manifest of `journal.to`; `unlink`, the files and symlinks
+/// of `journal.from` that it does not have (`Plan::unlink`). Returns when the signers' starts began (the end of
 /// their window): everything that can wait (pruning old releases) runs
 /// after them.
 fn finish(
     state: &State,
     journal: &Journal,
-    (new, old): (&Manifest, Option<&Manifest>),
+    new: &Manifest,
+    unlink: &[RelPath],
 ) -> Result<std::time::Instant> {
-    if let Some(old) = old {
-        remove_links(state, old, |p| new.has(p))?;
+    let mut farm = state.farm();
+    for p in unlink {
+        if farm.is_link(p) {
+            farm.unlink(p)?;
+        }
     }
     state.sync_fs()?;
     let mut record = state.record()?;
@@ -966,10 +1003,15 @@ fn vouched(journal: &Journal, to: &Manifest) -> (Vec<RelPath>, Vec<RelPath>) {
 
 /// Removes the farm links of `manifest`'s files and symlinks unless `keep`
 /// says otherwise (only InfraKit's own links: anything else stays).
-fn remove_links(state: &State, manifest: &Manifest, keep: impl Fn(&RelPath) -> bool) -> Result<()> {
+fn remove_links(
+    state: &State,
+    entries: Entries<'_>,
+    keep: impl Fn(&RelPath) -> bool,
+) -> Result<()> {
     let mut farm = state.farm();
-    for e in manifest.entries.iter().filter(|e| e.kind != EntryType::Dir) {
-        if !keep(&e.path) && farm.is_link(&e.path) {
+    for e in entries {
+        let e = e?;
+        if e.kind != EntryType::Dir && !keep(&e.path) && farm.is_link(&e.path) {
             farm.unlink(&e.path)?;
         }
     }
@@ -1031,10 +1073,17 @@ pub fn recover(state: &State) -> Result<Option<String>> {
     if state.current_id()?.as_ref() == Some(&journal.to) {
         let new = state.release(&journal.to)?.manifest;
         // The old release is pruned already if a previous finish got that far.
-        let old = (journal.from.as_ref())
-            .and_then(|from| state.release(from).ok())
-            .map(|r| r.manifest);
-        finish(state, &journal, (&new, old.as_ref()))?;
+        let old = (journal.from.as_ref()).and_then(|from| state.release_head(from).ok());
+        let mut unlink = Vec::new();
+        if let Some(old) = &old {
+            for e in old.entries()? {
+                let e = e?;
+                if e.kind != EntryType::Dir && !new.has(&e.path) {
+                    unlink.push(e.path.clone());
+                }
+            }
+        }
+        finish(state, &journal, &new, &unlink)?;
         state.remove_partials()?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",
@@ -1066,19 +1115,17 @@ pub fn recover(state: &State) -> Result<Option<String>> {
 fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()> {
     // Sorted, as the manifest's entries are.
     let from_paths: Vec<RelPath> = match &journal.from {
-        Some(from) => state
-            .release(from)?
-            .manifest
-            .entries
-            .into_iter()
-            .map(|e| e.path)
-            .collect(),
+        Some(from) => {
+            let from = state.release_head(from)?;
+            let paths = from.entries()?.map(|e| e.map(|e| e.path.clone()));
+            paths.collect::<Result<_>>()?
+        }
         None => Vec::new(),
     };
     let kept = |p: &RelPath| from_paths.binary_search(p).is_ok();
     let (created, adopted) = match to {
         Some(to) => {
-            remove_links(state, to, kept)?;
+            remove_links(state, state::held(to), kept)?;
             vouched(journal, to)
         }
         None => (Vec::new(), Vec::new()),

@@ -22,6 +22,7 @@
 //! relative symlink to `var/lib/infrakit/current/rootfs/<path>` (a "farm
 //! link"): switching `current` switches all of them at once.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
@@ -29,7 +30,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::manifest::{Manifest, ManifestEntry};
+use crate::artifact::manifest::{EntryReader, Manifest, ManifestEntry};
+use crate::artifact::pieces::PiecesError;
 use crate::error::{Error, Result};
 use crate::host::confined::{self, Dir, Meta, Resolve};
 use crate::host::hooks::Hooks;
@@ -217,11 +219,58 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Release {
     pub info: ReleaseInfo,
+    /// With its entries, or without them (`State::current_head`): then
+    /// `entries` reads them again from `manifest.json`.
     pub manifest: Manifest,
     /// The sha256 of `manifest.json` as read.
     pub manifest_sha256: Sha256,
     /// `artifact.minisig` as read (checked only by who needs it: rollback).
     pub signature: Vec<u8>,
+    /// Whether `manifest` holds the entries.
+    held: bool,
+    /// `manifest.json` as opened, and its path.
+    file: File,
+    path: PathBuf,
+}
+
+/// A release's entries in order, each checked (`Release::entries`).
+pub type Entries<'r> = Box<dyn Iterator<Item = Result<Cow<'r, ManifestEntry>>> + 'r>;
+
+/// The entries `m` holds, as `Entries`.
+pub fn held(m: &Manifest) -> Entries<'_> {
+    Box::new(m.entries.iter().map(|e| Ok(Cow::Borrowed(e))))
+}
+
+impl Release {
+    /// The manifest's entries: those held or, for a release read without
+    /// them, read again from the file that was read and checked the same
+    /// way, a piece at a time; a file that no longer has the digest it had
+    /// then ends them with an error.
+    pub fn entries(&self) -> Result<Entries<'_>> {
+        if self.held {
+            return Ok(held(&self.manifest));
+        }
+        let read_err = || state_error(self.path.clone(), "reading release manifest");
+        let changed = || Error::input(&self.path, "changed while it was being read; try again");
+        let mut from = self.file.try_clone().map_err(read_err())?;
+        io::Seek::rewind(&mut from).map_err(read_err())?;
+        let mut reader = EntryReader::new(from, crate::trust::verify::MANIFEST_MAX, true);
+        let mut done = false;
+        Ok(Box::new(std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            let failed = match reader.next_entry() {
+                Ok(Some(entry)) => return Some(Ok(Cow::Owned(entry))),
+                Ok(None) => (reader.finish().sha256 != Some(self.manifest_sha256)).then(changed),
+                Err(PiecesError::Io(e)) => Some(read_err()(e)),
+                Err(PiecesError::TooLarge(_)) => Some(changed()),
+                Err(PiecesError::Malformed(m)) => Some(Error::input(&self.path, m)),
+            };
+            done = true;
+            failed.map(Err)
+        })))
+    }
 }
 
 /// The state directories `State::create` made, to be removed again when
@@ -428,7 +477,7 @@ impl State {
     /// A retained release, read back as untrusted: `release.json` must name
     /// this release, and the manifest must be the one it describes.
     pub fn release(&self, id: &ReleaseId) -> Result<Release> {
-        self.release_in(id.as_str(), id, &[])
+        self.release_in(id.as_str(), id, true)
     }
 
     /// Release `id` while it is being extracted (`releases/.<id>.partial`,
@@ -436,12 +485,11 @@ impl State {
     /// reads a retained one: what recovery reverts when an activation was
     /// interrupted while staging.
     pub fn staged_release(&self, id: &ReleaseId) -> Result<Release> {
-        self.release_in(&partial_name(id), id, &[])
+        self.release_in(&partial_name(id), id, true)
     }
 
-    /// `other`: entries whose paths the release's manifest shares
-    /// (`Manifest::read`).
-    fn release_in(&self, name: &str, id: &ReleaseId, other: &[ManifestEntry]) -> Result<Release> {
+    /// `entries`: whether to hold the manifest's entries (see `Release`).
+    fn release_in(&self, name: &str, id: &ReleaseId, entries: bool) -> Result<Release> {
         let dir = self.dir()?;
         let base = Path::new("releases").join(name);
         let info_rel = base.join("release.json");
@@ -459,7 +507,7 @@ impl State {
         let read_err = || state_error(dir.display(&manifest_rel), "reading release manifest");
         let max = crate::trust::verify::MANIFEST_MAX;
         let file = dir.open_file(&manifest_rel).map_err(read_err())?;
-        let (parsed, manifest_sha256) = Manifest::read(file, max, other).map_err(read_err())?;
+        let (parsed, manifest_sha256) = Manifest::read(&file, max, entries).map_err(read_err())?;
         let manifest = parsed.map_err(|m| Error::input(&dir.display(&manifest_rel), m))?;
         if (&manifest.name, &manifest.version, manifest.archive.sha256)
             != (&info.name, &info.version, info.sha256)
@@ -479,21 +527,30 @@ impl State {
             manifest,
             manifest_sha256,
             signature,
+            held: entries,
+            file,
+            path: dir.display(&manifest_rel),
         })
     }
 
     /// The active release, if any.
     pub fn current(&self) -> Result<Option<Release>> {
-        self.current_sharing(&[])
+        self.current_id()?.map(|id| self.release(&id)).transpose()
     }
 
-    /// The active release, if any, its manifest's paths shared with
-    /// `other`'s where they are the same (`Manifest::read`): what an apply
-    /// that replaces it holds beside the new release's manifest.
-    pub fn current_sharing(&self, other: &[ManifestEntry]) -> Result<Option<Release>> {
+    /// The active release, if any, its manifest read and checked but its
+    /// entries not held (`Release::entries` reads them again): what an
+    /// apply that replaces it needs beside the new release's manifest.
+    pub fn current_head(&self) -> Result<Option<Release>> {
         self.current_id()?
-            .map(|id| self.release_in(id.as_str(), &id, other))
+            .map(|id| self.release_head(&id))
             .transpose()
+    }
+
+    /// Retained release `id` as `release` reads it, without holding its
+    /// manifest's entries (`Release::entries` reads them again).
+    pub fn release_head(&self, id: &ReleaseId) -> Result<Release> {
+        self.release_in(id.as_str(), id, false)
     }
 
     pub fn journal(&self) -> Result<Option<Journal>> {
@@ -919,6 +976,55 @@ impl Farm<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release read without its entries reads them again from the file
+    /// it read, and ends them in an error if that file changed since.
+    #[test]
+    fn a_release_read_without_its_entries_reads_them_again_and_notices_a_change() {
+        let root = tempfile::tempdir().unwrap();
+        let m = Manifest::sample();
+        let id = ReleaseId::new(&m.name, &m.version, &m.archive.sha256).unwrap();
+        let dir = root
+            .path()
+            .join(STATE_DIR)
+            .join("releases")
+            .join(id.as_str());
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = ReleaseInfo {
+            id: id.clone(),
+            name: m.name.clone(),
+            version: m.version.clone(),
+            sha256: m.archive.sha256,
+            key_id: "0123456789ABCDEF".into(),
+        };
+        let json = m.to_canonical_json();
+        std::fs::write(dir.join("release.json"), to_json(&info)).unwrap();
+        std::fs::write(dir.join("manifest.json"), &json).unwrap();
+        std::fs::write(dir.join("artifact.minisig"), b"sig").unwrap();
+        let state = State::open(root.path()).unwrap();
+        let whole = state.release(&id).unwrap();
+        let head = state.release_head(&id).unwrap();
+        assert_eq!(whole.manifest.entries, m.entries);
+        assert!(head.manifest.entries.is_empty());
+        let read = |r: &Release| -> Result<Vec<ManifestEntry>> {
+            r.entries()?.map(|e| e.map(Cow::into_owned)).collect()
+        };
+        assert_eq!(read(&whole).unwrap(), m.entries);
+        assert_eq!(read(&head).unwrap(), m.entries);
+        // Rewritten in place, the same length, one mode changed.
+        let text = String::from_utf8(json).unwrap();
+        assert!(text.contains("\"0644\""));
+        std::fs::write(
+            dir.join("manifest.json"),
+            text.replace("\"0644\"", "\"0600\""),
+        )
+        .unwrap();
+        let err = read(&head).unwrap_err().to_string();
+        assert!(err.contains("changed while it was being read"), "{err}");
+        assert!(err.contains("manifest.json"), "{err}");
+        // What is held is what was read.
+        assert_eq!(read(&whole).unwrap(), m.entries);
+    }
 
     #[test]
     fn farm_targets_climb_to_the_root() {

@@ -240,7 +240,7 @@ impl Verified {
 /// The entries of a manifest that was checked, read from its file again
 /// (`Verified::signed_entries`).
 struct SignedEntries {
-    reader: EntryReader<'static, At>,
+    reader: EntryReader<At>,
     want: Sha256,
     path: PathBuf,
     done: bool,
