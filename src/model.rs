@@ -243,20 +243,24 @@ impl<T> Chunked<T> {
 }
 
 /// The composed tree packed for writing the archive and the manifest: the
-/// entries in archive order, their paths and link targets back to back, each
-/// source and layer held once; about 80 bytes an entry, against about 140 in
-/// the map. Packing drains the map, and the packed entries are kept in
-/// chunks of 64 KiB, small enough for the allocator to place them in the
-/// memory the map's nodes and paths gave back: the heap then never holds
-/// both at once, and the archive is written beside zstd's buffers with only
-/// the packed tree under them (docs/benchmarks.md). Read back one entry at a
-/// time, as the map gave them.
+/// entries in archive order, each encoded in a few bytes (`Packer`: its path
+/// as what it shares with the one before and the rest, numbers as LEB128
+/// varints), each source and layer held once; about 20 bytes an entry for
+/// a tree of small files, against about 140 in the map. Packing drains the
+/// map, and the encoded entries are kept in chunks of 64 KiB, small enough
+/// for the allocator to place them in the memory the map's nodes and paths
+/// gave back: the heap then never holds both at once, and the archive is
+/// written beside zstd's buffers with only the packed tree under them
+/// (docs/benchmarks.md). Read back one entry at a time, as the map gave
+/// them.
 #[derive(Debug, Default)]
 pub struct PackedTree {
-    items: Chunked<Item>,
-    /// Each entry's path then its link target (symlinks only); an entry's
-    /// text never straddles two chunks.
-    text: Vec<String>,
+    /// The encoded entries; one never straddles two chunks.
+    bytes: Vec<Vec<u8>>,
+    len: usize,
+    files: usize,
+    /// Entries per layer, in `layers`' order.
+    per_layer: Vec<usize>,
     sources: Vec<Source>,
     layers: Vec<Arc<str>>,
 }
@@ -264,55 +268,54 @@ pub struct PackedTree {
 /// The bytes of one chunk of `PackedTree`.
 const CHUNK: usize = 64 << 10;
 
-#[derive(Debug)]
-struct Item {
-    /// File size (files only).
-    size: u64,
-    path_len: u32,
-    target_len: u32,
-    /// Index in `sources` (files only).
-    source: u32,
-    layer: u32,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    kind: ItemKind,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ItemKind {
-    Dir,
-    File,
-    Symlink,
-}
+const DIR: u8 = 0;
+const FILE: u8 = 1;
+const SYMLINK: u8 = 2;
 
 impl PackedTree {
-    /// Packs `tree`, consuming it entry by entry. Fails only on a tree no
-    /// machine could hold (a path, or a count of sources, past `u32`).
+    /// Packs `tree`, consuming it entry by entry. Cannot fail today; the
+    /// `Result` is for a tree no machine could hold.
     pub fn pack(tree: Tree) -> Result<PackedTree, String> {
-        let index = |n: usize, what: &str| {
-            u32::try_from(n)
-                .map_err(|_| format!("the composed tree is too large to archive: {what}"))
-        };
         let mut packed = PackedTree::default();
         let mut roots: Vec<(Arc<Path>, usize)> = Vec::new();
+        let mut last = String::new();
+        let mut buf = Vec::new();
         for (path, entry) in tree.entries {
-            let target = match &entry.kind {
-                Kind::Symlink { target } => target.as_str(),
-                _ => "",
-            };
-            packed.push_text(path.as_str(), target);
-            let target_len = index(target.len(), "a link target longer than 4 GiB")?;
             let layer = match packed.layers.iter().position(|l| *l == entry.layer) {
                 Some(i) => i,
                 None => {
                     packed.layers.push(entry.layer.clone());
+                    packed.per_layer.push(0);
                     packed.layers.len() - 1
                 }
             };
-            let (kind, size, source) = match entry.kind {
-                Kind::Dir => (ItemKind::Dir, 0, 0),
-                Kind::Symlink { .. } => (ItemKind::Symlink, 0, 0),
+            packed.per_layer[layer] += 1;
+            buf.clear();
+            let path = path.as_str();
+            // What the path shares with the one before, cut at a character.
+            let mut shared = path
+                .bytes()
+                .zip(last.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            while !path.is_char_boundary(shared) {
+                shared -= 1;
+            }
+            let kind = match &entry.kind {
+                Kind::Dir => DIR,
+                Kind::File { .. } => FILE,
+                Kind::Symlink { .. } => SYMLINK,
+            };
+            buf.push(kind);
+            put(&mut buf, shared as u64);
+            put_text(&mut buf, &path[shared..]);
+            for n in [entry.mode, entry.uid, entry.gid] {
+                put(&mut buf, u64::from(n));
+            }
+            put(&mut buf, layer as u64);
+            match entry.kind {
+                Kind::Dir => {}
+                Kind::Symlink { target } => put_text(&mut buf, &target),
                 Kind::File { source, size } => {
                     // An overlay's files share its root: held once. Made
                     // bytes and input files are one source each.
@@ -333,62 +336,42 @@ impl PackedTree {
                             packed.sources.len() - 1
                         }
                     };
-                    (
-                        ItemKind::File,
-                        size,
-                        index(i, "more than 4 billion sources")?,
-                    )
+                    put(&mut buf, size);
+                    put(&mut buf, i as u64);
+                    packed.files += 1;
                 }
-            };
-            let item = Item {
-                size,
-                path_len: index(path.as_str().len(), "a path longer than 4 GiB")?,
-                target_len,
-                source,
-                layer: index(layer, "more than 4 billion layers")?,
-                mode: entry.mode,
-                uid: entry.uid,
-                gid: entry.gid,
-                kind,
-            };
-            packed.items.push(item);
+            }
+            let fits = |chunk: &Vec<u8>| chunk.capacity() - chunk.len() >= buf.len();
+            if !packed.bytes.last().is_some_and(fits) {
+                packed.bytes.push(Vec::with_capacity(CHUNK.max(buf.len())));
+            }
+            if let Some(chunk) = packed.bytes.last_mut() {
+                chunk.extend_from_slice(&buf);
+            }
+            packed.len += 1;
+            last.clear();
+            last.push_str(path);
         }
         Ok(packed)
     }
 
-    /// Appends an entry's text, in a new chunk when the last one is full.
-    fn push_text(&mut self, path: &str, target: &str) {
-        let len = path.len() + target.len();
-        let fits = |chunk: &String| chunk.capacity() - chunk.len() >= len;
-        if !self.text.last().is_some_and(fits) {
-            self.text.push(String::with_capacity(CHUNK.max(len)));
-        }
-        if let Some(chunk) = self.text.last_mut() {
-            chunk.push_str(path);
-            chunk.push_str(target);
-        }
-    }
-
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len == 0
     }
 
     /// The number of regular files.
     pub fn files(&self) -> usize {
-        self.items
-            .iter()
-            .filter(|e| e.kind == ItemKind::File)
-            .count()
+        self.files
     }
 
     /// The number of entries `layer` provided.
     pub fn entries_of(&self, layer: &str) -> usize {
         match self.layers.iter().position(|l| **l == *layer) {
-            Some(i) => self.items.iter().filter(|e| e.layer as usize == i).count(),
+            Some(i) => self.per_layer[i],
             None => 0,
         }
     }
@@ -396,39 +379,82 @@ impl PackedTree {
     /// Every entry in archive order, as the map held it (each path and entry
     /// made afresh, its source and layer shared).
     pub fn iter(&self) -> impl Iterator<Item = (RelPath, Entry)> + '_ {
-        // Walks the text chunks in step with the items, as `push_text` filled
-        // them.
-        let mut chunks = self.text.iter();
-        let mut chunk = "";
-        self.items.iter().map(move |item| {
-            let len = item.path_len as usize + item.target_len as usize;
-            if chunk.len() < len {
-                chunk = chunks.next().map_or("", String::as_str);
+        let mut chunks = self.bytes.iter();
+        let mut at: &[u8] = &[];
+        let mut last = String::new();
+        std::iter::from_fn(move || {
+            if at.is_empty() {
+                at = chunks.next()?;
             }
-            let (text, rest) = chunk.split_at(len);
-            chunk = rest;
-            let (path, target) = text.split_at(item.path_len as usize);
-            let kind = match item.kind {
-                ItemKind::Dir => Kind::Dir,
-                ItemKind::Symlink => Kind::Symlink {
-                    target: target.to_owned(),
+            let kind = take(&mut at, 1)[0];
+            let shared = get(&mut at) as usize;
+            last.truncate(shared);
+            last.push_str(get_text(&mut at));
+            let [mode, uid, gid] = [0; 3].map(|_| get(&mut at) as u32);
+            let layer = self.layers[get(&mut at) as usize].clone();
+            let kind = match kind {
+                DIR => Kind::Dir,
+                SYMLINK => Kind::Symlink {
+                    target: get_text(&mut at).to_owned(),
                 },
-                ItemKind::File => Kind::File {
-                    source: self.sources[item.source as usize].clone(),
-                    size: item.size,
-                },
+                _ => {
+                    let size = get(&mut at);
+                    let source = self.sources[get(&mut at) as usize].clone();
+                    Kind::File { source, size }
+                }
             };
             let entry = Entry {
                 kind,
-                mode: item.mode,
-                uid: item.uid,
-                gid: item.gid,
-                layer: self.layers[item.layer as usize].clone(),
+                mode,
+                uid,
+                gid,
+                layer,
             };
             // Checked when the tree was composed.
-            (RelPath(Arc::from(path)), entry)
+            Some((RelPath(Arc::from(last.as_str())), entry))
         })
     }
+}
+
+/// Appends `n` as a LEB128 varint.
+fn put(buf: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        buf.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// Appends `text`'s length, then its bytes.
+fn put_text(buf: &mut Vec<u8>, text: &str) {
+    put(buf, text.len() as u64);
+    buf.extend_from_slice(text.as_bytes());
+}
+
+/// The first `n` bytes of `at`, which moves past them.
+fn take<'a>(at: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (head, rest) = at.split_at(n);
+    *at = rest;
+    head
+}
+
+/// Reads a varint `put` wrote.
+fn get(at: &mut &[u8]) -> u64 {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = take(at, 1)[0];
+        n |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            break;
+        }
+    }
+    n
+}
+
+/// Reads text `put_text` wrote (from a `&str`: whole characters).
+fn get_text<'a>(at: &mut &'a [u8]) -> &'a str {
+    let len = get(at) as usize;
+    std::str::from_utf8(take(at, len)).unwrap_or_default()
 }
 
 /// Follows `target` from `link`'s directory, resolving every symlink on the
@@ -609,8 +635,30 @@ mod tests {
             };
             tree.entries.insert(p(&path), entry);
         }
+        // Paths that share part of a character (`é` and `è` share their
+        // first byte), and numbers of every varint length.
+        for (path, n) in [
+            ("d/é1", u32::MAX),
+            ("d/è2", 1 << 21),
+            ("d/èè", 127),
+            ("e", 128),
+        ] {
+            let entry = Entry {
+                kind: Kind::File {
+                    source: Source::Overlay(root.clone()),
+                    size: u64::MAX >> u64::from(n % 64),
+                },
+                mode: 0o7777,
+                uid: n,
+                gid: n / 3,
+                layer: Arc::from("chain"),
+            };
+            tree.entries.insert(p(path), entry);
+        }
         let packed = PackedTree::pack(tree.clone()).expect("packs");
-        assert!(packed.items.chunks.len() > 3 && packed.text.len() > 3);
+        assert!(packed.bytes.len() > 3);
+        assert_eq!(packed.len(), 6004);
+        assert_eq!(packed.entries_of("chain"), 4);
         assert!(packed.iter().eq(tree.entries.into_iter()));
 
         let mut list = Chunked::default();
