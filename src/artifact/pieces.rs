@@ -10,6 +10,7 @@
 //! commas, as serde reads a list. Whatever else is wrong is serde's to
 //! refuse, in the head or in an element.
 
+use std::fs::File;
 use std::io::{self, Read};
 
 use sha2::Digest;
@@ -358,4 +359,26 @@ fn keep(to: &mut Vec<u8>, bytes: &[u8], max: usize, what: &str) -> Result<(), Pi
 
 fn malformed(what: &str) -> PiecesError {
     PiecesError::Malformed(what.to_owned())
+}
+
+/// A file read from its start with positioned reads: its own way through
+/// the file, whatever else reads it (a clone's offset is shared).
+pub struct At {
+    file: File,
+    offset: u64,
+}
+
+impl At {
+    pub fn start(file: File) -> At {
+        At { file, offset: 0 }
+    }
+}
+
+impl Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
 }

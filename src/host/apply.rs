@@ -1072,18 +1072,20 @@ pub fn recover(state: &State) -> Result<Option<String>> {
     };
     if state.current_id()?.as_ref() == Some(&journal.to) {
         let new = state.release(&journal.to)?.manifest;
-        // The old release is pruned already if a previous finish got that far.
-        let old = (journal.from.as_ref()).and_then(|from| state.release_head(from).ok());
-        let mut unlink = Vec::new();
-        if let Some(old) = &old {
-            for e in old.entries()? {
+        // The old release's links the new one lacks; none if it is pruned
+        // already (a previous finish got that far) or cannot be read.
+        let unlink = |from: &ReleaseId| -> Result<Vec<RelPath>> {
+            let mut paths = Vec::new();
+            for e in state.release_head(from)?.entries()? {
                 let e = e?;
                 if e.kind != EntryType::Dir && !new.has(&e.path) {
-                    unlink.push(e.path.clone());
+                    paths.push(e.path.clone());
                 }
             }
-        }
-        finish(state, &journal, &new, &unlink)?;
+            Ok(paths)
+        };
+        let unlink = (journal.from.as_ref()).and_then(|from| unlink(from).ok());
+        finish(state, &journal, &new, &unlink.unwrap_or_default())?;
         state.remove_partials()?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::manifest::{EntryReader, Manifest, ManifestEntry};
-use crate::artifact::pieces::PiecesError;
+use crate::artifact::pieces::{At, PiecesError};
 use crate::error::{Error, Result};
 use crate::host::confined::{self, Dir, Meta, Resolve};
 use crate::host::hooks::Hooks;
@@ -252,8 +252,7 @@ impl Release {
         }
         let read_err = || state_error(self.path.clone(), "reading release manifest");
         let changed = || Error::input(&self.path, "changed while it was being read; try again");
-        let mut from = self.file.try_clone().map_err(read_err())?;
-        io::Seek::rewind(&mut from).map_err(read_err())?;
+        let from = At::start(self.file.try_clone().map_err(read_err())?);
         let mut reader = EntryReader::new(from, crate::trust::verify::MANIFEST_MAX, true);
         let mut done = false;
         Ok(Box::new(std::iter::from_fn(move || {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::artifact::archive;
 use crate::artifact::manifest::{Binding, EntryReader, EntryType, Manifest, ManifestEntry};
-use crate::artifact::pieces::{Pieces, PiecesError};
+use crate::artifact::pieces::{At, Pieces, PiecesError};
 use crate::error::{Error, Result};
 use crate::model::RelPath;
 use crate::trust::digest::{HashingReader, ReadAhead, Sha256, SideJob, Stretch};
@@ -233,7 +233,7 @@ impl Verified {
             .manifest_file
             .try_clone()
             .map_err(Error::io(&self.manifest_path, "reopening manifest"))?;
-        Ok(At { file, offset: 0 })
+        Ok(At::start(file))
     }
 }
 
@@ -283,22 +283,6 @@ fn changed(path: &Path) -> Error {
         "{}: the manifest changed after it was checked; nothing was kept, try again",
         path.display()
     ))
-}
-
-/// A file read from `offset` on with positioned reads: its own way through
-/// the file, whatever else reads it.
-struct At {
-    file: File,
-    offset: u64,
-}
-
-impl Read for At {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let n = self.file.read_at(buf, self.offset)?;
-        self.offset += n as u64;
-        Ok(n)
-    }
 }
 
 /// Where the regular files' contents lie in the tar stream the manifest
@@ -611,12 +595,11 @@ fn open(opts: &VerifyOptions<'_>) -> Result<Opened> {
     // Hashed and split (not parsed): the head is parsed once the digest
     // is the signed one; a manifest that cannot be split is reported then.
     let mut reader = EntryReader::new(
-        At {
-            file: manifest_file
+        At::start(
+            manifest_file
                 .try_clone()
                 .map_err(Error::io(&manifest_path, "reopening manifest"))?,
-            offset: 0,
-        },
+        ),
         MANIFEST_MAX,
         true,
     );
@@ -674,12 +657,11 @@ fn bind(artifact: &Path, opened: &Opened, key_id: String, load: Load) -> Result<
         // Read again to parse the entries, and hashed again: the bytes
         // parsed must be the ones checked.
         let mut reader = EntryReader::new(
-            At {
-                file: manifest_file
+            At::start(
+                manifest_file
                     .try_clone()
                     .map_err(Error::io(manifest_path, "reopening manifest"))?,
-                offset: 0,
-            },
+            ),
             MANIFEST_MAX,
             true,
         );
