@@ -284,9 +284,9 @@ fn admit(
     id: &ReleaseId,
     opts: &ApplyOptions,
 ) -> Result<Option<Release>> {
-    // The release it replaces is read without its entries: the plan and
-    // `finish` read them again as they go. Applied again, it is read whole
-    // (its drift is checked against them).
+    // The release it replaces is read without its entries: the plan reads
+    // them again as it goes. Applied again, it is read whole (its drift is
+    // checked against them).
     let current = match state.current_id()? {
         Some(cur) if cur == *id => state.current()?,
         _ => state.current_head()?,
@@ -924,9 +924,9 @@ fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
 
 /// Step 6, after the switch: idempotent, so recovery can run it again.
 /// `new` is the manifest of `journal.to`; `unlink`, the files and symlinks
-/// of `journal.from` that it does not have (`Plan::unlink`). Returns when the signers' starts began (the end of
-/// their window): everything that can wait (pruning old releases) runs
-/// after them.
+/// of `journal.from` that it does not have (`Plan::unlink`). Returns when
+/// the signers' starts began (the end of their window): everything that
+/// can wait (pruning old releases) runs after them.
 fn finish(
     state: &State,
     journal: &Journal,
