@@ -273,9 +273,8 @@ const FILE: u8 = 1;
 const SYMLINK: u8 = 2;
 
 impl PackedTree {
-    /// Packs `tree`, consuming it entry by entry. Cannot fail today; the
-    /// `Result` is for a tree no machine could hold.
-    pub fn pack(tree: Tree) -> Result<PackedTree, String> {
+    /// Packs `tree`, consuming it entry by entry.
+    pub fn pack(tree: Tree) -> PackedTree {
         let mut packed = PackedTree::default();
         let mut roots: Vec<(Arc<Path>, usize)> = Vec::new();
         let mut last = String::new();
@@ -352,7 +351,7 @@ impl PackedTree {
             last.clear();
             last.push_str(path);
         }
-        Ok(packed)
+        packed
     }
 
     pub fn len(&self) -> usize {
@@ -588,7 +587,7 @@ mod tests {
         ] {
             tree.entries.insert(p(path), e);
         }
-        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        let packed = PackedTree::pack(tree.clone());
         let back: Vec<(RelPath, Entry)> = packed.iter().collect();
         let want: Vec<(RelPath, Entry)> = tree.entries.into_iter().collect();
         assert_eq!(back, want);
@@ -598,7 +597,7 @@ mod tests {
         assert_eq!(packed.entries_of("none"), 0);
         // Two overlay roots, one made file, one input: four sources.
         assert_eq!(packed.sources.len(), 4);
-        assert!(PackedTree::pack(Tree::default()).expect("packs").is_empty());
+        assert!(PackedTree::pack(Tree::default()).is_empty());
     }
 
     #[test]
@@ -655,7 +654,7 @@ mod tests {
             };
             tree.entries.insert(p(path), entry);
         }
-        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        let packed = PackedTree::pack(tree.clone());
         assert!(packed.bytes.len() > 3);
         assert_eq!(packed.len(), 6004);
         assert_eq!(packed.entries_of("chain"), 4);

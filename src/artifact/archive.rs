@@ -693,7 +693,7 @@ mod tests {
             workers: 1,
             mtime: 0,
         };
-        let packed = PackedTree::pack(tree.clone()).expect("packs");
+        let packed = PackedTree::pack(tree.clone());
         write(&packed, io::sink(), &opts, &|_| {}, &mut |_, _, _| {})
     }
 

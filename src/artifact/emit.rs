@@ -411,7 +411,7 @@ fn write_outputs(
 
     // From here on the tree is only read in order: packed, it takes about
     // half the memory beside zstd's buffers.
-    let tree = PackedTree::pack(tree).map_err(|why| Error::input(opts.profile, why))?;
+    let tree = PackedTree::pack(tree);
     let artifact_tmp = temp_in(opts.out_dir)?;
     let total = archive::content_size(&tree);
     let archive_opts = archive::Options {

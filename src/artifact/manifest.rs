@@ -608,6 +608,32 @@ impl<R: std::io::Read> EntryReader<R> {
         }
     }
 
+    /// The entries of a manifest read before, read again: each checked as
+    /// `next_entry` checks it, then, at the end, an error unless the file
+    /// still has the digest `want` (hashed: `new(.., true)`). `error` makes
+    /// the errors: of the reading, or `None` for a changed digest.
+    pub fn rechecked<E>(
+        mut self,
+        want: Sha256,
+        error: impl Fn(Option<PiecesError>) -> E,
+    ) -> impl Iterator<Item = Result<ManifestEntry, E>> {
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            done = true;
+            match self.next_entry() {
+                Ok(Some(entry)) => {
+                    done = false;
+                    Some(Ok(entry))
+                }
+                Ok(None) => (self.finish().sha256 != Some(want)).then(|| Err(error(None))),
+                Err(e) => Some(Err(error(Some(e)))),
+            }
+        })
+    }
+
     /// Once `next_entry` gave `None`: see `Read`.
     pub fn finish(&mut self) -> Read {
         let (head, sha256, size, entries) = self.pieces.finish();

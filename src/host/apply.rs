@@ -288,8 +288,9 @@ fn admit(
     // them again as it goes. Applied again, it is read whole (its drift is
     // checked against them).
     let current = match state.current_id()? {
-        Some(cur) if cur == *id => state.current()?,
-        _ => state.current_head()?,
+        Some(cur) if cur == *id => Some(state.release(&cur)?),
+        Some(cur) => Some(state.release_head(&cur)?),
+        None => None,
     };
     if let Some(cur) = &current
         && cur.info.id != *id

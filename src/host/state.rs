@@ -219,7 +219,7 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Release {
     pub info: ReleaseInfo,
-    /// With its entries, or without them (`State::current_head`): then
+    /// With its entries, or without them (`State::release_head`): then
     /// `entries` reads them again from `manifest.json`.
     pub manifest: Manifest,
     /// The sha256 of `manifest.json` as read.
@@ -251,24 +251,17 @@ impl Release {
             return Ok(held(&self.manifest));
         }
         let read_err = || state_error(self.path.clone(), "reading release manifest");
-        let changed = || Error::input(&self.path, "changed while it was being read; try again");
         let from = At::start(self.file.try_clone().map_err(read_err())?);
-        let mut reader = EntryReader::new(from, crate::trust::verify::MANIFEST_MAX, true);
-        let mut done = false;
-        Ok(Box::new(std::iter::from_fn(move || {
-            if done {
-                return None;
+        let reader = EntryReader::new(from, crate::trust::verify::MANIFEST_MAX, true);
+        let entries = reader.rechecked(self.manifest_sha256, move |e| match e {
+            Some(PiecesError::Io(e)) => read_err()(e),
+            Some(PiecesError::Malformed(m)) => Error::input(&self.path, m),
+            // Read whole before: now larger, or another digest.
+            Some(PiecesError::TooLarge(_)) | None => {
+                Error::input(&self.path, "changed while it was being read; try again")
             }
-            let failed = match reader.next_entry() {
-                Ok(Some(entry)) => return Some(Ok(Cow::Owned(entry))),
-                Ok(None) => (reader.finish().sha256 != Some(self.manifest_sha256)).then(changed),
-                Err(PiecesError::Io(e)) => Some(read_err()(e)),
-                Err(PiecesError::TooLarge(_)) => Some(changed()),
-                Err(PiecesError::Malformed(m)) => Some(Error::input(&self.path, m)),
-            };
-            done = true;
-            failed.map(Err)
-        })))
+        });
+        Ok(Box::new(entries.map(|e| e.map(Cow::Owned))))
     }
 }
 
@@ -535,15 +528,6 @@ impl State {
     /// The active release, if any.
     pub fn current(&self) -> Result<Option<Release>> {
         self.current_id()?.map(|id| self.release(&id)).transpose()
-    }
-
-    /// The active release, if any, its manifest read and checked but its
-    /// entries not held (`Release::entries` reads them again): what an
-    /// apply that replaces it needs beside the new release's manifest.
-    pub fn current_head(&self) -> Result<Option<Release>> {
-        self.current_id()?
-            .map(|id| self.release_head(&id))
-            .transpose()
     }
 
     /// Retained release `id` as `release` reads it, without holding its

@@ -217,13 +217,16 @@ impl Verified {
 
     /// The manifest's entries, read again from the file that was checked,
     /// and hashed: they end in an error unless `want` is its digest.
-    fn signed_entries(&self, want: Sha256) -> Result<SignedEntries> {
-        Ok(SignedEntries {
-            reader: EntryReader::new(self.reread()?, MANIFEST_MAX, true),
-            want,
-            path: self.manifest_path.clone(),
-            done: false,
-        })
+    fn signed_entries(
+        &self,
+        want: Sha256,
+    ) -> Result<impl Iterator<Item = Result<ManifestEntry>> + '_> {
+        let reader = EntryReader::new(self.reread()?, MANIFEST_MAX, true);
+        let path = &self.manifest_path;
+        Ok(reader.rechecked(want, move |e| match e {
+            Some(e) => manifest_error(path, e),
+            None => changed(path),
+        }))
     }
 
     /// The manifest file that was checked, from its start, read its own
@@ -234,34 +237,6 @@ impl Verified {
             .try_clone()
             .map_err(Error::io(&self.manifest_path, "reopening manifest"))?;
         Ok(At::start(file))
-    }
-}
-
-/// The entries of a manifest that was checked, read from its file again
-/// (`Verified::signed_entries`).
-struct SignedEntries {
-    reader: EntryReader<At>,
-    want: Sha256,
-    path: PathBuf,
-    done: bool,
-}
-
-impl Iterator for SignedEntries {
-    type Item = Result<ManifestEntry>;
-
-    fn next(&mut self) -> Option<Result<ManifestEntry>> {
-        if self.done {
-            return None;
-        }
-        let failed = match self.reader.next_entry() {
-            Ok(Some(entry)) => return Some(Ok(entry)),
-            Ok(None) => {
-                (self.reader.finish().sha256 != Some(self.want)).then(|| changed(&self.path))
-            }
-            Err(e) => Some(manifest_error(&self.path, e)),
-        };
-        self.done = true;
-        failed.map(Err)
     }
 }
 
