@@ -16,14 +16,17 @@ pub mod profile;
 pub mod units;
 
 use crate::error::{Error, Result};
-use crate::model::{Entry, Kind, RelPath, Source, Tree};
+use crate::model::{Entry, Kind, PackedTree, RelPath, Source};
 use overlay::Layer;
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 /// Where a composition error is reported: the profile that asked for it.
-/// Takes the layers by value and moves their entries, so the layers and the
-/// tree are never both whole in memory.
-pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
+/// Takes the layers by value: each is merged with the tree of the layers
+/// below it, both read in order and consumed as the merge goes (`PackedTree`
+/// frees each chunk once read), so no two of them are whole in memory and
+/// no map of the tree is ever built.
+pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<PackedTree> {
     let fail = |msg: String| Error::input(profile, msg);
     let ports: Vec<_> = layers
         .iter()
@@ -34,12 +37,12 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
         .rev()
         .find(|l| !l.ports.is_empty())
         .map(|l| Arc::clone(&l.name));
-    let mut tree = Tree::default();
+    let mut tree = PackedTree::default();
     for layer in layers {
         // Check every removal against the lower layers first, so a removal
         // of a directory and of a path inside it are both valid.
         for (path, at) in &layer.remove {
-            if !tree.entries.contains_key(path) {
+            if tree.get(path).is_none() {
                 return Err(Error::Input {
                     location: at.clone(),
                     message: format!(
@@ -48,90 +51,26 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                 });
             }
         }
-        for path in layer.remove.keys() {
-            let doomed: Vec<_> = tree
-                .entries
-                .range(path.clone()..)
-                .map(|(p, _)| p.clone())
-                .take_while(|p| p == path || p.as_str().starts_with(&format!("{path}/")))
-                .collect();
-            for p in doomed {
-                tree.entries.remove(&p);
-            }
-        }
-        if tree.entries.is_empty() && layer.replace.is_empty() {
-            // The lowest layer (or the first after removals emptied the
-            // tree) meets nothing: its map becomes the tree as it is.
-            tree.entries = layer.entries;
-            continue;
-        }
-        for (path, upper) in layer.entries {
-            let Some(lower) = tree.entries.get(&path) else {
-                if let Some(at) = layer.replace.get(&path) {
-                    return Err(Error::Input {
-                        location: at.clone(),
-                        message: format!(
-                            "replace names {path}, but no lower layer provides it; remove it from replace"
-                        ),
-                    });
-                }
-                tree.entries.insert(path, upper);
-                continue;
-            };
-            let replaces = layer.replace.contains_key(&path);
-            let both_dirs = lower.kind == Kind::Dir && upper.kind == Kind::Dir;
-            if (lower.kind == Kind::Dir) != (upper.kind == Kind::Dir) {
-                return Err(fail(format!(
-                    "type clash at {path}: layer {:?} has a {}, layer {:?} a {}",
-                    lower.layer,
-                    lower.kind.name(),
-                    layer.name,
-                    upper.kind.name()
-                )));
-            }
-            if both_dirs {
-                let same = (lower.mode, lower.uid, lower.gid) == (upper.mode, upper.uid, upper.gid);
-                if same || !layer.explicit.contains(&path) {
-                    continue;
-                }
-                if !replaces {
-                    return Err(fail(format!(
-                        "conflict at directory {path}: layer {:?} gives {:04o} {}:{}, layer {:?} gives {:04o} {}:{}; \
-                         add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
-                        lower.layer,
-                        lower.mode,
-                        lower.uid,
-                        lower.gid,
-                        layer.name,
-                        upper.mode,
-                        upper.uid,
-                        upper.gid,
-                        layer.name
-                    )));
-                }
-            } else if !replaces {
-                return Err(fail(format!(
-                    "conflict at {path}: provided by layer {:?} and layer {:?}; \
-                     add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
-                    lower.layer, layer.name, layer.name
-                )));
-            }
-            tree.entries.insert(path, upper);
-        }
+        tree = merge(profile, tree, layer)?;
     }
     if let Some(owner) = port_owner {
-        add_firewall(profile, &ports, owner, &mut tree)?;
+        tree = add_firewall(profile, &ports, owner, tree)?;
     }
-    for (path, entry) in &tree.entries {
+    // Every link resolved through the whole tree: only links are looked up,
+    // so they are packed apart.
+    let mut links = PackedTree::default();
+    for (path, entry) in tree.iter() {
+        if matches!(entry.kind, Kind::Symlink { .. }) {
+            links.push(&path, entry);
+        }
+    }
+    let link_at = |p: &RelPath| match links.get(p)?.kind {
+        Kind::Symlink { target } => Some(target),
+        _ => None,
+    };
+    for (path, entry) in links.iter() {
         if let Kind::Symlink { target } = &entry.kind
-            && let Err(why) =
-                crate::model::resolve_symlink(path, target, |p| match tree.entries.get(p) {
-                    Some(Entry {
-                        kind: Kind::Symlink { target },
-                        ..
-                    }) => Some(target.as_str()),
-                    _ => None,
-                })
+            && let Err(why) = crate::model::resolve_symlink(&path, target, link_at)
         {
             return Err(fail(format!(
                 "symlink {path} -> {target} (layer {:?}) {why}; point it inside the tree",
@@ -139,19 +78,25 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
             )));
         }
     }
-    for (path, entry) in &tree.entries {
+    // Every parent a directory: in order, the entries above the current
+    // one are a stack.
+    let mut open: Vec<(RelPath, Entry)> = Vec::new();
+    for (path, entry) in tree.iter() {
+        while open.last().is_some_and(|(dir, _)| !path.is_under(dir)) {
+            open.pop();
+        }
         if let Some(parent) = path.parent() {
-            match tree.entries.get(&parent) {
-                Some(p) if p.kind == Kind::Dir => {}
-                Some(p) => {
+            match open.last() {
+                Some((p, e)) if *p == parent && e.kind == Kind::Dir => {}
+                Some((p, e)) if *p == parent => {
                     return Err(fail(format!(
                         "{path} (layer {:?}) lies under {parent}, which layer {:?} makes a {}",
                         entry.layer,
-                        p.layer,
-                        p.kind.name()
+                        e.layer,
+                        e.kind.name()
                     )));
                 }
-                None => {
+                _ => {
                     return Err(fail(format!(
                         "{path} (layer {:?}) has no parent directory {parent}",
                         entry.layer
@@ -159,25 +104,126 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<Tree> {
                 }
             }
         }
+        open.push((path, entry));
     }
     Ok(tree)
+}
+
+/// `layer` over `tree`: the layer's removals taken out, its paths added,
+/// a path both have decided by the layer's `replace` and `explicit`.
+fn merge(profile: &std::path::Path, tree: PackedTree, mut layer: Layer) -> Result<PackedTree> {
+    let fail = |msg: String| Error::input(profile, msg);
+    let name = Arc::clone(&layer.name);
+    let replace = std::mem::take(&mut layer.replace);
+    let explicit = std::mem::take(&mut layer.explicit);
+    let remove = std::mem::take(&mut layer.remove);
+    // Both sorted: a removed path's subtree follows it at once.
+    let mut removes = remove.keys().peekable();
+    let mut cut: Option<RelPath> = None;
+    let mut lower = tree
+        .into_entries()
+        .filter(|(path, _)| {
+            if cut.as_ref().is_some_and(|c| path == c || path.is_under(c)) {
+                return false;
+            }
+            while removes.next_if(|r| *r < path).is_some() {}
+            if removes.next_if(|r| *r == path).is_some() {
+                cut = Some(path.clone());
+                return false;
+            }
+            true
+        })
+        .peekable();
+    let mut upper = layer.into_entries().peekable();
+    let mut out = PackedTree::default();
+    loop {
+        let order = match (lower.peek(), upper.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((l, _)), Some((u, _))) => l.cmp(u),
+        };
+        let (path, entry) = match order {
+            Ordering::Less => lower.next().expect("peeked"),
+            Ordering::Greater => {
+                let (path, upper) = upper.next().expect("peeked");
+                if let Some(at) = replace.get(&path) {
+                    return Err(Error::Input {
+                        location: at.clone(),
+                        message: format!(
+                            "replace names {path}, but no lower layer provides it; remove it from replace"
+                        ),
+                    });
+                }
+                (path, upper)
+            }
+            Ordering::Equal => {
+                let (path, lower) = lower.next().expect("peeked");
+                let (_, upper) = upper.next().expect("peeked");
+                let replaces = replace.contains_key(&path);
+                let both_dirs = lower.kind == Kind::Dir && upper.kind == Kind::Dir;
+                if (lower.kind == Kind::Dir) != (upper.kind == Kind::Dir) {
+                    return Err(fail(format!(
+                        "type clash at {path}: layer {:?} has a {}, layer {:?} a {}",
+                        lower.layer,
+                        lower.kind.name(),
+                        name,
+                        upper.kind.name()
+                    )));
+                }
+                if both_dirs {
+                    let same =
+                        (lower.mode, lower.uid, lower.gid) == (upper.mode, upper.uid, upper.gid);
+                    if same || !explicit.contains(&path) {
+                        out.push(&path, lower);
+                        continue;
+                    }
+                    if !replaces {
+                        return Err(fail(format!(
+                            "conflict at directory {path}: layer {:?} gives {:04o} {}:{}, layer {:?} gives {:04o} {}:{}; \
+                             add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
+                            lower.layer,
+                            lower.mode,
+                            lower.uid,
+                            lower.gid,
+                            name,
+                            upper.mode,
+                            upper.uid,
+                            upper.gid,
+                            name
+                        )));
+                    }
+                } else if !replaces {
+                    return Err(fail(format!(
+                        "conflict at {path}: provided by layer {:?} and layer {:?}; \
+                         add it to `replace` in {:?}'s overlay.toml (adapter.toml for an adapter) if the upper layer should win",
+                        lower.layer, name, name
+                    )));
+                }
+                (path, upper)
+            }
+        };
+        out.push(&path, entry);
+    }
+    Ok(out)
 }
 
 /// Where the generated nftables ruleset goes.
 pub const FIREWALL_PATH: &str = "etc/infrakit/firewall.nft";
 
 /// Renders the ports of all layers into one ruleset, attributed to `owner`,
-/// the topmost layer that declares ports.
+/// the topmost layer that declares ports, and adds it to `tree` (with the
+/// parent directories it lacks).
 fn add_firewall(
     profile: &std::path::Path,
     ports: &[firewall::Port],
     owner: Arc<str>,
-    tree: &mut Tree,
-) -> Result<()> {
+    tree: PackedTree,
+) -> Result<PackedTree> {
     let merged = firewall::merge(ports).map_err(|m| Error::input(profile, m))?;
     let text = firewall::render(&merged);
     let path = RelPath::new(FIREWALL_PATH).expect("a valid constant path");
-    if let Some(e) = tree.entries.get(&path) {
+    if let Some(e) = tree.get(&path) {
         return Err(Error::input(
             profile,
             format!(
@@ -186,16 +232,20 @@ fn add_firewall(
             ),
         ));
     }
+    let mut layer = Layer::empty(Arc::clone(&owner));
     for parent in path.ancestors() {
-        tree.entries.entry(parent).or_insert_with(|| Entry {
-            kind: Kind::Dir,
-            mode: crate::model::DIR_MODE,
-            uid: 0,
-            gid: 0,
-            layer: Arc::clone(&owner),
-        });
+        if tree.get(&parent).is_none() {
+            let dir = Entry {
+                kind: Kind::Dir,
+                mode: crate::model::DIR_MODE,
+                uid: 0,
+                gid: 0,
+                layer: Arc::clone(&owner),
+            };
+            layer.entries.insert(parent, dir);
+        }
     }
-    tree.entries.insert(
+    layer.entries.insert(
         path,
         Entry {
             kind: Kind::File {
@@ -208,7 +258,8 @@ fn add_firewall(
             layer: owner,
         },
     );
-    Ok(())
+    // Only paths the tree lacks: the merge adds them.
+    merge(profile, tree, layer)
 }
 
 #[cfg(test)]
@@ -221,10 +272,7 @@ mod tests {
     }
 
     fn layer(name: &str, items: &[(&str, Kind, u32)]) -> Layer {
-        let mut l = Layer {
-            name: name.into(),
-            ..Layer::default()
-        };
+        let mut l = Layer::empty(name.into());
         for (path, kind, mode) in items {
             l.entries.insert(
                 p(path),
@@ -258,13 +306,13 @@ mod tests {
         let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/a", file(), 0o644)]);
         let b = layer("b", &[("etc", Kind::Dir, 0o700), ("etc/b", file(), 0o644)]);
         let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
-        assert_eq!(t.entries[&p("etc")].layer, "a".into());
+        assert_eq!(t.get(&p("etc")).unwrap().layer, "a".into());
         assert_eq!(
-            t.entries[&p("etc")].mode,
+            t.get(&p("etc")).unwrap().mode,
             0o755,
             "implicit dir attrs do not override"
         );
-        assert_eq!(t.entries[&p("etc/b")].layer, "b".into());
+        assert_eq!(t.get(&p("etc/b")).unwrap().layer, "b".into());
     }
 
     #[test]
@@ -274,8 +322,8 @@ mod tests {
         assert!(compose_err(&[a.clone(), b.clone()]).contains("conflict at etc/x"));
         b.replace.insert(p("etc/x"), "b/overlay.toml:1:1".into());
         let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
-        assert_eq!(t.entries[&p("etc/x")].mode, 0o600);
-        assert_eq!(t.entries[&p("etc/x")].layer, "b".into());
+        assert_eq!(t.get(&p("etc/x")).unwrap().mode, 0o600);
+        assert_eq!(t.get(&p("etc/x")).unwrap().layer, "b".into());
     }
 
     #[test]

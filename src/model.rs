@@ -70,16 +70,20 @@ impl RelPath {
 }
 
 impl Ord for RelPath {
-    /// Component by component, computed bytewise: `/` sorts below every
-    /// other byte (no NUL can occur), which is exactly component order.
     fn cmp(&self, other: &Self) -> Ordering {
-        let key = |b: &u8| if *b == b'/' { 0 } else { *b };
-        self.0
-            .as_bytes()
-            .iter()
-            .map(key)
-            .cmp(other.0.as_bytes().iter().map(key))
+        path_order(&self.0, &other.0)
     }
+}
+
+/// `RelPath`'s order on the strings: component by component, computed
+/// bytewise: `/` sorts below every other byte (no NUL can occur), which is
+/// exactly component order.
+pub fn path_order(a: &str, b: &str) -> Ordering {
+    let key = |b: &u8| if *b == b'/' { 0 } else { *b };
+    a.as_bytes()
+        .iter()
+        .map(key)
+        .cmp(b.as_bytes().iter().map(key))
 }
 
 impl PartialOrd for RelPath {
@@ -242,18 +246,19 @@ impl<T> Chunked<T> {
     }
 }
 
-/// The composed tree packed for writing the archive and the manifest: the
-/// entries in archive order, each encoded in a few bytes (`Packer`: its path
-/// as what it shares with the one before and the rest, numbers as LEB128
-/// varints), each source and layer held once; about 20 bytes an entry for
-/// a tree of small files, against about 140 in the map. Packing drains the
-/// map, and the encoded entries are kept in chunks of 64 KiB, small enough
-/// for the allocator to place them in the memory the map's nodes and paths
-/// gave back: the heap then never holds both at once, and the archive is
-/// written beside zstd's buffers with only the packed tree under them
-/// (docs/benchmarks.md). Read back one entry at a time, as the map gave
-/// them.
-#[derive(Debug, Default)]
+/// A tree packed in order: the entries in archive order, each encoded in a
+/// few bytes (its path as what it shares with the one before and the rest,
+/// numbers as LEB128 varints), each source and layer held once; about 25
+/// bytes an entry for a tree of small files, against about 140 in a map.
+/// Composition makes one from each layer's walk of `root/` and merges them
+/// into the composed tree, consuming each as it goes (`into_entries`); the
+/// build writes the archive and the manifest from it. The encoded entries
+/// are kept in chunks of 64 KiB, each starting afresh (its first path
+/// whole), so a lookup bisects the chunks (`get`) and a chunk read is
+/// freed at once: the heap never holds a layer's tree twice, and the
+/// archive is written beside zstd's buffers with only the packed tree
+/// under them (docs/benchmarks.md).
+#[derive(Clone, Debug, Default)]
 pub struct PackedTree {
     /// The encoded entries; one never straddles two chunks.
     bytes: Vec<Vec<u8>>,
@@ -263,6 +268,9 @@ pub struct PackedTree {
     per_layer: Vec<usize>,
     sources: Vec<Source>,
     layers: Vec<Arc<str>>,
+    /// The last path pushed, and the overlay roots already in `sources`.
+    last: String,
+    roots: Vec<(Arc<Path>, usize)>,
 }
 
 /// The bytes of one chunk of `PackedTree`.
@@ -276,82 +284,105 @@ impl PackedTree {
     /// Packs `tree`, consuming it entry by entry.
     pub fn pack(tree: Tree) -> PackedTree {
         let mut packed = PackedTree::default();
-        let mut roots: Vec<(Arc<Path>, usize)> = Vec::new();
-        let mut last = String::new();
-        let mut buf = Vec::new();
         for (path, entry) in tree.entries {
-            let layer = match packed.layers.iter().position(|l| *l == entry.layer) {
-                Some(i) => i,
-                None => {
-                    packed.layers.push(entry.layer.clone());
-                    packed.per_layer.push(0);
-                    packed.layers.len() - 1
-                }
-            };
-            packed.per_layer[layer] += 1;
-            buf.clear();
-            let path = path.as_str();
-            // What the path shares with the one before, cut at a character.
-            let mut shared = path
-                .bytes()
-                .zip(last.bytes())
-                .take_while(|(a, b)| a == b)
-                .count();
-            while !path.is_char_boundary(shared) {
-                shared -= 1;
-            }
-            let kind = match &entry.kind {
-                Kind::Dir => DIR,
-                Kind::File { .. } => FILE,
-                Kind::Symlink { .. } => SYMLINK,
-            };
-            buf.push(kind);
-            put(&mut buf, shared as u64);
-            put_text(&mut buf, &path[shared..]);
-            for n in [entry.mode, entry.uid, entry.gid] {
-                put(&mut buf, u64::from(n));
-            }
-            put(&mut buf, layer as u64);
-            match entry.kind {
-                Kind::Dir => {}
-                Kind::Symlink { target } => put_text(&mut buf, &target),
-                Kind::File { source, size } => {
-                    // An overlay's files share its root: held once. Made
-                    // bytes and input files are one source each.
-                    let shared = match &source {
-                        Source::Overlay(root) => roots
-                            .iter()
-                            .find(|(r, _)| Arc::ptr_eq(r, root))
-                            .map(|&(_, i)| i),
-                        Source::Bytes(_) | Source::Input(_) => None,
-                    };
-                    let i = match shared {
-                        Some(i) => i,
-                        None => {
-                            if let Source::Overlay(root) = &source {
-                                roots.push((root.clone(), packed.sources.len()));
-                            }
-                            packed.sources.push(source);
-                            packed.sources.len() - 1
-                        }
-                    };
-                    put(&mut buf, size);
-                    put(&mut buf, i as u64);
-                    packed.files += 1;
-                }
-            }
-            let fits = |chunk: &Vec<u8>| chunk.capacity() - chunk.len() >= buf.len();
-            if !packed.bytes.last().is_some_and(fits) {
-                packed.bytes.push(Vec::with_capacity(CHUNK.max(buf.len())));
-            }
-            if let Some(chunk) = packed.bytes.last_mut() {
-                chunk.extend_from_slice(&buf);
-            }
-            packed.len += 1;
-            last.clear();
-            last.push_str(path);
+            packed.push(&path, entry);
         }
         packed
+    }
+
+    /// Appends an entry; `path` sorts after every path pushed before
+    /// (`last`).
+    pub fn push(&mut self, path: &RelPath, entry: Entry) {
+        debug_assert!(self.len == 0 || path_order(&self.last, path.as_str()).is_lt());
+        let layer = match self.layers.iter().position(|l| *l == entry.layer) {
+            Some(i) => i,
+            None => {
+                self.layers.push(entry.layer.clone());
+                self.per_layer.push(0);
+                self.layers.len() - 1
+            }
+        };
+        self.per_layer[layer] += 1;
+        let kind = match &entry.kind {
+            Kind::Dir => DIR,
+            Kind::File { .. } => FILE,
+            Kind::Symlink { .. } => SYMLINK,
+        };
+        // What follows the path.
+        let mut rest = Vec::new();
+        for n in [entry.mode, entry.uid, entry.gid] {
+            put(&mut rest, u64::from(n));
+        }
+        put(&mut rest, layer as u64);
+        match entry.kind {
+            Kind::Dir => {}
+            Kind::Symlink { target } => put_text(&mut rest, &target),
+            Kind::File { source, size } => {
+                // An overlay's files share its root: held once. Made bytes
+                // and input files are one source each.
+                let shared = match &source {
+                    Source::Overlay(root) => self
+                        .roots
+                        .iter()
+                        .find(|(r, _)| Arc::ptr_eq(r, root))
+                        .map(|&(_, i)| i),
+                    Source::Bytes(_) | Source::Input(_) => None,
+                };
+                let i = match shared {
+                    Some(i) => i,
+                    None => {
+                        if let Source::Overlay(root) = &source {
+                            self.roots.push((root.clone(), self.sources.len()));
+                        }
+                        self.sources.push(source);
+                        self.sources.len() - 1
+                    }
+                };
+                put(&mut rest, size);
+                put(&mut rest, i as u64);
+                self.files += 1;
+            }
+        }
+        let path = path.as_str();
+        // What the path shares with the one before, cut at a character.
+        let mut shared = path
+            .bytes()
+            .zip(self.last.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        while !path.is_char_boundary(shared) {
+            shared -= 1;
+        }
+        let head = |shared: usize| {
+            let mut buf = vec![kind];
+            put(&mut buf, shared as u64);
+            put_text(&mut buf, &path[shared..]);
+            buf
+        };
+        let mut buf = head(shared);
+        let fits = |chunk: &Vec<u8>, n: usize| chunk.capacity() - chunk.len() >= n;
+        if !self
+            .bytes
+            .last()
+            .is_some_and(|c| fits(c, buf.len() + rest.len()))
+        {
+            // A chunk starts with a whole path.
+            buf = head(0);
+            self.bytes
+                .push(Vec::with_capacity(CHUNK.max(buf.len() + rest.len())));
+        }
+        if let Some(chunk) = self.bytes.last_mut() {
+            chunk.extend_from_slice(&buf);
+            chunk.extend_from_slice(&rest);
+        }
+        self.len += 1;
+        self.last.clear();
+        self.last.push_str(path);
+    }
+
+    /// The last path pushed, if any.
+    pub fn last(&self) -> Option<&str> {
+        (self.len > 0).then_some(self.last.as_str())
     }
 
     pub fn len(&self) -> usize {
@@ -375,6 +406,58 @@ impl PackedTree {
         }
     }
 
+    /// The entry at `path`: the chunks bisected by their first path, then
+    /// one chunk read in order.
+    pub fn get(&self, path: &RelPath) -> Option<Entry> {
+        fn first(chunk: &[u8]) -> &str {
+            let mut at = &chunk[1..];
+            get(&mut at);
+            get_text(&mut at)
+        }
+        let after = self
+            .bytes
+            .partition_point(|c| path_order(first(c), path.as_str()).is_le());
+        let mut at = &self.bytes[after.checked_sub(1)?][..];
+        let mut last = String::new();
+        while !at.is_empty() {
+            let entry = self.decode(&mut at, &mut last);
+            match path_order(&last, path.as_str()) {
+                Ordering::Less => {}
+                Ordering::Equal => return Some(entry),
+                Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+
+    /// Reads the entry at the front of `at`, its path into `last`.
+    fn decode(&self, at: &mut &[u8], last: &mut String) -> Entry {
+        let kind = take(at, 1)[0];
+        let shared = get(at) as usize;
+        last.truncate(shared);
+        last.push_str(get_text(at));
+        let [mode, uid, gid] = [0; 3].map(|_| get(at) as u32);
+        let layer = self.layers[get(at) as usize].clone();
+        let kind = match kind {
+            DIR => Kind::Dir,
+            SYMLINK => Kind::Symlink {
+                target: get_text(at).to_owned(),
+            },
+            _ => {
+                let size = get(at);
+                let source = self.sources[get(at) as usize].clone();
+                Kind::File { source, size }
+            }
+        };
+        Entry {
+            kind,
+            mode,
+            uid,
+            gid,
+            layer,
+        }
+    }
+
     /// Every entry in archive order, as the map held it (each path and entry
     /// made afresh, its source and layer shared).
     pub fn iter(&self) -> impl Iterator<Item = (RelPath, Entry)> + '_ {
@@ -385,31 +468,26 @@ impl PackedTree {
             if at.is_empty() {
                 at = chunks.next()?;
             }
-            let kind = take(&mut at, 1)[0];
-            let shared = get(&mut at) as usize;
-            last.truncate(shared);
-            last.push_str(get_text(&mut at));
-            let [mode, uid, gid] = [0; 3].map(|_| get(&mut at) as u32);
-            let layer = self.layers[get(&mut at) as usize].clone();
-            let kind = match kind {
-                DIR => Kind::Dir,
-                SYMLINK => Kind::Symlink {
-                    target: get_text(&mut at).to_owned(),
-                },
-                _ => {
-                    let size = get(&mut at);
-                    let source = self.sources[get(&mut at) as usize].clone();
-                    Kind::File { source, size }
-                }
-            };
-            let entry = Entry {
-                kind,
-                mode,
-                uid,
-                gid,
-                layer,
-            };
+            let entry = self.decode(&mut at, &mut last);
             // Checked when the tree was composed.
+            Some((RelPath(Arc::from(last.as_str())), entry))
+        })
+    }
+
+    /// Every entry in archive order, each chunk freed once it is read.
+    pub fn into_entries(mut self) -> impl Iterator<Item = (RelPath, Entry)> {
+        let mut chunks = std::mem::take(&mut self.bytes).into_iter();
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut read = 0;
+        let mut last = String::new();
+        std::iter::from_fn(move || {
+            if read == chunk.len() {
+                chunk = chunks.next()?;
+                read = 0;
+            }
+            let mut at = &chunk[read..];
+            let entry = self.decode(&mut at, &mut last);
+            read = chunk.len() - at.len();
             Some((RelPath(Arc::from(last.as_str())), entry))
         })
     }
@@ -463,10 +541,10 @@ fn get_text<'a>(at: &mut &'a [u8]) -> &'a str {
 /// checks its own links with no lookup (lexically); composition checks every
 /// link through the whole tree, which catches chains (`up -> .`,
 /// `esc -> up/..`) across links and layers.
-pub fn resolve_symlink<'t>(
+pub fn resolve_symlink(
     link: &RelPath,
     target: &str,
-    symlink_at: impl Fn(&RelPath) -> Option<&'t str>,
+    symlink_at: impl Fn(&RelPath) -> Option<String>,
 ) -> Result<(), String> {
     const MAX_HOPS: usize = 40;
     type Parts = std::collections::VecDeque<String>;
@@ -503,7 +581,7 @@ pub fn resolve_symlink<'t>(
                         return Err("goes through a symlink loop".to_owned());
                     }
                     dir.pop();
-                    push_target(&mut dir, &mut pending, next);
+                    push_target(&mut dir, &mut pending, &next);
                 }
             }
         }
@@ -667,6 +745,41 @@ mod tests {
         assert_eq!(list.len(), 100_000);
         assert!(list.iter().copied().eq(0..100_000));
         assert!(list.chunks.iter().all(|c| c.capacity() * 8 == CHUNK));
+    }
+
+    #[test]
+    fn a_packed_tree_finds_each_path_and_can_be_read_away() {
+        // About 80 bytes each: several chunks.
+        let entry = |uid| Entry {
+            kind: Kind::Symlink {
+                target: format!("{uid:060}"),
+            },
+            mode: 0o777,
+            uid,
+            gid: 0,
+            layer: Arc::from("base"),
+        };
+        let mut tree = Tree::default();
+        for i in 0..6000u32 {
+            tree.entries
+                .insert(p(&format!("d{}/e{i:05}", i % 3)), entry(i));
+        }
+        for d in 0..3 {
+            tree.entries.insert(p(&format!("d{d}")), entry(d));
+        }
+        let packed = PackedTree::pack(tree.clone());
+        assert!(packed.bytes.len() > 3);
+        assert_eq!(packed.last(), Some("d2/e05999"));
+        for (path, e) in &tree.entries {
+            assert_eq!(packed.get(path).as_ref(), Some(e), "{path}");
+        }
+        // Before the first, between two, after the last, a prefix.
+        for absent in ["a", "d0/e00001", "d0/e", "d1/e040000", "d3", "d2/e05999/x"] {
+            assert_eq!(packed.get(&p(absent)), None, "{absent}");
+        }
+        assert_eq!(PackedTree::default().get(&p("a")), None);
+        assert!(packed.clone().into_entries().eq(packed.iter()));
+        assert!(packed.into_entries().eq(tree.entries.into_iter()));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::compose::overlay::Layer;
 use crate::compose::profile::Profile;
 use crate::error::{Error, Result};
 use crate::inputs::decl::Input;
-use crate::model::{PackedTree, Tree};
+use crate::model::PackedTree;
 use crate::trust::digest::{HashingWriter, Sha256};
 use crate::trust::sign::{Prehasher, SecretKey};
 
@@ -172,7 +172,7 @@ pub struct Built {
 /// from the layers.
 pub struct Composed {
     pub profile: Profile,
-    pub tree: Tree,
+    pub tree: PackedTree,
     pub allow_setuid: std::collections::BTreeSet<crate::model::RelPath>,
     /// What the adapters add to the manifest and to lint.
     pub adapters: AdapterFacts,
@@ -256,7 +256,7 @@ pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Compos
     for slot in &facts.secrets {
         let at = crate::model::RelPath::new(slot.path.trim_start_matches('/'))
             .map_err(|m| Error::input(path, m))?;
-        if let Some(layer) = layers.iter().find(|l| l.entries.contains_key(&at)) {
+        if let Some((layer, entry)) = layers.iter().find_map(|l| Some((l, l.get(&at)?))) {
             return Err(Error::input(
                 path,
                 format!(
@@ -266,7 +266,7 @@ pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Compos
                     slot.path,
                     slot.layer,
                     layer.name,
-                    layer.entries[&at].kind.name()
+                    entry.kind.name()
                 ),
             ));
         }
@@ -348,9 +348,8 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
     // runs the whole lint at once, so every finding is reported together.
     let clean = composed
         .tree
-        .entries
         .iter()
-        .all(|(p, e)| lint::metadata(p, e, &composed.allow_setuid).is_empty());
+        .all(|(p, e)| lint::metadata(&p, &e, &composed.allow_setuid).is_empty());
     if !clean || !composed.adapter_findings().is_empty() {
         return Err(lint_failed(opts.profile, &composed.lint()?));
     }
@@ -396,7 +395,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
 fn write_outputs(
     opts: &BuildOptions<'_>,
     profile: &Profile,
-    tree: Tree,
+    tree: PackedTree,
     adapters: &AdapterFacts,
     version: &str,
     source_date_epoch: u64,
@@ -409,9 +408,6 @@ fn write_outputs(
     let manifest_path = opts.out_dir.join(manifest::file_name(&profile.name));
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
-    // From here on the tree is only read in order: packed, it takes about
-    // half the memory beside zstd's buffers.
-    let tree = PackedTree::pack(tree);
     let artifact_tmp = temp_in(opts.out_dir)?;
     let total = archive::content_size(&tree);
     let archive_opts = archive::Options {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::compose::adapter::SecretEnv;
 use crate::error::{Error, Result};
-use crate::model::{Entry, Kind, RelPath, Source, Tree};
+use crate::model::{Entry, Kind, PackedTree, RelPath, Source};
 
 /// How much of each file the content rules read. Secrets are small (keys,
 /// keystores, JWT secrets and mnemonics are all well under this).
@@ -41,12 +41,12 @@ impl std::fmt::Display for Finding {
 /// Lints `tree`, reading the head of every file; `allow_setuid` lists the
 /// paths overlays allow to be setuid/setgid. (`build` runs the same checks
 /// but feeds `content` from the archive's own single read of each file.)
-pub fn lint(tree: &Tree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding>> {
+pub fn lint(tree: &PackedTree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
-    for (path, entry) in &tree.entries {
-        out.extend(metadata(path, entry, allow_setuid));
+    for (path, entry) in tree.iter() {
+        out.extend(metadata(&path, &entry, allow_setuid));
         if let Kind::File { source, .. } = &entry.kind {
-            out.extend(content(path, entry, &read_head(path, source)?));
+            out.extend(content(&path, &entry, &read_head(&path, source)?));
         }
     }
     Ok(out)

@@ -588,10 +588,7 @@ impl AdapterSource {
                 units::env_file(&self.name, &vars).map_err(|m| self.err(e.path.span(), m))?;
             let rel = path.trim_start_matches('/');
             layer.add_made(&self.toml_path, rel, bytes(text), mode)?;
-            if let Some(entry) = RelPath::new(rel)
-                .ok()
-                .and_then(|p| layer.entries.get_mut(&p))
-            {
+            if let Some(entry) = RelPath::new(rel).ok().and_then(|p| layer.entry_mut(&p)) {
                 entry.gid = gid;
             }
         }

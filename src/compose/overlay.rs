@@ -6,6 +6,7 @@
 //! here, strictly, with the layer's parameters.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::compose::firewall::{self, Exposure, PortDecl, Proto};
 use crate::compose::generate::{self, EnableDecl, GroupDecl, TmpfileDecl, UserDecl};
 use crate::compose::params::{self, ParamDecl, ProfileParams, Value};
 use crate::error::{Error, Result};
-use crate::model::{self, Entry, Kind, RelPath, Source};
+use crate::model::{self, Entry, Kind, PackedTree, RelPath, Source};
 
 /// Everything `overlay.toml` accepts; `adapter.toml` accepts it too (see
 /// `parse_layer_file`).
@@ -74,6 +75,15 @@ struct SymlinkDecl {
 #[derive(Clone, Debug, Default)]
 pub struct Layer {
     pub name: Arc<str>,
+    /// What `root/` holds, packed in order as the walk met it, without the
+    /// `[[attr]]` rules (`attrs`, applied as it is read).
+    pub walked: PackedTree,
+    /// The `[[attr]]` rules, in order, applied to each entry of `walked`
+    /// as it is read (`get`, `into_entries`); the other entries had them
+    /// applied when they were read.
+    attrs: Vec<AttrRule>,
+    /// What the layer file declares and what is made from it, and entries
+    /// of `walked` changed since (each shadows the one in `walked`).
     pub entries: BTreeMap<RelPath, Entry>,
     /// Paths this layer replaces in lower layers, with where it says so.
     pub replace: BTreeMap<RelPath, String>,
@@ -94,6 +104,34 @@ pub struct Layer {
     pub params: BTreeSet<String>,
     /// Ports this layer declares, resolved.
     pub ports: Vec<firewall::Port>,
+}
+
+/// An `[[attr]]` rule: the paths it matches and what it sets.
+#[derive(Clone, Debug)]
+struct AttrRule {
+    glob: globset::GlobMatcher,
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+impl AttrRule {
+    fn sets_any(&self) -> bool {
+        self.mode.is_some() || self.uid.is_some() || self.gid.is_some()
+    }
+
+    /// Sets what the rule sets on `entry` (a symlink's mode is fixed).
+    fn apply(&self, entry: &mut Entry) {
+        if let (Some(m), false) = (self.mode, matches!(entry.kind, Kind::Symlink { .. })) {
+            entry.mode = m;
+        }
+        if let Some(u) = self.uid {
+            entry.uid = u;
+        }
+        if let Some(g) = self.gid {
+            entry.gid = g;
+        }
+    }
 }
 
 /// Parsing context: the overlay.toml path and text, for located errors.
@@ -143,6 +181,14 @@ impl Ctx<'_> {
 }
 
 impl Layer {
+    /// A layer named `name` with nothing in it yet.
+    pub fn empty(name: Arc<str>) -> Layer {
+        Layer {
+            name,
+            ..Layer::default()
+        }
+    }
+
     /// Loads the overlay in `dir`; `name` is how the profile names it and
     /// `params` what the profile sets.
     pub fn load(name: &str, dir: &Path, params: &ProfileParams) -> Result<Layer> {
@@ -189,14 +235,25 @@ impl Layer {
     }
 
     fn walk_root(&mut self, root: &Path, values: &BTreeMap<String, Value>) -> Result<()> {
+        // A directory's entries sorted by the names they will have (a
+        // template's without `.tmpl`): the walk then meets the paths in
+        // archive order, and each is packed as it is met.
+        fn named(e: &walkdir::DirEntry) -> &[u8] {
+            let name = e.file_name().as_bytes();
+            match name.strip_suffix(b".tmpl") {
+                Some(stem) if e.file_type().is_file() => stem,
+                _ => name,
+            }
+        }
         let walk = walkdir::WalkDir::new(root)
             .min_depth(1)
             .follow_links(false)
-            .sort_by_file_name();
+            .sort_by(|a, b| {
+                named(a)
+                    .cmp(named(b))
+                    .then_with(|| a.file_name().cmp(b.file_name()))
+            });
         let shared_root: Arc<Path> = Arc::from(root);
-        // Collected, then built into the map at once: inserted one by one in
-        // path order, the map's nodes would be half empty.
-        let mut found = Vec::new();
         for item in walk {
             let item = item.map_err(|e| walk_error(e, root, "walking overlay"))?;
             let full = item.path();
@@ -212,6 +269,18 @@ impl Layer {
                 .filter(|_| item.file_type().is_file());
             let path =
                 RelPath::new(template.unwrap_or(rel_str)).map_err(|m| Error::input(full, m))?;
+            // Out of order only where a file and its template (or a
+            // directory of that name) make one path.
+            if self
+                .walked
+                .last()
+                .is_some_and(|last| model::path_order(last, path.as_str()).is_ge())
+            {
+                return Err(Error::input(
+                    &root.join(format!("{path}.tmpl")),
+                    format!("{path} is provided twice (a file and its .tmpl); keep one"),
+                ));
+            }
             let meta = item
                 .metadata()
                 .map_err(|e| walk_error(e, full, "reading metadata"))?;
@@ -268,22 +337,71 @@ impl Layer {
             if let Kind::Symlink { target } = &kind {
                 check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
-            found.push((path, self.entry(kind, mode)));
+            let entry = self.entry(kind, mode);
+            self.walked.push(&path, entry);
         }
-        // A template's path may sort away from where the walk met it.
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some(pair) = found.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-            let path = &pair[0].0;
-            return Err(Error::input(
-                &root.join(format!("{path}.tmpl")),
-                format!("{path} is provided twice (a file and its .tmpl); keep one"),
-            ));
-        }
-        // The list and the map are both held while the map is built: no
-        // slack from the list's doubling beside them.
-        found.shrink_to_fit();
-        self.entries = found.into_iter().collect();
         Ok(())
+    }
+
+    /// The entry at `path`, if this layer provides one.
+    pub fn get(&self, path: &RelPath) -> Option<Entry> {
+        if let Some(e) = self.entries.get(path) {
+            return Some(e.clone());
+        }
+        let mut e = self.walked.get(path)?;
+        for rule in self.attrs.iter().filter(|r| r.glob.is_match(path.as_str())) {
+            rule.apply(&mut e);
+        }
+        Some(e)
+    }
+
+    /// Whether this layer provides `path`.
+    pub fn has(&self, path: &RelPath) -> bool {
+        self.entries.contains_key(path) || self.walked.get(path).is_some()
+    }
+
+    /// The entry at `path`, to change: one of `root/`'s is copied into
+    /// `entries` first.
+    pub(crate) fn entry_mut(&mut self, path: &RelPath) -> Option<&mut Entry> {
+        if !self.entries.contains_key(path) {
+            let e = self.get(path)?;
+            self.entries.insert(path.clone(), e);
+        }
+        self.entries.get_mut(path)
+    }
+
+    /// Every entry, in order, consuming the layer: `root/`'s (with the
+    /// `[[attr]]` rules applied) and the others merged, one of `entries`
+    /// in place of `root/`'s at its path.
+    pub fn into_entries(self) -> impl Iterator<Item = (RelPath, Entry)> {
+        let attrs = self.attrs;
+        let mut walked = self
+            .walked
+            .into_entries()
+            .map(move |(path, mut e)| {
+                for rule in attrs.iter().filter(|r| r.glob.is_match(path.as_str())) {
+                    rule.apply(&mut e);
+                }
+                (path, e)
+            })
+            .peekable();
+        let mut declared = self.entries.into_iter().peekable();
+        std::iter::from_fn(move || {
+            let order = match (walked.peek(), declared.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((w, _)), Some((d, _))) => w.cmp(d),
+            };
+            if order.is_eq() {
+                walked.next();
+            }
+            if order.is_lt() {
+                walked.next()
+            } else {
+                declared.next()
+            }
+        })
     }
 
     fn entry(&self, kind: Kind, mode: u32) -> Entry {
@@ -299,7 +417,7 @@ impl Layer {
     /// Adds default-attribute parent directories for `path` that are missing.
     fn add_parents(&mut self, path: &RelPath) {
         for parent in path.ancestors() {
-            if !self.entries.contains_key(&parent) {
+            if !self.has(&parent) {
                 let e = self.entry(Kind::Dir, model::DIR_MODE);
                 self.entries.insert(parent, e);
             }
@@ -314,7 +432,7 @@ impl Layer {
     ) -> Result<()> {
         for decl in &file.dir {
             let p = ctx.rel_path(&decl.path)?;
-            match self.entries.get(&p) {
+            match self.get(&p) {
                 Some(e) if e.kind != Kind::Dir => {
                     return Err(ctx.err(
                         decl.path.span(),
@@ -336,7 +454,7 @@ impl Layer {
 
         for decl in &file.symlink {
             let p = ctx.rel_path(&decl.path)?;
-            if self.entries.contains_key(&p) {
+            if self.has(&p) {
                 return Err(ctx.err(
                     decl.path.span(),
                     format!("{p} is declared as a symlink but this overlay already provides it"),
@@ -370,13 +488,25 @@ impl Layer {
                 .build()
                 .map_err(|e| ctx.err(rule.path.span(), format!("bad glob: {e}")))?
                 .compile_matcher();
+            // The declared entries now; `root/`'s as they are read, but
+            // counted (and its directories marked explicit) here.
             let matched: Vec<RelPath> = self
                 .entries
                 .keys()
                 .filter(|p| glob.is_match(p.as_str()))
                 .cloned()
                 .collect();
-            if matched.is_empty() {
+            let mut walked_dirs = Vec::new();
+            let mut walked = 0;
+            for (p, e) in self.walked.iter() {
+                if glob.is_match(p.as_str()) && !self.entries.contains_key(&p) {
+                    walked += 1;
+                    if e.kind == Kind::Dir {
+                        walked_dirs.push(p);
+                    }
+                }
+            }
+            if matched.is_empty() && walked == 0 {
                 return Err(ctx.err(
                     rule.path.span(),
                     format!("attr pattern {pattern:?} matches nothing this overlay provides; fix or remove it"),
@@ -385,11 +515,21 @@ impl Layer {
             for p in &matched {
                 self.set_attrs(ctx, p, rule)?;
             }
+            let rule = AttrRule {
+                glob,
+                mode: ctx.mode(&rule.mode)?,
+                uid: ctx.id(&rule.uid, "uid")?,
+                gid: ctx.id(&rule.gid, "gid")?,
+            };
+            if rule.sets_any() {
+                self.explicit.extend(walked_dirs);
+            }
+            self.attrs.push(rule);
         }
 
         for item in &file.replace {
             let p = ctx.rel_path(item)?;
-            if !self.entries.contains_key(&p) {
+            if !self.has(&p) {
                 return Err(ctx.err(
                     item.span(),
                     format!("replace names {p}, which this overlay does not provide"),
@@ -399,7 +539,7 @@ impl Layer {
         }
         for item in &file.remove {
             let p = ctx.rel_path(item)?;
-            if self.entries.contains_key(&p) {
+            if self.has(&p) {
                 return Err(ctx.err(
                     item.span(),
                     format!("{p} is both provided and removed by this overlay"),
@@ -444,7 +584,7 @@ impl Layer {
         mode: u32,
     ) -> Result<()> {
         let p = RelPath::new(path).map_err(|m| Error::input(origin, m))?;
-        if self.entries.contains_key(&p) {
+        if self.has(&p) {
             let file = origin.file_name().map_or_else(
                 || origin.display().to_string(),
                 |f| f.to_string_lossy().into_owned(),
@@ -565,7 +705,7 @@ impl Layer {
                 Some(p) => return Err(ctx.err(p.span(), "path must be absolute and normalised")),
                 None => {
                     let own = format!("etc/systemd/system/{unit}");
-                    let provided = RelPath::new(&own).is_ok_and(|p| self.entries.contains_key(&p));
+                    let provided = RelPath::new(&own).is_ok_and(|p| self.has(&p));
                     if provided {
                         format!("/{own}")
                     } else {
@@ -673,12 +813,10 @@ impl Layer {
         let mode = ctx.mode(&attrs.mode)?;
         let uid = ctx.id(&attrs.uid, "uid")?;
         let gid = ctx.id(&attrs.gid, "gid")?;
-        let Some(entry) = self.entries.get_mut(p) else {
+        let Some(entry) = self.entry_mut(p) else {
             return Ok(());
         };
-        if entry.kind == Kind::Dir && (mode.is_some() || uid.is_some() || gid.is_some()) {
-            self.explicit.insert(p.clone());
-        }
+        let dir = entry.kind == Kind::Dir;
         if let (Some(m), false) = (mode, matches!(entry.kind, Kind::Symlink { .. })) {
             entry.mode = m;
         }
@@ -687,6 +825,9 @@ impl Layer {
         }
         if let Some(g) = gid {
             entry.gid = g;
+        }
+        if dir && (mode.is_some() || uid.is_some() || gid.is_some()) {
+            self.explicit.insert(p.clone());
         }
         Ok(())
     }
@@ -867,9 +1008,9 @@ mod tests {
     fn defaults_follow_the_source_exec_bit() {
         let (_d, layer) = overlay("");
         let layer = layer.unwrap();
-        assert_eq!(layer.entries[&p("run.sh")].mode, 0o755);
-        assert_eq!(layer.entries[&p("etc/motd")].mode, 0o644);
-        assert_eq!(layer.entries[&p("etc")].kind, Kind::Dir);
+        assert_eq!(layer.get(&p("run.sh")).unwrap().mode, 0o755);
+        assert_eq!(layer.get(&p("etc/motd")).unwrap().mode, 0o644);
+        assert_eq!(layer.get(&p("etc")).unwrap().kind, Kind::Dir);
     }
 
     #[test]
@@ -881,12 +1022,77 @@ mod tests {
              [[symlink]]\npath = \"etc/localtime\"\ntarget = \"/usr/share/zoneinfo/UTC\"\n",
         );
         let layer = layer.unwrap();
-        assert_eq!(layer.entries[&p("etc/ssh/a.conf")].mode, 0o600);
-        assert_eq!(layer.entries[&p("var/lib/x")].mode, 0o750);
-        assert_eq!(layer.entries[&p("var/lib/x")].uid, 7);
-        assert_eq!(layer.entries[&p("var/lib")].mode, 0o755);
+        assert_eq!(layer.get(&p("etc/ssh/a.conf")).unwrap().mode, 0o600);
+        assert_eq!(layer.get(&p("var/lib/x")).unwrap().mode, 0o750);
+        assert_eq!(layer.get(&p("var/lib/x")).unwrap().uid, 7);
+        assert_eq!(layer.get(&p("var/lib")).unwrap().mode, 0o755);
         assert!(layer.explicit.contains(&p("var/lib/x")));
         assert!(layer.replace.contains_key(&p("etc/motd")));
+    }
+
+    #[test]
+    fn root_is_packed_in_archive_order_and_read_with_its_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("a0")).unwrap();
+        // `a.tmpl` is met after `a-b` but is `a`, which sorts before it.
+        for f in ["a-b", "a.tmpl", "a0/f", "ab"] {
+            fs::write(root.join(f), "x").unwrap();
+        }
+        fs::write(
+            dir.path().join("overlay.toml"),
+            "[[attr]]\npath = \"a*\"\nuid = 5\n\
+             [[attr]]\npath = \"ab\"\nmode = 0o600\n\
+             [[dir]]\npath = \"a0\"\nmode = 0o700\n\
+             [[dir]]\npath = \"b/c\"\n",
+        )
+        .unwrap();
+        let layer = Layer::load("t", dir.path(), &ProfileParams::default()).unwrap();
+        // The walked `a0` was copied to be changed; the rule that matched
+        // it after is applied to the copy.
+        assert_eq!(layer.walked.len(), 5);
+        assert_eq!(layer.get(&p("ab")).unwrap().mode, 0o600);
+        assert_eq!(layer.get(&p("ab")).unwrap().uid, 5);
+        assert!(layer.explicit.contains(&p("a0")));
+        let got: Vec<(String, u32, u32)> = layer
+            .into_entries()
+            .map(|(path, e)| (path.to_string(), e.mode, e.uid))
+            .collect();
+        let want = [
+            ("a", 0o644, 5),
+            ("a-b", 0o644, 5),
+            ("a0", 0o700, 5),
+            ("a0/f", 0o644, 0),
+            ("ab", 0o600, 5),
+            ("b", 0o755, 0),
+            ("b/c", 0o755, 0),
+        ]
+        .map(|(p, m, u)| (p.to_owned(), m, u));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_file_and_its_template_are_refused_whichever_comes_first() {
+        for (dir, other) in [(false, "x"), (true, "x"), (false, "x.tmpl.tmpl")] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("root");
+            fs::create_dir_all(&root).unwrap();
+            if dir {
+                fs::create_dir_all(root.join(other).join("in")).unwrap();
+            } else {
+                fs::write(root.join(other), "x").unwrap();
+            }
+            fs::write(root.join("x.tmpl"), "y").unwrap();
+            let got = Layer::load("t", d.path(), &ProfileParams::default());
+            if other == "x.tmpl.tmpl" {
+                // `x.tmpl` and `x`: two paths.
+                let layer = got.unwrap();
+                assert!(layer.has(&p("x")) && layer.has(&p("x.tmpl")));
+                continue;
+            }
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains("x is provided twice"), "{err}");
+        }
     }
 
     #[test]
