@@ -42,7 +42,7 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<PackedTr
         // Check every removal against the lower layers first, so a removal
         // of a directory and of a path inside it are both valid.
         for (path, at) in &layer.remove {
-            if tree.get(path).is_none() {
+            if tree.get(path)?.is_none() {
                 return Err(Error::Input {
                     location: at.clone(),
                     message: format!(
@@ -59,19 +59,35 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<PackedTr
     // Every link resolved through the whole tree: only links are looked up,
     // so they are packed apart.
     let mut links = PackedTree::default();
-    for (path, entry) in tree.iter() {
+    for item in tree.iter() {
+        let (path, entry) = item?;
         if matches!(entry.kind, Kind::Symlink { .. }) {
-            links.push(&path, entry);
+            links.push(&path, entry)?;
         }
     }
-    let link_at = |p: &RelPath| match links.get(p)?.kind {
-        Kind::Symlink { target } => Some(target),
-        _ => None,
+    // A lookup that fails is kept, and reported before the link's verdict.
+    let lost = std::cell::RefCell::new(None);
+    let link_at = |p: &RelPath| match links.get(p) {
+        Ok(Some(Entry {
+            kind: Kind::Symlink { target },
+            ..
+        })) => Some(target),
+        Ok(_) => None,
+        Err(e) => {
+            lost.borrow_mut().get_or_insert(e);
+            None
+        }
     };
-    for (path, entry) in links.iter() {
-        if let Kind::Symlink { target } = &entry.kind
-            && let Err(why) = crate::model::resolve_symlink(&path, target, link_at)
-        {
+    for item in links.iter() {
+        let (path, entry) = item?;
+        let verdict = match &entry.kind {
+            Kind::Symlink { target } => crate::model::resolve_symlink(&path, target, link_at),
+            _ => Ok(()),
+        };
+        if let Some(e) = lost.borrow_mut().take() {
+            return Err(e);
+        }
+        if let (Err(why), Kind::Symlink { target }) = (verdict, &entry.kind) {
             return Err(fail(format!(
                 "symlink {path} -> {target} (layer {:?}) {why}; point it inside the tree",
                 entry.layer
@@ -81,7 +97,8 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<PackedTr
     // Every parent a directory: in order, the entries above the current
     // one are a stack.
     let mut open: Vec<(RelPath, Entry)> = Vec::new();
-    for (path, entry) in tree.iter() {
+    for item in tree.iter() {
+        let (path, entry) = item?;
         while open.last().is_some_and(|(dir, _)| !path.is_under(dir)) {
             open.pop();
         }
@@ -120,33 +137,45 @@ fn merge(profile: &std::path::Path, tree: PackedTree, mut layer: Layer) -> Resul
     // Both sorted: a removed path's subtree follows it at once.
     let mut removes = remove.keys().peekable();
     let mut cut: Option<RelPath> = None;
-    let mut lower = tree
-        .into_entries()
-        .filter(|(path, _)| {
-            if cut.as_ref().is_some_and(|c| path == c || path.is_under(c)) {
-                return false;
-            }
-            while removes.next_if(|r| *r < path).is_some() {}
-            if removes.next_if(|r| *r == path).is_some() {
-                cut = Some(path.clone());
-                return false;
-            }
-            true
-        })
-        .peekable();
-    let mut upper = layer.into_entries().peekable();
+    let mut lower = tree.into_entries().filter(|item| {
+        let Ok((path, _)) = item else {
+            return true;
+        };
+        if cut.as_ref().is_some_and(|c| path == c || path.is_under(c)) {
+            return false;
+        }
+        while removes.next_if(|r| *r < path).is_some() {}
+        if removes.next_if(|r| *r == path).is_some() {
+            cut = Some(path.clone());
+            return false;
+        }
+        true
+    });
+    let mut upper = layer.into_entries();
+    let mut low = lower.next().transpose()?;
+    let mut up = upper.next().transpose()?;
     let mut out = PackedTree::default();
     loop {
-        let order = match (lower.peek(), upper.peek()) {
+        let order = match (&low, &up) {
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
             (Some((l, _)), Some((u, _))) => l.cmp(u),
         };
-        let (path, entry) = match order {
-            Ordering::Less => lower.next().expect("peeked"),
-            Ordering::Greater => {
-                let (path, upper) = upper.next().expect("peeked");
+        let (lower_entry, upper_entry) = match order {
+            Ordering::Less => (low.take(), None),
+            Ordering::Greater => (None, up.take()),
+            Ordering::Equal => (low.take(), up.take()),
+        };
+        if lower_entry.is_some() {
+            low = lower.next().transpose()?;
+        }
+        if upper_entry.is_some() {
+            up = upper.next().transpose()?;
+        }
+        let (path, entry) = match (lower_entry, upper_entry) {
+            (Some(lower), None) => lower,
+            (None, Some((path, upper))) => {
                 if let Some(at) = replace.get(&path) {
                     return Err(Error::Input {
                         location: at.clone(),
@@ -157,9 +186,7 @@ fn merge(profile: &std::path::Path, tree: PackedTree, mut layer: Layer) -> Resul
                 }
                 (path, upper)
             }
-            Ordering::Equal => {
-                let (path, lower) = lower.next().expect("peeked");
-                let (_, upper) = upper.next().expect("peeked");
+            (Some((path, lower)), Some((_, upper))) => {
                 let replaces = replace.contains_key(&path);
                 let both_dirs = lower.kind == Kind::Dir && upper.kind == Kind::Dir;
                 if (lower.kind == Kind::Dir) != (upper.kind == Kind::Dir) {
@@ -175,7 +202,7 @@ fn merge(profile: &std::path::Path, tree: PackedTree, mut layer: Layer) -> Resul
                     let same =
                         (lower.mode, lower.uid, lower.gid) == (upper.mode, upper.uid, upper.gid);
                     if same || !explicit.contains(&path) {
-                        out.push(&path, lower);
+                        out.push(&path, lower)?;
                         continue;
                     }
                     if !replaces {
@@ -202,8 +229,9 @@ fn merge(profile: &std::path::Path, tree: PackedTree, mut layer: Layer) -> Resul
                 }
                 (path, upper)
             }
+            (None, None) => break,
         };
-        out.push(&path, entry);
+        out.push(&path, entry)?;
     }
     Ok(out)
 }
@@ -223,7 +251,7 @@ fn add_firewall(
     let merged = firewall::merge(ports).map_err(|m| Error::input(profile, m))?;
     let text = firewall::render(&merged);
     let path = RelPath::new(FIREWALL_PATH).expect("a valid constant path");
-    if let Some(e) = tree.get(&path) {
+    if let Some(e) = tree.get(&path)? {
         return Err(Error::input(
             profile,
             format!(
@@ -234,7 +262,7 @@ fn add_firewall(
     }
     let mut layer = Layer::empty(Arc::clone(&owner));
     for parent in path.ancestors() {
-        if tree.get(&parent).is_none() {
+        if tree.get(&parent)?.is_none() {
             let dir = Entry {
                 kind: Kind::Dir,
                 mode: crate::model::DIR_MODE,
@@ -295,8 +323,8 @@ mod tests {
         }
     }
 
-    fn compose_err(layers: &[Layer]) -> String {
-        compose(Path::new("p.toml"), layers.to_vec())
+    fn compose_err(layers: Vec<Layer>) -> String {
+        compose(Path::new("p.toml"), layers)
             .unwrap_err()
             .to_string()
     }
@@ -306,34 +334,35 @@ mod tests {
         let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/a", file(), 0o644)]);
         let b = layer("b", &[("etc", Kind::Dir, 0o700), ("etc/b", file(), 0o644)]);
         let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
-        assert_eq!(t.get(&p("etc")).unwrap().layer, "a".into());
+        assert_eq!(t.get(&p("etc")).unwrap().unwrap().layer, "a".into());
         assert_eq!(
-            t.get(&p("etc")).unwrap().mode,
+            t.get(&p("etc")).unwrap().unwrap().mode,
             0o755,
             "implicit dir attrs do not override"
         );
-        assert_eq!(t.get(&p("etc/b")).unwrap().layer, "b".into());
+        assert_eq!(t.get(&p("etc/b")).unwrap().unwrap().layer, "b".into());
     }
 
     #[test]
     fn two_layer_conflict_needs_replace() {
-        let a = layer("a", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o644)]);
-        let mut b = layer("b", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o600)]);
-        assert!(compose_err(&[a.clone(), b.clone()]).contains("conflict at etc/x"));
+        let a = || layer("a", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o644)]);
+        let b = || layer("b", &[("etc", Kind::Dir, 0o755), ("etc/x", file(), 0o600)]);
+        assert!(compose_err(vec![a(), b()]).contains("conflict at etc/x"));
+        let (a, mut b) = (a(), b());
         b.replace.insert(p("etc/x"), "b/overlay.toml:1:1".into());
         let t = compose(Path::new("p.toml"), vec![a, b]).unwrap();
-        assert_eq!(t.get(&p("etc/x")).unwrap().mode, 0o600);
-        assert_eq!(t.get(&p("etc/x")).unwrap().layer, "b".into());
+        assert_eq!(t.get(&p("etc/x")).unwrap().unwrap().mode, 0o600);
+        assert_eq!(t.get(&p("etc/x")).unwrap().unwrap().layer, "b".into());
     }
 
     #[test]
     fn explicit_dir_conflict_and_type_clash() {
-        let a = layer("a", &[("etc", Kind::Dir, 0o755)]);
+        let a = || layer("a", &[("etc", Kind::Dir, 0o755)]);
         let mut b = layer("b", &[("etc", Kind::Dir, 0o700)]);
         b.explicit.insert(p("etc"));
-        assert!(compose_err(&[a.clone(), b]).contains("conflict at directory etc"));
+        assert!(compose_err(vec![a(), b]).contains("conflict at directory etc"));
         let c = layer("c", &[("etc", file(), 0o644)]);
-        assert!(compose_err(&[a, c]).contains("type clash at etc"));
+        assert!(compose_err(vec![a(), c]).contains("type clash at etc"));
     }
 
     #[test]
@@ -344,7 +373,7 @@ mod tests {
             "a",
             &[("up", link("."), 0o777), ("esc", link("up/.."), 0o777)],
         );
-        let err = compose_err(&[a]);
+        let err = compose_err(vec![a]);
         assert!(
             err.contains("symlink esc -> up/.. (layer \"a\") resolves above the root"),
             "{err}"
@@ -357,9 +386,9 @@ mod tests {
                 ("esc2", link("d/up/.."), 0o777),
             ],
         );
-        assert!(compose_err(&[b]).contains("symlink esc2 -> d/up/.."));
+        assert!(compose_err(vec![b]).contains("symlink esc2 -> d/up/.."));
         let c = layer("c", &[("x", link("y"), 0o777), ("y", link("x"), 0o777)]);
-        assert!(compose_err(&[c]).contains("loop"));
+        assert!(compose_err(vec![c]).contains("loop"));
         let ok = layer(
             "ok",
             &[
@@ -376,7 +405,7 @@ mod tests {
         let a = layer("a", &[("x", file(), 0o644)]);
         let mut b = layer("b", &[("y", file(), 0o644)]);
         b.replace.insert(p("y"), "b/overlay.toml:1:12".into());
-        assert!(compose_err(&[a, b]).contains("no lower layer provides it"));
+        assert!(compose_err(vec![a, b]).contains("no lower layer provides it"));
         let c = layer(
             "c",
             &[
@@ -384,6 +413,6 @@ mod tests {
                 ("l/x", file(), 0o644),
             ],
         );
-        assert!(compose_err(&[c]).contains("lies under l"));
+        assert!(compose_err(vec![c]).contains("lies under l"));
     }
 }

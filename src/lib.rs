@@ -26,5 +26,6 @@ pub mod compose;
 
 pub mod error;
 pub mod model;
+pub mod spool;
 
 pub use error::{Error, Result};

@@ -8,6 +8,8 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::spool::Spool;
+
 /// A normalised path relative to the rootfs: non-empty, `/`-separated, no
 /// leading or trailing `/`, no empty, `.` or `..` components, no NUL.
 /// Ordered component by component, so a directory's children come right after
@@ -199,53 +201,6 @@ impl Tree {
     }
 }
 
-/// A list kept in chunks of 64 KiB (`CHUNK`): it grows without copying, and
-/// its chunks are small enough for the allocator to place in memory freed
-/// before, where one long list would be mapped afresh or grow the heap. For
-/// what the build holds per file beside zstd's buffers.
-#[derive(Clone, Debug)]
-pub struct Chunked<T> {
-    chunks: Vec<Vec<T>>,
-}
-
-impl<T> Default for Chunked<T> {
-    fn default() -> Self {
-        Chunked { chunks: Vec::new() }
-    }
-}
-
-impl<T> Chunked<T> {
-    /// Items per chunk: at least one, however large an item.
-    const PER_CHUNK: usize = match CHUNK.checked_div(std::mem::size_of::<T>()) {
-        Some(0) => 1,
-        Some(n) => n,
-        None => CHUNK,
-    };
-
-    pub fn push(&mut self, item: T) {
-        match self.chunks.last_mut() {
-            Some(chunk) if chunk.len() < Self::PER_CHUNK => chunk.push(item),
-            _ => {
-                let mut chunk = Vec::with_capacity(Self::PER_CHUNK);
-                chunk.push(item);
-                self.chunks.push(chunk);
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flatten()
-    }
-}
-
 /// A tree packed in order: the entries in archive order, each encoded in a
 /// few bytes (its path as what it shares with the one before and the rest,
 /// numbers as LEB128 varints), each source and layer held once; about 25
@@ -254,14 +209,17 @@ impl<T> Chunked<T> {
 /// into the composed tree, consuming each as it goes (`into_entries`); the
 /// build writes the archive and the manifest from it. The encoded entries
 /// are kept in chunks of 64 KiB, each starting afresh (its first path
-/// whole), so a lookup bisects the chunks (`get`) and a chunk read is
-/// freed at once: the heap never holds a layer's tree twice, and the
-/// archive is written beside zstd's buffers with only the packed tree
-/// under them (docs/benchmarks.md).
-#[derive(Clone, Debug, Default)]
+/// whole, and kept apart, so a lookup bisects the chunks and reads one:
+/// `get`), in a `Spool`: in memory up to its limit, then in a temporary
+/// file, so a tree of any size takes a bounded amount of memory.
+#[derive(Debug, Default)]
 pub struct PackedTree {
-    /// The encoded entries; one never straddles two chunks.
-    bytes: Vec<Vec<u8>>,
+    /// The full chunks; one entry never straddles two.
+    sealed: Spool,
+    /// The chunk being filled.
+    open: Vec<u8>,
+    /// Each chunk's first path (the sealed ones', then the open one's).
+    firsts: Vec<Box<str>>,
     len: usize,
     files: usize,
     /// Entries per layer, in `layers`' order.
@@ -282,17 +240,17 @@ const SYMLINK: u8 = 2;
 
 impl PackedTree {
     /// Packs `tree`, consuming it entry by entry.
-    pub fn pack(tree: Tree) -> PackedTree {
+    pub fn pack(tree: Tree) -> crate::Result<PackedTree> {
         let mut packed = PackedTree::default();
         for (path, entry) in tree.entries {
-            packed.push(&path, entry);
+            packed.push(&path, entry)?;
         }
-        packed
+        Ok(packed)
     }
 
     /// Appends an entry; `path` sorts after every path pushed before
-    /// (`last`).
-    pub fn push(&mut self, path: &RelPath, entry: Entry) {
+    /// (`last`). Fails only if a full chunk cannot be spilled.
+    pub fn push(&mut self, path: &RelPath, entry: Entry) -> crate::Result<()> {
         debug_assert!(self.len == 0 || path_order(&self.last, path.as_str()).is_lt());
         let layer = match self.layers.iter().position(|l| *l == entry.layer) {
             Some(i) => i,
@@ -302,7 +260,6 @@ impl PackedTree {
                 self.layers.len() - 1
             }
         };
-        self.per_layer[layer] += 1;
         let kind = match &entry.kind {
             Kind::Dir => DIR,
             Kind::File { .. } => FILE,
@@ -314,6 +271,7 @@ impl PackedTree {
             put(&mut rest, u64::from(n));
         }
         put(&mut rest, layer as u64);
+        let mut file = false;
         match entry.kind {
             Kind::Dir => {}
             Kind::Symlink { target } => put_text(&mut rest, &target),
@@ -340,7 +298,7 @@ impl PackedTree {
                 };
                 put(&mut rest, size);
                 put(&mut rest, i as u64);
-                self.files += 1;
+                file = true;
             }
         }
         let path = path.as_str();
@@ -360,24 +318,25 @@ impl PackedTree {
             buf
         };
         let mut buf = head(shared);
-        let fits = |chunk: &Vec<u8>, n: usize| chunk.capacity() - chunk.len() >= n;
-        if !self
-            .bytes
-            .last()
-            .is_some_and(|c| fits(c, buf.len() + rest.len()))
-        {
+        let room = self.open.capacity() - self.open.len();
+        if self.firsts.is_empty() || room < buf.len() + rest.len() {
             // A chunk starts with a whole path.
             buf = head(0);
-            self.bytes
-                .push(Vec::with_capacity(CHUNK.max(buf.len() + rest.len())));
+            let next = Vec::with_capacity(CHUNK.max(buf.len() + rest.len()));
+            let full = std::mem::replace(&mut self.open, next);
+            if !self.firsts.is_empty() {
+                self.sealed.push(full)?;
+            }
+            self.firsts.push(path.into());
         }
-        if let Some(chunk) = self.bytes.last_mut() {
-            chunk.extend_from_slice(&buf);
-            chunk.extend_from_slice(&rest);
-        }
+        self.open.extend_from_slice(&buf);
+        self.open.extend_from_slice(&rest);
+        self.per_layer[layer] += 1;
+        self.files += usize::from(file);
         self.len += 1;
         self.last.clear();
         self.last.push_str(path);
+        Ok(())
     }
 
     /// The last path pushed, if any.
@@ -406,89 +365,141 @@ impl PackedTree {
         }
     }
 
-    /// The entry at `path`: the chunks bisected by their first path, then
-    /// one chunk read in order.
-    pub fn get(&self, path: &RelPath) -> Option<Entry> {
-        fn first(chunk: &[u8]) -> &str {
-            let mut at = &chunk[1..];
-            get(&mut at);
-            get_text(&mut at)
+    /// Chunk `i`: the open one after the sealed ones.
+    fn chunk(&self, i: usize) -> crate::Result<std::borrow::Cow<'_, [u8]>> {
+        if i < self.sealed.len() {
+            self.sealed.read(i)
+        } else {
+            Ok(std::borrow::Cow::Borrowed(&self.open))
         }
-        let after = self
-            .bytes
-            .partition_point(|c| path_order(first(c), path.as_str()).is_le());
-        let mut at = &self.bytes[after.checked_sub(1)?][..];
-        let mut last = String::new();
-        while !at.is_empty() {
-            let entry = self.decode(&mut at, &mut last);
-            match path_order(&last, path.as_str()) {
-                Ordering::Less => {}
-                Ordering::Equal => return Some(entry),
-                Ordering::Greater => return None,
-            }
-        }
-        None
     }
 
-    /// Reads the entry at the front of `at`, its path into `last`.
-    fn decode(&self, at: &mut &[u8], last: &mut String) -> Entry {
-        let kind = take(at, 1)[0];
-        let shared = get(at) as usize;
-        last.truncate(shared);
-        last.push_str(get_text(at));
-        let [mode, uid, gid] = [0; 3].map(|_| get(at) as u32);
-        let layer = self.layers[get(at) as usize].clone();
-        let kind = match kind {
-            DIR => Kind::Dir,
-            SYMLINK => Kind::Symlink {
-                target: get_text(at).to_owned(),
-            },
-            _ => {
-                let size = get(at);
-                let source = self.sources[get(at) as usize].clone();
-                Kind::File { source, size }
-            }
+    /// The entry at `path`: the chunks bisected by their first path, then
+    /// one chunk read in order.
+    pub fn get(&self, path: &RelPath) -> crate::Result<Option<Entry>> {
+        let after = self
+            .firsts
+            .partition_point(|first| path_order(first, path.as_str()).is_le());
+        let Some(i) = after.checked_sub(1) else {
+            return Ok(None);
         };
-        Entry {
-            kind,
-            mode,
-            uid,
-            gid,
-            layer,
+        let chunk = self.chunk(i)?;
+        let mut at = &chunk[..];
+        let mut last = String::new();
+        while !at.is_empty() {
+            let entry = self.decode(&mut at, &mut last)?;
+            match path_order(&last, path.as_str()) {
+                Ordering::Less => {}
+                Ordering::Equal => return Ok(Some(entry)),
+                Ordering::Greater => return Ok(None),
+            }
         }
+        Ok(None)
+    }
+
+    /// Reads the entry at the front of `at`, its path into `last`. A chunk
+    /// comes back from a spill file, so it is checked as it is read.
+    fn decode(&self, at: &mut &[u8], last: &mut String) -> crate::Result<Entry> {
+        let mut decode = || -> Option<Entry> {
+            let kind = *take(at, 1)?.first()?;
+            let shared = usize::try_from(get(at)?).ok()?;
+            if !last.is_char_boundary(shared) {
+                return None;
+            }
+            last.truncate(shared);
+            last.push_str(get_text(at)?);
+            let mut number = || u32::try_from(get(at)?).ok();
+            let (mode, uid, gid) = (number()?, number()?, number()?);
+            let layer = self.layers.get(usize::try_from(get(at)?).ok()?)?.clone();
+            let kind = match kind {
+                DIR => Kind::Dir,
+                SYMLINK => Kind::Symlink {
+                    target: get_text(at)?.to_owned(),
+                },
+                FILE => {
+                    let size = get(at)?;
+                    let source = self.sources.get(usize::try_from(get(at)?).ok()?)?;
+                    Kind::File {
+                        source: source.clone(),
+                        size,
+                    }
+                }
+                _ => return None,
+            };
+            Some(Entry {
+                kind,
+                mode,
+                uid,
+                gid,
+                layer,
+            })
+        };
+        decode().ok_or_else(crate::spool::corrupt)
     }
 
     /// Every entry in archive order, as the map held it (each path and entry
     /// made afresh, its source and layer shared).
-    pub fn iter(&self) -> impl Iterator<Item = (RelPath, Entry)> + '_ {
-        let mut chunks = self.bytes.iter();
-        let mut at: &[u8] = &[];
-        let mut last = String::new();
-        std::iter::from_fn(move || {
-            if at.is_empty() {
-                at = chunks.next()?;
-            }
-            let entry = self.decode(&mut at, &mut last);
-            // Checked when the tree was composed.
-            Some((RelPath(Arc::from(last.as_str())), entry))
-        })
-    }
-
-    /// Every entry in archive order, each chunk freed once it is read.
-    pub fn into_entries(mut self) -> impl Iterator<Item = (RelPath, Entry)> {
-        let mut chunks = std::mem::take(&mut self.bytes).into_iter();
-        let mut chunk: Vec<u8> = Vec::new();
+    pub fn iter(&self) -> impl Iterator<Item = crate::Result<(RelPath, Entry)>> + '_ {
+        let mut next = 0;
+        let mut chunk = std::borrow::Cow::Borrowed(&[][..]);
         let mut read = 0;
         let mut last = String::new();
         std::iter::from_fn(move || {
             if read == chunk.len() {
-                chunk = chunks.next()?;
+                if next == self.firsts.len() {
+                    return None;
+                }
+                chunk = match self.chunk(next) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        next = self.firsts.len();
+                        return Some(Err(e));
+                    }
+                };
+                next += 1;
+                read = 0;
+            }
+            let mut at = &chunk[read..];
+            let entry = self.decode(&mut at, &mut last);
+            read = if entry.is_ok() {
+                chunk.len() - at.len()
+            } else {
+                next = self.firsts.len();
+                chunk.len()
+            };
+            Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
+        })
+    }
+
+    /// Every entry in archive order, each chunk freed once it is read.
+    pub fn into_entries(mut self) -> impl Iterator<Item = crate::Result<(RelPath, Entry)>> {
+        let open = std::mem::take(&mut self.open);
+        let mut chunks = std::mem::take(&mut self.sealed)
+            .into_chunks()
+            .chain((!self.firsts.is_empty()).then_some(Ok(open)));
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut read = 0;
+        let mut last = String::new();
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            if read == chunk.len() {
+                chunk = match chunks.next()? {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed = true;
+                        return Some(Err(e));
+                    }
+                };
                 read = 0;
             }
             let mut at = &chunk[read..];
             let entry = self.decode(&mut at, &mut last);
             read = chunk.len() - at.len();
-            Some((RelPath(Arc::from(last.as_str())), entry))
+            failed = entry.is_err();
+            Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
         })
     }
 }
@@ -509,29 +520,29 @@ fn put_text(buf: &mut Vec<u8>, text: &str) {
 }
 
 /// The first `n` bytes of `at`, which moves past them.
-fn take<'a>(at: &mut &'a [u8], n: usize) -> &'a [u8] {
-    let (head, rest) = at.split_at(n);
-    *at = rest;
-    head
+fn take<'a>(at: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let head = at.get(..n)?;
+    *at = &at[n..];
+    Some(head)
 }
 
 /// Reads a varint `put` wrote.
-fn get(at: &mut &[u8]) -> u64 {
+fn get(at: &mut &[u8]) -> Option<u64> {
     let mut n = 0u64;
     for shift in (0..64).step_by(7) {
-        let b = take(at, 1)[0];
+        let b = take(at, 1)?[0];
         n |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
-            break;
+            return Some(n);
         }
     }
-    n
+    None
 }
 
-/// Reads text `put_text` wrote (from a `&str`: whole characters).
-fn get_text<'a>(at: &mut &'a [u8]) -> &'a str {
-    let len = get(at) as usize;
-    std::str::from_utf8(take(at, len)).unwrap_or_default()
+/// Reads text `put_text` wrote.
+fn get_text<'a>(at: &mut &'a [u8]) -> Option<&'a str> {
+    let len = usize::try_from(get(at)?).ok()?;
+    std::str::from_utf8(take(at, len)?).ok()
 }
 
 /// Follows `target` from `link`'s directory, resolving every symlink on the
@@ -665,8 +676,8 @@ mod tests {
         ] {
             tree.entries.insert(p(path), e);
         }
-        let packed = PackedTree::pack(tree.clone());
-        let back: Vec<(RelPath, Entry)> = packed.iter().collect();
+        let packed = PackedTree::pack(tree.clone()).unwrap();
+        let back: Vec<(RelPath, Entry)> = packed.iter().map(Result::unwrap).collect();
         let want: Vec<(RelPath, Entry)> = tree.entries.into_iter().collect();
         assert_eq!(back, want);
         assert_eq!((packed.len(), packed.files()), (9, 5));
@@ -675,7 +686,7 @@ mod tests {
         assert_eq!(packed.entries_of("none"), 0);
         // Two overlay roots, one made file, one input: four sources.
         assert_eq!(packed.sources.len(), 4);
-        assert!(PackedTree::pack(Tree::default()).is_empty());
+        assert!(PackedTree::pack(Tree::default()).unwrap().is_empty());
     }
 
     #[test]
@@ -732,19 +743,16 @@ mod tests {
             };
             tree.entries.insert(p(path), entry);
         }
-        let packed = PackedTree::pack(tree.clone());
-        assert!(packed.bytes.len() > 3);
+        let packed = PackedTree::pack(tree.clone()).unwrap();
+        assert!(packed.firsts.len() > 3);
         assert_eq!(packed.len(), 6004);
         assert_eq!(packed.entries_of("chain"), 4);
-        assert!(packed.iter().eq(tree.entries.into_iter()));
-
-        let mut list = Chunked::default();
-        for i in 0..100_000u64 {
-            list.push(i);
-        }
-        assert_eq!(list.len(), 100_000);
-        assert!(list.iter().copied().eq(0..100_000));
-        assert!(list.chunks.iter().all(|c| c.capacity() * 8 == CHUNK));
+        assert!(
+            packed
+                .iter()
+                .map(Result::unwrap)
+                .eq(tree.entries.into_iter())
+        );
     }
 
     #[test]
@@ -767,19 +775,80 @@ mod tests {
         for d in 0..3 {
             tree.entries.insert(p(&format!("d{d}")), entry(d));
         }
-        let packed = PackedTree::pack(tree.clone());
-        assert!(packed.bytes.len() > 3);
+        // Once kept in memory, once with every full chunk in a spill file.
+        let kept = PackedTree::pack(tree.clone()).unwrap();
+        let mut packed = PackedTree {
+            sealed: Spool::with_limit(0),
+            ..PackedTree::default()
+        };
+        for (path, e) in tree.entries.clone() {
+            packed.push(&path, e).unwrap();
+        }
+        assert!(!kept.sealed.spilled() && packed.sealed.spilled());
+        assert!(
+            kept.iter()
+                .map(Result::unwrap)
+                .eq(packed.iter().map(Result::unwrap))
+        );
+        assert!(packed.firsts.len() > 3);
         assert_eq!(packed.last(), Some("d2/e05999"));
         for (path, e) in &tree.entries {
-            assert_eq!(packed.get(path).as_ref(), Some(e), "{path}");
+            assert_eq!(packed.get(path).unwrap().as_ref(), Some(e), "{path}");
         }
         // Before the first, between two, after the last, a prefix.
         for absent in ["a", "d0/e00001", "d0/e", "d1/e040000", "d3", "d2/e05999/x"] {
-            assert_eq!(packed.get(&p(absent)), None, "{absent}");
+            assert_eq!(packed.get(&p(absent)).unwrap(), None, "{absent}");
         }
-        assert_eq!(PackedTree::default().get(&p("a")), None);
-        assert!(packed.clone().into_entries().eq(packed.iter()));
-        assert!(packed.into_entries().eq(tree.entries.into_iter()));
+        assert_eq!(PackedTree::default().get(&p("a")).unwrap(), None);
+        assert!(
+            packed
+                .into_entries()
+                .map(Result::unwrap)
+                .eq(tree.entries.into_iter())
+        );
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_an_error_not_a_panic() {
+        let mut tree = Tree::default();
+        for (i, path) in ["a", "a/b", "a/l", "c"].into_iter().enumerate() {
+            let kind = match i {
+                1 => Kind::File {
+                    source: Source::Bytes(Arc::from(&b"x"[..])),
+                    size: 1,
+                },
+                2 => Kind::Symlink { target: "b".into() },
+                _ => Kind::Dir,
+            };
+            let entry = Entry {
+                kind,
+                mode: 0o755,
+                uid: 1000,
+                gid: 1000,
+                layer: Arc::from("base"),
+            };
+            tree.entries.insert(p(path), entry);
+        }
+        let good = PackedTree::pack(tree).unwrap();
+        let bytes = good.open.clone();
+        let mut refused = 0;
+        // Every byte changed, and cut short there: never a panic.
+        for at in 0..bytes.len() {
+            for damage in [0xff, 0x00, 0x80] {
+                let mut bad = PackedTree::pack(Tree::default()).unwrap();
+                bad.layers = good.layers.clone();
+                bad.sources = good.sources.clone();
+                bad.firsts = good.firsts.clone();
+                bad.open = bytes.clone();
+                bad.open[at] = damage;
+                refused += usize::from(bad.iter().any(|e| e.is_err()));
+                let _ = bad.get(&p("c"));
+                // Cut short: an error, or (at an entry's end) fewer entries.
+                bad.open.truncate(at);
+                assert!(bad.iter().take_while(Result::is_ok).count() < good.len());
+            }
+        }
+        assert!(refused > bytes.len(), "{refused} of {}", 3 * bytes.len());
     }
 
     #[test]

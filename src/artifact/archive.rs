@@ -14,7 +14,8 @@ use std::thread;
 
 use crate::artifact::prefetch::{self, Prefetch};
 use crate::error::{Error, Result};
-use crate::model::{Chunked, Entry, Kind, PackedTree, RelPath, Source};
+use crate::model::{Entry, Kind, PackedTree, RelPath, Source};
+use crate::spool::Spool;
 use crate::trust::digest::{HashingReader, HashingWriter, Sha256};
 
 const BLOCK: u64 = 512;
@@ -77,14 +78,68 @@ pub struct Options {
 }
 
 /// What writing the archive measured.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Summary {
     pub tar_sha256: Sha256,
     pub tar_size: u64,
     pub sha256: Sha256,
     pub size: u64,
     /// The digest of every regular file, as streamed, in tree order.
-    pub files: Chunked<Sha256>,
+    pub files: Digests,
+}
+
+/// The digests of the archived files, in order: 32 bytes each, in a
+/// `Spool`, so a tree of any size takes a bounded amount of memory.
+#[derive(Debug, Default)]
+pub struct Digests {
+    sealed: Spool,
+    /// The chunk being filled.
+    open: Vec<u8>,
+}
+
+impl Digests {
+    /// Digests per chunk: 64 KiB.
+    const CHUNK: usize = 2048 * 32;
+
+    pub fn push(&mut self, digest: Sha256) -> Result<()> {
+        if self.open.len() == Self::CHUNK {
+            let full = std::mem::replace(&mut self.open, Vec::with_capacity(Self::CHUNK));
+            self.sealed.push(full)?;
+        }
+        if self.open.capacity() == 0 {
+            self.open.reserve_exact(Self::CHUNK);
+        }
+        self.open.extend_from_slice(digest.as_bytes());
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        (self.sealed.len() * Self::CHUNK + self.open.len()) / 32
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every digest, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<Sha256>> + '_ {
+        let chunks = (0..self.sealed.len())
+            .map(|i| self.sealed.read(i))
+            .chain(std::iter::once(Ok(std::borrow::Cow::Borrowed(
+                &self.open[..],
+            ))));
+        chunks.flat_map(|chunk| {
+            let digests: Box<dyn Iterator<Item = Result<Sha256>>> = match chunk {
+                Ok(chunk) if chunk.len() % 32 == 0 => Box::new(
+                    (0..chunk.len() / 32)
+                        .map(move |i| Ok(Sha256::from_bytes(&chunk[i * 32..(i + 1) * 32]))),
+                ),
+                Ok(_) => Box::new(std::iter::once(Err(crate::spool::corrupt()))),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+            digests
+        })
+    }
 }
 
 /// Errors while producing the archive stream name the artifact being written.
@@ -109,7 +164,7 @@ fn job_size(level: i32) -> Option<u32> {
 }
 
 /// The exact size of the tar stream for `tree` (needed by zstd's pledged size).
-pub fn tar_size(tree: &PackedTree) -> u64 {
+pub fn tar_size(tree: &PackedTree) -> Result<u64> {
     let long = |len: usize| {
         if len > 100 {
             BLOCK + padded(len as u64 + 1)
@@ -118,7 +173,8 @@ pub fn tar_size(tree: &PackedTree) -> u64 {
         }
     };
     let mut total = 2 * BLOCK;
-    for (path, entry) in tree.iter() {
+    for item in tree.iter() {
+        let (path, entry) = item?;
         let name_len = path.as_str().len() + usize::from(entry.kind == Kind::Dir);
         total += BLOCK + long(name_len);
         match &entry.kind {
@@ -127,15 +183,15 @@ pub fn tar_size(tree: &PackedTree) -> u64 {
             Kind::Dir => {}
         }
     }
-    total
+    Ok(total)
 }
 
 /// The sum of all file sizes, for progress reporting.
-pub fn content_size(tree: &PackedTree) -> u64 {
+pub fn content_size(tree: &PackedTree) -> Result<u64> {
     tree.iter()
-        .map(|(_, e)| match e.kind {
-            Kind::File { size, .. } => size,
-            _ => 0,
+        .map(|item| match item?.1.kind {
+            Kind::File { size, .. } => Ok(size),
+            _ => Ok(0),
         })
         .sum()
 }
@@ -150,7 +206,7 @@ pub fn write<W: Write>(
     inspect: &mut Inspect<'_>,
 ) -> Result<Summary> {
     let out = HashingWriter::new(out);
-    let pledged = tar_size(tree);
+    let pledged = tar_size(tree)?;
     let io_err = |e| artifact_error("compressing")(e);
     match opts.format {
         Format::TarZst => {
@@ -179,7 +235,7 @@ pub fn write<W: Write>(
 
 fn finish<W: Write>(
     out: HashingWriter<W>,
-    files: Chunked<Sha256>,
+    files: Digests,
     tar_sha256: Sha256,
     tar_size: u64,
 ) -> Result<Summary> {
@@ -194,7 +250,7 @@ fn finish<W: Write>(
     })
 }
 
-type TarResult<W> = (W, Chunked<Sha256>, Sha256, u64);
+type TarResult<W> = (W, Digests, Sha256, u64);
 
 fn write_tar<W: Write>(
     tree: &PackedTree,
@@ -208,13 +264,14 @@ fn write_tar<W: Write>(
         mtime: opts.mtime,
         header: Vec::with_capacity(3 * BLOCK as usize),
     };
-    let mut files = Chunked::default();
+    let mut files = Digests::default();
     let mut buf = vec![0u8; COPY_BUF];
     let mut head = Vec::with_capacity(opts.head);
     let mut done = 0u64;
     thread::scope(|scope| {
         let prefetch = Prefetch::start(scope, overlay_files(tree));
-        for (path, entry) in tree.iter() {
+        for item in tree.iter() {
+            let (path, entry) = item?;
             let (path, entry) = (&path, &entry);
             let werr = |e| artifact_error("writing archive")(e);
             let body = match &entry.kind {
@@ -265,7 +322,7 @@ fn write_tar<W: Write>(
                 }
             };
             tar.pad(size).map_err(werr)?;
-            files.push(digest);
+            files.push(digest)?;
             done += size;
             progress(done);
         }
@@ -290,10 +347,13 @@ pub fn source_path(path: &RelPath, source: &Source) -> Option<PathBuf> {
 
 /// The files `write_tar` reads from disk, in the order it reads them.
 fn overlay_files(tree: &PackedTree) -> impl Iterator<Item = (PathBuf, u64)> + Send + '_ {
-    tree.iter().filter_map(|(path, entry)| match &entry.kind {
-        Kind::File { source, size } => source_path(&path, source).map(|p| (p, *size)),
-        _ => None,
-    })
+    // Advice only: a chunk that cannot be read ends it (the copy reports it).
+    tree.iter()
+        .map_while(Result::ok)
+        .filter_map(|(path, entry)| match &entry.kind {
+            Kind::File { source, size } => source_path(&path, source).map(|p| (p, *size)),
+            _ => None,
+        })
 }
 
 /// Buffers for `copy_file`: the copy buffer, and where the file's first
@@ -647,6 +707,24 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
+    fn digests_come_back_in_order_from_memory_and_from_the_spill_file() {
+        for limit in [0, crate::spool::MEMORY] {
+            let mut digests = Digests {
+                sealed: Spool::with_limit(limit),
+                ..Digests::default()
+            };
+            let all: Vec<Sha256> = (0..5000u32).map(|i| Sha256::of(&i.to_le_bytes())).collect();
+            for d in &all {
+                digests.push(*d).unwrap();
+            }
+            assert_eq!(digests.len(), 5000);
+            assert_eq!(digests.sealed.spilled(), limit == 0);
+            assert!(digests.iter().map(Result::unwrap).eq(all.iter().copied()));
+        }
+        assert!(Digests::default().iter().next().is_none());
+    }
+
+    #[test]
     fn header_len_is_the_length_of_the_header() {
         for n in [1, 98, 99, 100, 101, 510, 511, 512, 513, 2000] {
             let path = RelPath::new(&"p".repeat(n)).expect("path");
@@ -693,7 +771,7 @@ mod tests {
             workers: 1,
             mtime: 0,
         };
-        let packed = PackedTree::pack(tree.clone());
+        let packed = PackedTree::pack(tree.clone()).unwrap();
         write(&packed, io::sink(), &opts, &|_| {}, &mut |_, _, _| {})
     }
 

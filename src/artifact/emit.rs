@@ -256,7 +256,14 @@ pub fn compose_profile(path: &Path, sources: &InputSources<'_>) -> Result<Compos
     for slot in &facts.secrets {
         let at = crate::model::RelPath::new(slot.path.trim_start_matches('/'))
             .map_err(|m| Error::input(path, m))?;
-        if let Some((layer, entry)) = layers.iter().find_map(|l| Some((l, l.get(&at)?))) {
+        let mut provided = None;
+        for layer in &layers {
+            if let Some(entry) = layer.get(&at)? {
+                provided = Some((layer, entry));
+                break;
+            }
+        }
+        if let Some((layer, entry)) = provided {
             return Err(Error::input(
                 path,
                 format!(
@@ -346,10 +353,14 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Fn(u64, u64)) -> Result<Bui
     // Lint: the metadata rules now; the content rules see each file's head
     // as the archive streams it (one read per file). Any metadata finding
     // runs the whole lint at once, so every finding is reported together.
-    let clean = composed
-        .tree
-        .iter()
-        .all(|(p, e)| lint::metadata(&p, &e, &composed.allow_setuid).is_empty());
+    let mut clean = true;
+    for item in composed.tree.iter() {
+        let (path, entry) = item?;
+        if !lint::metadata(&path, &entry, &composed.allow_setuid).is_empty() {
+            clean = false;
+            break;
+        }
+    }
     if !clean || !composed.adapter_findings().is_empty() {
         return Err(lint_failed(opts.profile, &composed.lint()?));
     }
@@ -409,7 +420,7 @@ fn write_outputs(
     let sig_path = opts.out_dir.join(format!("{artifact_name}.minisig"));
 
     let artifact_tmp = temp_in(opts.out_dir)?;
-    let total = archive::content_size(&tree);
+    let total = archive::content_size(&tree)?;
     let archive_opts = archive::Options {
         head: lint::scan_limit(),
         format: opts.format,
@@ -455,9 +466,12 @@ fn write_outputs(
     let mut manifest_tmp = temp_in(opts.out_dir)?;
     let (entries, manifest_sha256) = {
         let mut w = BufWriter::new(HashingWriter::new(manifest_tmp.as_file_mut()));
-        let entries = manifest
-            .write_canonical_json_streamed(Manifest::entries(&tree, &summary.files), &mut w)
-            .and_then(|n| w.flush().map(|()| n))
+        let entries = manifest.write_canonical_json_streamed(
+            Manifest::entries(&tree, &summary.files),
+            &mut w,
+            &manifest_path,
+        )?;
+        w.flush()
             .map_err(Error::io(&manifest_path, "writing manifest"))?;
         let hashing = w
             .into_inner()

@@ -43,7 +43,8 @@ impl std::fmt::Display for Finding {
 /// but feeds `content` from the archive's own single read of each file.)
 pub fn lint(tree: &PackedTree, allow_setuid: &BTreeSet<RelPath>) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
-    for (path, entry) in tree.iter() {
+    for item in tree.iter() {
+        let (path, entry) = item?;
         out.extend(metadata(&path, &entry, allow_setuid));
         if let Kind::File { source, .. } = &entry.kind {
             out.extend(content(&path, &entry, &read_head(&path, source)?));

@@ -3,15 +3,16 @@
 //! (sorted keys, compact, one trailing newline) so equal inputs give equal
 //! bytes; parsed strictly (unknown fields and bad paths are refused).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::archive::{Format, Summary};
+use crate::artifact::archive::{Digests, Format, Summary};
 use crate::artifact::pieces::{Pieces, PiecesError};
 use crate::compose::adapter::AdapterFacts;
 use crate::compose::profile::Profile;
-use crate::model::{Chunked, Kind, PackedTree, RelPath};
+use crate::model::{Kind, PackedTree, RelPath};
 use crate::trust::digest::Sha256;
 
 pub const SCHEMA: u32 = 1;
@@ -251,35 +252,42 @@ impl Manifest {
     /// had as they were archived (`Summary::files`).
     pub fn entries<'t>(
         tree: &'t PackedTree,
-        digests: &'t Chunked<Sha256>,
-    ) -> impl Iterator<Item = ManifestEntry> + 't {
-        let mut digests = digests.iter().copied();
-        tree.iter().map(move |(path, e)| {
-            let input = match &e.kind {
-                Kind::File {
-                    source: crate::model::Source::Input(taken),
-                    ..
-                } => Some(Arc::clone(&taken.input)),
-                _ => None,
-            };
-            let (kind, size, sha256, target) = match e.kind {
-                Kind::Dir => (EntryType::Dir, None, None, None),
-                Kind::File { size, .. } => (EntryType::File, Some(size), digests.next(), None),
-                Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
-            };
-            ManifestEntry {
-                input,
-                path,
-                kind,
-                mode: e.mode,
-                uid: e.uid,
-                gid: e.gid,
-                size,
-                sha256,
-                target,
-                layer: Arc::clone(&e.layer),
-            }
-        })
+        digests: &'t Digests,
+    ) -> impl Iterator<Item = crate::Result<ManifestEntry>> + 't {
+        let mut digests = digests.iter();
+        tree.iter()
+            .map(move |item| -> crate::Result<ManifestEntry> {
+                let (path, e) = item?;
+                let input = match &e.kind {
+                    Kind::File {
+                        source: crate::model::Source::Input(taken),
+                        ..
+                    } => Some(Arc::clone(&taken.input)),
+                    _ => None,
+                };
+                let (kind, size, sha256, target) = match e.kind {
+                    Kind::Dir => (EntryType::Dir, None, None, None),
+                    Kind::File { size, .. } => (
+                        EntryType::File,
+                        Some(size),
+                        digests.next().transpose()?,
+                        None,
+                    ),
+                    Kind::Symlink { target } => (EntryType::Symlink, None, None, Some(target)),
+                };
+                Ok(ManifestEntry {
+                    input,
+                    path,
+                    kind,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size,
+                    sha256,
+                    target,
+                    layer: Arc::clone(&e.layer),
+                })
+            })
     }
 
     /// Canonical JSON: keys sorted at every level, no insignificant
@@ -302,35 +310,43 @@ impl Manifest {
     /// `write_canonical_json` of the manifest holding them (a test keeps the
     /// two in step). Returns how many entries were written. The manifest
     /// itself must hold none.
+    /// An entry that cannot be made is its error; a write's names `path`.
     pub fn write_canonical_json_streamed<W: std::io::Write>(
         &self,
-        entries: impl Iterator<Item = ManifestEntry>,
+        entries: impl Iterator<Item = crate::Result<ManifestEntry>>,
         mut w: W,
-    ) -> std::io::Result<u64> {
+        path: &Path,
+    ) -> crate::Result<u64> {
+        let failed = |e| crate::Error::io(path, "writing manifest")(e);
         // Written without entries, the manifest has `"entries":[]` right
         // after its `archive` object (keys are in order): the entries go
         // between the brackets.
         const EMPTY: &[u8] = b"},\"entries\":[]";
-        let head = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let head = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .map_err(&failed)?;
         let at = match memchr::memmem::find(&head, EMPTY) {
             Some(at) if self.entries.is_empty() => at + EMPTY.len() - 1,
             _ => {
-                return Err(std::io::Error::other(
+                return Err(failed(std::io::Error::other(
                     "a manifest streamed with its entries must hold none itself",
-                ));
+                )));
             }
         };
-        w.write_all(&head[..at])?;
+        w.write_all(&head[..at]).map_err(&failed)?;
         let mut count = 0u64;
         for entry in entries {
+            let entry = entry?;
             if count > 0 {
-                w.write_all(b",")?;
+                w.write_all(b",").map_err(&failed)?;
             }
-            serde_json::to_writer(&mut w, &entry).map_err(std::io::Error::other)?;
+            serde_json::to_writer(&mut w, &entry)
+                .map_err(std::io::Error::other)
+                .map_err(&failed)?;
             count += 1;
         }
-        w.write_all(&head[at..])?;
-        w.write_all(b"\n")?;
+        w.write_all(&head[at..]).map_err(&failed)?;
+        w.write_all(b"\n").map_err(&failed)?;
         Ok(count)
     }
 
@@ -806,7 +822,11 @@ mod tests {
             };
             let mut streamed = Vec::new();
             let count = head
-                .write_canonical_json_streamed(whole.entries.clone().into_iter(), &mut streamed)
+                .write_canonical_json_streamed(
+                    whole.entries.clone().into_iter().map(Ok),
+                    &mut streamed,
+                    Path::new("m.json"),
+                )
                 .unwrap();
             assert_eq!(count, n as u64);
             assert_eq!(
@@ -816,7 +836,7 @@ mod tests {
         }
         // A manifest that holds entries itself is not streamed into.
         let err = m
-            .write_canonical_json_streamed(std::iter::empty(), Vec::new())
+            .write_canonical_json_streamed(std::iter::empty(), Vec::new(), Path::new("m.json"))
             .unwrap_err();
         assert!(err.to_string().contains("must hold none"), "{err}");
     }

@@ -588,7 +588,8 @@ impl AdapterSource {
                 units::env_file(&self.name, &vars).map_err(|m| self.err(e.path.span(), m))?;
             let rel = path.trim_start_matches('/');
             layer.add_made(&self.toml_path, rel, bytes(text), mode)?;
-            if let Some(entry) = RelPath::new(rel).ok().and_then(|p| layer.entry_mut(&p)) {
+            let path = RelPath::new(rel).map_err(|m| self.err(e.path.span(), m))?;
+            if let Some(entry) = layer.entry_mut(&path)? {
                 entry.gid = gid;
             }
         }

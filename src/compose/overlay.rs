@@ -72,7 +72,7 @@ struct SymlinkDecl {
 }
 
 /// One overlay, loaded and checked on its own.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Layer {
     pub name: Arc<str>,
     /// What `root/` holds, packed in order as the walk met it, without the
@@ -338,60 +338,66 @@ impl Layer {
                 check_symlink(&path, target).map_err(|m| Error::input(full, m))?;
             }
             let entry = self.entry(kind, mode);
-            self.walked.push(&path, entry);
+            self.walked.push(&path, entry)?;
         }
         Ok(())
     }
 
     /// The entry at `path`, if this layer provides one.
-    pub fn get(&self, path: &RelPath) -> Option<Entry> {
+    pub fn get(&self, path: &RelPath) -> Result<Option<Entry>> {
         if let Some(e) = self.entries.get(path) {
-            return Some(e.clone());
+            return Ok(Some(e.clone()));
         }
-        let mut e = self.walked.get(path)?;
+        let Some(mut e) = self.walked.get(path)? else {
+            return Ok(None);
+        };
         for rule in self.attrs.iter().filter(|r| r.glob.is_match(path.as_str())) {
             rule.apply(&mut e);
         }
-        Some(e)
+        Ok(Some(e))
     }
 
     /// Whether this layer provides `path`.
-    pub fn has(&self, path: &RelPath) -> bool {
-        self.entries.contains_key(path) || self.walked.get(path).is_some()
+    pub fn has(&self, path: &RelPath) -> Result<bool> {
+        Ok(self.entries.contains_key(path) || self.walked.get(path)?.is_some())
     }
 
     /// The entry at `path`, to change: one of `root/`'s is copied into
     /// `entries` first.
-    pub(crate) fn entry_mut(&mut self, path: &RelPath) -> Option<&mut Entry> {
+    pub(crate) fn entry_mut(&mut self, path: &RelPath) -> Result<Option<&mut Entry>> {
         if !self.entries.contains_key(path) {
-            let e = self.get(path)?;
+            let Some(e) = self.get(path)? else {
+                return Ok(None);
+            };
             self.entries.insert(path.clone(), e);
         }
-        self.entries.get_mut(path)
+        Ok(self.entries.get_mut(path))
     }
 
     /// Every entry, in order, consuming the layer: `root/`'s (with the
     /// `[[attr]]` rules applied) and the others merged, one of `entries`
     /// in place of `root/`'s at its path.
-    pub fn into_entries(self) -> impl Iterator<Item = (RelPath, Entry)> {
+    pub fn into_entries(self) -> impl Iterator<Item = Result<(RelPath, Entry)>> {
         let attrs = self.attrs;
         let mut walked = self
             .walked
             .into_entries()
-            .map(move |(path, mut e)| {
+            .map(move |item| {
+                let (path, mut e) = item?;
                 for rule in attrs.iter().filter(|r| r.glob.is_match(path.as_str())) {
                     rule.apply(&mut e);
                 }
-                (path, e)
+                Ok((path, e))
             })
             .peekable();
         let mut declared = self.entries.into_iter().peekable();
         std::iter::from_fn(move || {
             let order = match (walked.peek(), declared.peek()) {
                 (None, None) => return None,
-                (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((w, _)), Some((d, _))) => w.cmp(d),
+                // An error first, as it came.
+                (Some(Err(_)), _) | (Some(_), None) => std::cmp::Ordering::Less,
+                (Some(Ok((w, _))), Some((d, _))) => w.cmp(d),
             };
             if order.is_eq() {
                 walked.next();
@@ -399,7 +405,7 @@ impl Layer {
             if order.is_lt() {
                 walked.next()
             } else {
-                declared.next()
+                declared.next().map(Ok)
             }
         })
     }
@@ -415,13 +421,14 @@ impl Layer {
     }
 
     /// Adds default-attribute parent directories for `path` that are missing.
-    fn add_parents(&mut self, path: &RelPath) {
+    fn add_parents(&mut self, path: &RelPath) -> Result<()> {
         for parent in path.ancestors() {
-            if !self.has(&parent) {
+            if !self.has(&parent)? {
                 let e = self.entry(Kind::Dir, model::DIR_MODE);
                 self.entries.insert(parent, e);
             }
         }
+        Ok(())
     }
 
     fn apply_toml(
@@ -432,7 +439,7 @@ impl Layer {
     ) -> Result<()> {
         for decl in &file.dir {
             let p = ctx.rel_path(&decl.path)?;
-            match self.get(&p) {
+            match self.get(&p)? {
                 Some(e) if e.kind != Kind::Dir => {
                     return Err(ctx.err(
                         decl.path.span(),
@@ -444,7 +451,7 @@ impl Layer {
                 }
                 Some(_) => {}
                 None => {
-                    self.add_parents(&p);
+                    self.add_parents(&p)?;
                     let e = self.entry(Kind::Dir, model::DIR_MODE);
                     self.entries.insert(p.clone(), e);
                 }
@@ -454,7 +461,7 @@ impl Layer {
 
         for decl in &file.symlink {
             let p = ctx.rel_path(&decl.path)?;
-            if self.has(&p) {
+            if self.has(&p)? {
                 return Err(ctx.err(
                     decl.path.span(),
                     format!("{p} is declared as a symlink but this overlay already provides it"),
@@ -468,7 +475,7 @@ impl Layer {
                 ));
             }
             check_symlink(&p, target).map_err(|m| ctx.err(decl.target.span(), m))?;
-            self.add_parents(&p);
+            self.add_parents(&p)?;
             let mut e = self.entry(
                 Kind::Symlink {
                     target: target.clone(),
@@ -498,7 +505,8 @@ impl Layer {
                 .collect();
             let mut walked_dirs = Vec::new();
             let mut walked = 0;
-            for (p, e) in self.walked.iter() {
+            for item in self.walked.iter() {
+                let (p, e) = item?;
                 if glob.is_match(p.as_str()) && !self.entries.contains_key(&p) {
                     walked += 1;
                     if e.kind == Kind::Dir {
@@ -529,7 +537,7 @@ impl Layer {
 
         for item in &file.replace {
             let p = ctx.rel_path(item)?;
-            if !self.has(&p) {
+            if !self.has(&p)? {
                 return Err(ctx.err(
                     item.span(),
                     format!("replace names {p}, which this overlay does not provide"),
@@ -539,7 +547,7 @@ impl Layer {
         }
         for item in &file.remove {
             let p = ctx.rel_path(item)?;
-            if self.has(&p) {
+            if self.has(&p)? {
                 return Err(ctx.err(
                     item.span(),
                     format!("{p} is both provided and removed by this overlay"),
@@ -584,7 +592,7 @@ impl Layer {
         mode: u32,
     ) -> Result<()> {
         let p = RelPath::new(path).map_err(|m| Error::input(origin, m))?;
-        if self.has(&p) {
+        if self.has(&p)? {
             let file = origin.file_name().map_or_else(
                 || origin.display().to_string(),
                 |f| f.to_string_lossy().into_owned(),
@@ -596,7 +604,7 @@ impl Layer {
                 ),
             ));
         }
-        self.add_parents(&p);
+        self.add_parents(&p)?;
         let e = self.entry(kind, mode);
         self.entries.insert(p, e);
         Ok(())
@@ -705,7 +713,10 @@ impl Layer {
                 Some(p) => return Err(ctx.err(p.span(), "path must be absolute and normalised")),
                 None => {
                     let own = format!("etc/systemd/system/{unit}");
-                    let provided = RelPath::new(&own).is_ok_and(|p| self.has(&p));
+                    let provided = match RelPath::new(&own) {
+                        Ok(p) => self.has(&p)?,
+                        Err(_) => false,
+                    };
                     if provided {
                         format!("/{own}")
                     } else {
@@ -813,7 +824,7 @@ impl Layer {
         let mode = ctx.mode(&attrs.mode)?;
         let uid = ctx.id(&attrs.uid, "uid")?;
         let gid = ctx.id(&attrs.gid, "gid")?;
-        let Some(entry) = self.entry_mut(p) else {
+        let Some(entry) = self.entry_mut(p)? else {
             return Ok(());
         };
         let dir = entry.kind == Kind::Dir;
@@ -1008,9 +1019,9 @@ mod tests {
     fn defaults_follow_the_source_exec_bit() {
         let (_d, layer) = overlay("");
         let layer = layer.unwrap();
-        assert_eq!(layer.get(&p("run.sh")).unwrap().mode, 0o755);
-        assert_eq!(layer.get(&p("etc/motd")).unwrap().mode, 0o644);
-        assert_eq!(layer.get(&p("etc")).unwrap().kind, Kind::Dir);
+        assert_eq!(layer.get(&p("run.sh")).unwrap().unwrap().mode, 0o755);
+        assert_eq!(layer.get(&p("etc/motd")).unwrap().unwrap().mode, 0o644);
+        assert_eq!(layer.get(&p("etc")).unwrap().unwrap().kind, Kind::Dir);
     }
 
     #[test]
@@ -1022,10 +1033,13 @@ mod tests {
              [[symlink]]\npath = \"etc/localtime\"\ntarget = \"/usr/share/zoneinfo/UTC\"\n",
         );
         let layer = layer.unwrap();
-        assert_eq!(layer.get(&p("etc/ssh/a.conf")).unwrap().mode, 0o600);
-        assert_eq!(layer.get(&p("var/lib/x")).unwrap().mode, 0o750);
-        assert_eq!(layer.get(&p("var/lib/x")).unwrap().uid, 7);
-        assert_eq!(layer.get(&p("var/lib")).unwrap().mode, 0o755);
+        assert_eq!(
+            layer.get(&p("etc/ssh/a.conf")).unwrap().unwrap().mode,
+            0o600
+        );
+        assert_eq!(layer.get(&p("var/lib/x")).unwrap().unwrap().mode, 0o750);
+        assert_eq!(layer.get(&p("var/lib/x")).unwrap().unwrap().uid, 7);
+        assert_eq!(layer.get(&p("var/lib")).unwrap().unwrap().mode, 0o755);
         assert!(layer.explicit.contains(&p("var/lib/x")));
         assert!(layer.replace.contains_key(&p("etc/motd")));
     }
@@ -1051,12 +1065,15 @@ mod tests {
         // The walked `a0` was copied to be changed; the rule that matched
         // it after is applied to the copy.
         assert_eq!(layer.walked.len(), 5);
-        assert_eq!(layer.get(&p("ab")).unwrap().mode, 0o600);
-        assert_eq!(layer.get(&p("ab")).unwrap().uid, 5);
+        assert_eq!(layer.get(&p("ab")).unwrap().unwrap().mode, 0o600);
+        assert_eq!(layer.get(&p("ab")).unwrap().unwrap().uid, 5);
         assert!(layer.explicit.contains(&p("a0")));
         let got: Vec<(String, u32, u32)> = layer
             .into_entries()
-            .map(|(path, e)| (path.to_string(), e.mode, e.uid))
+            .map(|item| {
+                item.map(|(path, e)| (path.to_string(), e.mode, e.uid))
+                    .unwrap()
+            })
             .collect();
         let want = [
             ("a", 0o644, 5),
@@ -1087,7 +1104,7 @@ mod tests {
             if other == "x.tmpl.tmpl" {
                 // `x.tmpl` and `x`: two paths.
                 let layer = got.unwrap();
-                assert!(layer.has(&p("x")) && layer.has(&p("x.tmpl")));
+                assert!(layer.has(&p("x")).unwrap() && layer.has(&p("x.tmpl")).unwrap());
                 continue;
             }
             let err = got.unwrap_err().to_string();
