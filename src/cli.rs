@@ -193,6 +193,10 @@ pub enum Command {
         password_file: Option<PathBuf>,
     },
     /// Compose a profile into DIR/<name>.tar.zst, its manifest and, with a key, its signature.
+    ///
+    /// What the build knows of each entry stays in memory up to 2 MiB per
+    /// list; the rest goes to an unnamed temporary file in $TMPDIR (/tmp by
+    /// default), as sort(1) does.
     Build {
         /// The profile, e.g. profiles/base.toml.
         profile: PathBuf,

@@ -2121,3 +2121,57 @@ fn lint_failures_are_not_reported_as_verification_failures() {
         );
     }
 }
+
+/// Past 2 MiB the build keeps its packed trees (and the files' digests) in
+/// an unnamed temporary file in `TMPDIR`. A tree whose entries take about 3
+/// MB packed: built with a usable `TMPDIR`, GNU tar lists every member with
+/// its target, and nothing is left in `TMPDIR`; with a `TMPDIR` it cannot
+/// write, the build is refused naming it (exit 2) and leaves no output.
+#[test]
+fn a_tree_whose_entries_spill_to_tmpdir_builds_every_member() {
+    let repo = Repo::new();
+    repo.overlay("a", "");
+    // Each link's target is 1401 bytes (it resolves to `d/f`).
+    let target = "./".repeat(700) + "f";
+    repo.root_file("a", "d/f", "x");
+    for i in 0..2000 {
+        symlink(
+            &target,
+            &repo.path().join(format!("overlays/a/root/d/l{i:04}")),
+        );
+    }
+    repo.profile(&["a"], "");
+    let build = |tmpdir: &str| {
+        infrakit_env(
+            repo.path(),
+            &["build", "profiles/p.toml", "--out", "dist"],
+            &[("TMPDIR", tmpdir)],
+        )
+    };
+
+    let missing = repo.path().join("no-such-tmp");
+    let refused = build(s(&missing)).expect_code(2);
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("{}: creating a spill file", missing.display())),
+        "{}",
+        refused.stderr
+    );
+    assert!(!repo.path().join("dist").exists());
+
+    let tmp = tempdir();
+    build(s(tmp.path())).ok();
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+    let archive = repo.path().join("dist/p.tar.zst");
+    let listing = tool(repo.path(), "tar", &["--zstd", "-tvf", s(&archive)])
+        .ok()
+        .stdout;
+    let links: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.ends_with(&format!(" -> {target}")))
+        .collect();
+    assert_eq!(links.len(), 2000);
+    assert!(links[0].contains(" d/l0000 -> ") && links[1999].contains(" d/l1999 -> "));
+    assert_eq!(listing.lines().count(), 2002, "d/, d/f and the links");
+}
