@@ -57,8 +57,9 @@ pub fn compose(profile: &std::path::Path, layers: Vec<Layer>) -> Result<PackedTr
         tree = add_firewall(profile, &ports, owner, tree)?;
     }
     // Every link resolved through the whole tree: only links are looked up,
-    // so they are packed apart.
-    let mut links = PackedTree::default();
+    // so they are packed apart, in small chunks (each lookup reads and scans
+    // one).
+    let mut links = PackedTree::with_chunks(4 << 10);
     for item in tree.iter() {
         let (path, entry) = item?;
         if matches!(entry.kind, Kind::Symlink { .. }) {

@@ -212,8 +212,10 @@ impl Tree {
 /// whole, and kept apart, so a lookup bisects the chunks and reads one:
 /// `get`), in a `Spool`: in memory up to its limit, then in a temporary
 /// file, so a tree of any size takes a bounded amount of memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PackedTree {
+    /// The bytes a chunk is made for (an entry larger gets one of its own).
+    chunk_bytes: usize,
     /// The full chunks; one entry never straddles two.
     sealed: Spool,
     /// The chunk being filled.
@@ -234,11 +236,35 @@ pub struct PackedTree {
 /// The bytes of one chunk of `PackedTree`.
 const CHUNK: usize = 64 << 10;
 
+impl Default for PackedTree {
+    fn default() -> PackedTree {
+        PackedTree::with_chunks(CHUNK)
+    }
+}
+
 const DIR: u8 = 0;
 const FILE: u8 = 1;
 const SYMLINK: u8 = 2;
 
 impl PackedTree {
+    /// An empty tree of chunks of `bytes`: smaller chunks make `get` read
+    /// and scan less, for a tree looked up often.
+    pub fn with_chunks(bytes: usize) -> PackedTree {
+        PackedTree {
+            chunk_bytes: bytes,
+            sealed: Spool::default(),
+            open: Vec::new(),
+            firsts: Vec::new(),
+            len: 0,
+            files: 0,
+            per_layer: Vec::new(),
+            sources: Vec::new(),
+            layers: Vec::new(),
+            last: String::new(),
+            roots: Vec::new(),
+        }
+    }
+
     /// Packs `tree`, consuming it entry by entry.
     pub fn pack(tree: Tree) -> crate::Result<PackedTree> {
         let mut packed = PackedTree::default();
@@ -322,7 +348,7 @@ impl PackedTree {
         if self.firsts.is_empty() || room < buf.len() + rest.len() {
             // A chunk starts with a whole path.
             buf = head(0);
-            let next = Vec::with_capacity(CHUNK.max(buf.len() + rest.len()));
+            let next = Vec::with_capacity(self.chunk_bytes.max(buf.len() + rest.len()));
             let full = std::mem::replace(&mut self.open, next);
             if !self.firsts.is_empty() {
                 self.sealed.push(full)?;
@@ -375,7 +401,7 @@ impl PackedTree {
     }
 
     /// The entry at `path`: the chunks bisected by their first path, then
-    /// one chunk read in order.
+    /// one chunk read in order (the entries before it skipped, not made).
     pub fn get(&self, path: &RelPath) -> crate::Result<Option<Entry>> {
         let after = self
             .firsts
@@ -387,11 +413,17 @@ impl PackedTree {
         let mut at = &chunk[..];
         let mut last = String::new();
         while !at.is_empty() {
-            let entry = self.decode(&mut at, &mut last)?;
-            match path_order(&last, path.as_str()) {
-                Ordering::Less => {}
-                Ordering::Equal => return Ok(Some(entry)),
+            let kind = read_path(&mut at, &mut last).ok_or_else(crate::spool::corrupt)?;
+            let keep = match path_order(&last, path.as_str()) {
+                Ordering::Less => false,
+                Ordering::Equal => true,
                 Ordering::Greater => return Ok(None),
+            };
+            let entry = self
+                .read_rest(&mut at, kind, keep)
+                .ok_or_else(crate::spool::corrupt)?;
+            if keep {
+                return Ok(entry);
             }
         }
         Ok(None)
@@ -400,41 +432,49 @@ impl PackedTree {
     /// Reads the entry at the front of `at`, its path into `last`. A chunk
     /// comes back from a spill file, so it is checked as it is read.
     fn decode(&self, at: &mut &[u8], last: &mut String) -> crate::Result<Entry> {
-        let mut decode = || -> Option<Entry> {
-            let kind = *take(at, 1)?.first()?;
-            let shared = usize::try_from(get(at)?).ok()?;
-            if !last.is_char_boundary(shared) {
-                return None;
-            }
-            last.truncate(shared);
-            last.push_str(get_text(at)?);
-            let mut number = || u32::try_from(get(at)?).ok();
-            let (mode, uid, gid) = (number()?, number()?, number()?);
-            let layer = self.layers.get(usize::try_from(get(at)?).ok()?)?.clone();
-            let kind = match kind {
-                DIR => Kind::Dir,
-                SYMLINK => Kind::Symlink {
-                    target: get_text(at)?.to_owned(),
-                },
-                FILE => {
-                    let size = get(at)?;
-                    let source = self.sources.get(usize::try_from(get(at)?).ok()?)?;
-                    Kind::File {
-                        source: source.clone(),
-                        size,
-                    }
+        read_path(at, last)
+            .and_then(|kind| self.read_rest(at, kind, true))
+            .flatten()
+            .ok_or_else(crate::spool::corrupt)
+    }
+
+    /// Reads what follows an entry's path: the entry, or (not `keep`)
+    /// nothing, only checked and passed.
+    fn read_rest(&self, at: &mut &[u8], kind: u8, keep: bool) -> Option<Option<Entry>> {
+        let mut number = || u32::try_from(get(at)?).ok();
+        let (mode, uid, gid) = (number()?, number()?, number()?);
+        let layer = self.layers.get(usize::try_from(get(at)?).ok()?)?;
+        let kind = match kind {
+            DIR => Kind::Dir,
+            SYMLINK => {
+                let target = get_text(at)?;
+                if !keep {
+                    return Some(None);
                 }
-                _ => return None,
-            };
-            Some(Entry {
-                kind,
-                mode,
-                uid,
-                gid,
-                layer,
-            })
+                Kind::Symlink {
+                    target: target.to_owned(),
+                }
+            }
+            FILE => {
+                let size = get(at)?;
+                let source = self.sources.get(usize::try_from(get(at)?).ok()?)?;
+                if !keep {
+                    return Some(None);
+                }
+                Kind::File {
+                    source: source.clone(),
+                    size,
+                }
+            }
+            _ => return None,
         };
-        decode().ok_or_else(crate::spool::corrupt)
+        Some(keep.then(|| Entry {
+            kind,
+            mode,
+            uid,
+            gid,
+            layer: layer.clone(),
+        }))
     }
 
     /// Every entry in archive order, as the map held it (each path and entry
@@ -502,6 +542,19 @@ impl PackedTree {
             Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
         })
     }
+}
+
+/// Reads an entry's kind and path (into `last`, which held the path
+/// before it).
+fn read_path(at: &mut &[u8], last: &mut String) -> Option<u8> {
+    let kind = *take(at, 1)?.first()?;
+    let shared = usize::try_from(get(at)?).ok()?;
+    if !last.is_char_boundary(shared) {
+        return None;
+    }
+    last.truncate(shared);
+    last.push_str(get_text(at)?);
+    Some(kind)
 }
 
 /// Appends `n` as a LEB128 varint.
@@ -792,12 +845,20 @@ mod tests {
         );
         assert!(packed.firsts.len() > 3);
         assert_eq!(packed.last(), Some("d2/e05999"));
+        // And in chunks of 512 bytes, a few entries each.
+        let mut small = PackedTree::with_chunks(512);
+        for (path, e) in tree.entries.clone() {
+            small.push(&path, e).unwrap();
+        }
+        assert!(small.firsts.len() > 500);
         for (path, e) in &tree.entries {
             assert_eq!(packed.get(path).unwrap().as_ref(), Some(e), "{path}");
+            assert_eq!(small.get(path).unwrap().as_ref(), Some(e), "{path}");
         }
         // Before the first, between two, after the last, a prefix.
         for absent in ["a", "d0/e00001", "d0/e", "d1/e040000", "d3", "d2/e05999/x"] {
             assert_eq!(packed.get(&p(absent)).unwrap(), None, "{absent}");
+            assert_eq!(small.get(&p(absent)).unwrap(), None, "{absent}");
         }
         assert_eq!(PackedTree::default().get(&p("a")).unwrap(), None);
         assert!(
