@@ -266,6 +266,7 @@ impl PackedTree {
     }
 
     /// Packs `tree`, consuming it entry by entry.
+    #[cfg(test)]
     pub fn pack(tree: Tree) -> crate::Result<PackedTree> {
         let mut packed = PackedTree::default();
         for (path, entry) in tree.entries {
@@ -480,68 +481,51 @@ impl PackedTree {
     /// Every entry in archive order, as the map held it (each path and entry
     /// made afresh, its source and layer shared).
     pub fn iter(&self) -> impl Iterator<Item = crate::Result<(RelPath, Entry)>> + '_ {
-        let mut next = 0;
-        let mut chunk = std::borrow::Cow::Borrowed(&[][..]);
-        let mut read = 0;
-        let mut last = String::new();
-        std::iter::from_fn(move || {
-            if read == chunk.len() {
-                if next == self.firsts.len() {
-                    return None;
-                }
-                chunk = match self.chunk(next) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        next = self.firsts.len();
-                        return Some(Err(e));
-                    }
-                };
-                next += 1;
-                read = 0;
-            }
-            let mut at = &chunk[read..];
-            let entry = self.decode(&mut at, &mut last);
-            read = if entry.is_ok() {
-                chunk.len() - at.len()
-            } else {
-                next = self.firsts.len();
-                chunk.len()
-            };
-            Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
-        })
+        let chunks = (0..self.firsts.len()).map(|i| self.chunk(i));
+        entries(chunks, move |at, last| self.decode(at, last))
     }
 
     /// Every entry in archive order, each chunk freed once it is read.
     pub fn into_entries(mut self) -> impl Iterator<Item = crate::Result<(RelPath, Entry)>> {
         let open = std::mem::take(&mut self.open);
-        let mut chunks = std::mem::take(&mut self.sealed)
+        let chunks = std::mem::take(&mut self.sealed)
             .into_chunks()
-            .chain((!self.firsts.is_empty()).then_some(Ok(open)));
-        let mut chunk: Vec<u8> = Vec::new();
-        let mut read = 0;
-        let mut last = String::new();
-        let mut failed = false;
-        std::iter::from_fn(move || {
-            if failed {
-                return None;
-            }
-            if read == chunk.len() {
-                chunk = match chunks.next()? {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failed = true;
-                        return Some(Err(e));
-                    }
-                };
-                read = 0;
-            }
-            let mut at = &chunk[read..];
-            let entry = self.decode(&mut at, &mut last);
-            read = chunk.len() - at.len();
-            failed = entry.is_err();
-            Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
-        })
+            .chain((!self.firsts.is_empty()).then_some(Ok(open)))
+            .map(|chunk| chunk.map(std::borrow::Cow::Owned));
+        entries(chunks, move |at, last| self.decode(at, last))
     }
+}
+
+/// The entries `decode` reads from `chunks`, in order; the first error
+/// ends them.
+fn entries<'c>(
+    mut chunks: impl Iterator<Item = crate::Result<std::borrow::Cow<'c, [u8]>>>,
+    decode: impl Fn(&mut &[u8], &mut String) -> crate::Result<Entry>,
+) -> impl Iterator<Item = crate::Result<(RelPath, Entry)>> {
+    let mut chunk = std::borrow::Cow::Borrowed(&[][..]);
+    let mut read = 0;
+    let mut last = String::new();
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        if read == chunk.len() {
+            chunk = match chunks.next()? {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = true;
+                    return Some(Err(e));
+                }
+            };
+            read = 0;
+        }
+        let mut at = &chunk[read..];
+        let entry = decode(&mut at, &mut last);
+        read = chunk.len() - at.len();
+        failed = entry.is_err();
+        Some(entry.map(|e| (RelPath(Arc::from(last.as_str())), e)))
+    })
 }
 
 /// Reads an entry's kind and path (into `last`, which held the path
@@ -829,14 +813,17 @@ mod tests {
             tree.entries.insert(p(&format!("d{d}")), entry(d));
         }
         // Once kept in memory, once with every full chunk in a spill file.
-        let kept = PackedTree::pack(tree.clone()).unwrap();
-        let mut packed = PackedTree {
+        let fill = |mut packed: PackedTree| {
+            for (path, e) in tree.entries.clone() {
+                packed.push(&path, e).unwrap();
+            }
+            packed
+        };
+        let kept = fill(PackedTree::default());
+        let packed = fill(PackedTree {
             sealed: Spool::with_limit(0),
             ..PackedTree::default()
-        };
-        for (path, e) in tree.entries.clone() {
-            packed.push(&path, e).unwrap();
-        }
+        });
         assert!(!kept.sealed.spilled() && packed.sealed.spilled());
         assert!(
             kept.iter()
@@ -846,10 +833,7 @@ mod tests {
         assert!(packed.firsts.len() > 3);
         assert_eq!(packed.last(), Some("d2/e05999"));
         // And in chunks of 512 bytes, a few entries each.
-        let mut small = PackedTree::with_chunks(512);
-        for (path, e) in tree.entries.clone() {
-            small.push(&path, e).unwrap();
-        }
+        let small = fill(PackedTree::with_chunks(512));
         assert!(small.firsts.len() > 500);
         for (path, e) in &tree.entries {
             assert_eq!(packed.get(path).unwrap().as_ref(), Some(e), "{path}");

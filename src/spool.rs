@@ -60,6 +60,7 @@ impl Spool {
     }
 
     /// Whether any chunk went to the file.
+    #[cfg(test)]
     pub fn spilled(&self) -> bool {
         self.file.is_some()
     }

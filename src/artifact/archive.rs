@@ -130,10 +130,15 @@ impl Digests {
             ))));
         chunks.flat_map(|chunk| {
             let digests: Box<dyn Iterator<Item = Result<Sha256>>> = match chunk {
-                Ok(chunk) if chunk.len() % 32 == 0 => Box::new(
-                    (0..chunk.len() / 32)
-                        .map(move |i| Ok(Sha256::from_bytes(&chunk[i * 32..(i + 1) * 32]))),
-                ),
+                Ok(chunk) if chunk.len() % 32 == 0 => {
+                    let digests: Vec<Sha256> = chunk
+                        .as_chunks::<32>()
+                        .0
+                        .iter()
+                        .map(|d| Sha256::from_bytes(*d))
+                        .collect();
+                    Box::new(digests.into_iter().map(Ok))
+                }
                 Ok(_) => Box::new(std::iter::once(Err(crate::spool::corrupt()))),
                 Err(e) => Box::new(std::iter::once(Err(e))),
             };

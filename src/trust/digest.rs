@@ -28,13 +28,9 @@ impl Sha256 {
         &self.0
     }
 
-    /// The digest whose bytes are `bytes` (32 of them, else zero-padded or
-    /// cut: callers pass 32).
-    pub fn from_bytes(bytes: &[u8]) -> Sha256 {
-        let mut d = [0; 32];
-        let n = bytes.len().min(32);
-        d[..n].copy_from_slice(&bytes[..n]);
-        Sha256(d)
+    /// The digest whose bytes are `bytes`.
+    pub fn from_bytes(bytes: [u8; 32]) -> Sha256 {
+        Sha256(bytes)
     }
 }
 
