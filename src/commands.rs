@@ -854,18 +854,29 @@ fn print_hooks(ui: &Ui, hooks: &crate::host::hooks::Hooks, ran: bool, root: &Pat
 }
 
 /// A plan as `--json` shows it.
-fn plan_json(plan: &crate::host::apply::Plan) -> Value {
-    json!({
-        "added": plan.added,
-        "changed": plan.changed,
-        "removed": plan.removed,
+/// Its lists are read back from where the plan keeps them: one that cannot
+/// be is the error.
+fn plan_json(plan: &crate::host::apply::Plan) -> Result<Value> {
+    let strings = |items: &mut dyn Iterator<Item = Result<String>>| {
+        items
+            .map(|s| s.map(Value::String))
+            .collect::<Result<Value>>()
+    };
+    let list = |l: &crate::spool::List<crate::model::RelPath>| {
+        strings(&mut l.iter().map(|p| p.map(|p| p.to_string())))
+    };
+    let new_dirs = strings(&mut plan.new_dirs.iter().map(|e| e.map(|e| e.path.to_string())))?;
+    Ok(json!({
+        "added": list(&plan.added)?,
+        "changed": list(&plan.changed)?,
+        "removed": list(&plan.removed)?,
         "adopt": plan.adopt,
         "identical": plan.identical,
         "repairs": plan.repairs,
         "stage": plan.stage,
-        "new_dirs": plan.new_dirs.iter().map(|e| &e.path).collect::<Vec<_>>(),
+        "new_dirs": new_dirs,
         "hooks": {"before": plan.hooks.before(), "after": plan.hooks.after()},
-    })
+    }))
 }
 
 /// The time now, for the records of an activation.
@@ -942,8 +953,7 @@ pub fn apply(
     })()
     .map_err(|e| op.own(e))?;
     ui.put("key_id", &key_id);
-    report(ui, &outcome, root, &format!("signed by key {key_id}"));
-    Ok(())
+    report(ui, &outcome, root, &format!("signed by key {key_id}"))
 }
 
 /// The file-signature check running beside `apply`: joined once, its
@@ -1048,13 +1058,12 @@ pub fn rollback(ui: &Ui, root: &Path, trusted: &Trusted, dry_run: bool) -> Resul
     let keyring = Keyring::load(trusted)?;
     let state = crate::host::state::State::open(root)?;
     let outcome = crate::host::apply::rollback(&state, keyring.keys(), dry_run, now())?;
-    report(ui, &outcome, root, "rollback");
-    Ok(())
+    report(ui, &outcome, root, "rollback")
 }
 
 /// What an apply or rollback did (or would do), with how it was vouched
 /// for. A dry run's plan is what was asked for: `-q` does not hide it.
-fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str) {
+fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str) -> Result<()> {
     use crate::host::apply::Outcome;
     use crate::host::state::Action;
     match outcome {
@@ -1090,7 +1099,10 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             ui.put("activation", action);
             ui.put("release", id);
             ui.put("from", from);
-            ui.put("plan", plan_json(plan));
+            if ui.json() {
+                // Made only when it is printed: it lists every path.
+                ui.put("plan", plan_json(plan)?);
+            }
             ui.put("hooks_run", hooks_run);
             ui.put("recovered", recovered);
             ui.put("signer_down_ms", signer_down_ms);
@@ -1118,11 +1130,12 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             ));
             if !ui.json() && (*dry_run || !ui.quiet) {
                 let mut out = std::io::stdout().lock();
-                let _ = crate::host::apply::describe(plan, &mut out);
+                crate::host::apply::describe(plan, &mut out)?;
             }
             print_hooks(ui, &plan.hooks, *hooks_run, root, *dry_run);
         }
     }
+    Ok(())
 }
 
 /// The report is what `status` is run to show: `-q` does not hide it.

@@ -121,6 +121,100 @@ impl Spool {
     }
 }
 
+/// A list of items kept in order in a `Spool`, one JSON line each, in
+/// chunks of `LIST_CHUNK` bytes: what a plan lists for every path of a
+/// release, so that its memory does not grow with the release.
+pub struct List<T> {
+    sealed: Spool,
+    /// The chunk being filled (its capacity `LIST_CHUNK`), and the line
+    /// being added.
+    open: Vec<u8>,
+    line: Vec<u8>,
+    len: usize,
+    item: std::marker::PhantomData<fn() -> T>,
+}
+
+/// The bytes of a `List`'s chunk, and those it keeps in memory (a plan has
+/// a few lists).
+const LIST_CHUNK: usize = 64 << 10;
+const LIST_MEMORY: usize = 1 << 20;
+
+impl<T> Default for List<T> {
+    fn default() -> List<T> {
+        List {
+            sealed: Spool::with_limit(LIST_MEMORY),
+            open: Vec::new(),
+            line: Vec::new(),
+            len: 0,
+            item: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for List<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("List").field("len", &self.len).finish()
+    }
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> List<T> {
+    pub fn push(&mut self, item: &T) -> Result<()> {
+        self.line.clear();
+        // Serialising a path or a manifest entry cannot fail.
+        serde_json::to_writer(&mut self.line, item).map_err(|_| corrupt())?;
+        self.line.push(b'\n');
+        // A full chunk is sealed before it would grow (a line longer than
+        // a chunk has one of its own).
+        if !self.open.is_empty() && self.open.len() + self.line.len() > LIST_CHUNK {
+            let full = std::mem::replace(&mut self.open, Vec::with_capacity(LIST_CHUNK));
+            self.sealed.push(full)?;
+        }
+        self.open.extend_from_slice(&self.line);
+        self.len += 1;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The items in order; one read back damaged is an error.
+    pub fn iter(&self) -> impl Iterator<Item = Result<T>> + '_ {
+        let chunks = (0..self.sealed.len())
+            .map(|i| self.sealed.read(i))
+            .chain(std::iter::once(Ok(Cow::Borrowed(&self.open[..]))));
+        chunks.flat_map(|chunk| {
+            let items: Box<dyn Iterator<Item = Result<T>>> = match chunk {
+                Err(e) => Box::new(std::iter::once(Err(e))),
+                Ok(chunk) => {
+                    let lines: Vec<Result<T>> = chunk
+                        .split(|&b| b == b'\n')
+                        .filter(|line| !line.is_empty())
+                        .map(|line| serde_json::from_slice(line).map_err(|_| corrupt()))
+                        .collect();
+                    Box::new(lines.into_iter())
+                }
+            };
+            items
+        })
+    }
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> serde::Serialize for List<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq};
+        let mut seq = s.serialize_seq(Some(self.len))?;
+        for item in self.iter() {
+            seq.serialize_element(&item.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
 /// An I/O error of the spill file, named by the directory it is in.
 fn failed(action: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     Error::io(&std::env::temp_dir(), action)
@@ -155,5 +249,24 @@ mod tests {
         let back: Vec<Vec<u8>> = spool.into_chunks().map(Result::unwrap).collect();
         assert_eq!(back, chunks);
         assert!(!Spool::default().spilled());
+    }
+
+    #[test]
+    fn a_list_gives_back_its_items_in_order_past_the_spill() {
+        let mut list: List<String> = List::default();
+        // Enough lines to fill the memory and spill: each chunk 64 KiB.
+        let items: Vec<String> = (0..100_000)
+            .map(|i| format!("usr/share/doc/{i:08}/changelog\nx"))
+            .collect();
+        for item in &items {
+            list.push(item).unwrap();
+        }
+        assert!(list.sealed.spilled());
+        assert_eq!(list.len(), items.len());
+        let back: Vec<String> = list.iter().map(Result::unwrap).collect();
+        assert_eq!(back, items);
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json.as_array().map(Vec::len), Some(items.len()));
+        assert!(List::<String>::default().iter().next().is_none());
     }
 }

@@ -39,29 +39,42 @@ use serde::Serialize;
 use crate::artifact::manifest::{Binding, EntryType, Manifest, ManifestEntry};
 use crate::error::{Error, Result};
 use crate::host::confined::{Dir, Kind, Parents};
-use crate::host::hooks::{self, Hooks};
-use crate::host::state::{self, Action, Entries, Journal, Release, ReleaseId, ReleaseInfo, State};
+use crate::host::hooks::{self, Changes, Hooks};
+use crate::host::state::{
+    self, Action, Entries, Journal, Listing, Release, ReleaseId, ReleaseInfo, State,
+};
 use crate::host::status::{self, Drift};
 use crate::model::RelPath;
+use crate::spool::List;
 use crate::trust::digest::HashingReader;
 use crate::trust::sign::{PublicKey, Signature};
 use crate::trust::verify::Verified;
 
 /// What to change on the live paths, computed without writing anything.
-#[derive(Clone, Debug, Default, Serialize)]
+/// What it lists for every path of a release is kept in `List`s, in
+/// memory up to a limit and past it in a temporary file.
+#[derive(Debug, Default, Serialize)]
 pub struct Plan {
-    pub added: Vec<RelPath>,
-    pub changed: Vec<RelPath>,
-    pub removed: Vec<RelPath>,
+    pub added: List<RelPath>,
+    pub changed: List<RelPath>,
+    pub removed: List<RelPath>,
     /// Of `removed`, the files and symlinks: their farm links go once the
     /// release is switched (`finish`).
     #[serde(skip)]
-    pub unlink: Vec<RelPath>,
+    pub unlink: List<RelPath>,
     /// Directories to create (they are missing on the host).
     #[serde(serialize_with = "entry_paths")]
-    pub new_dirs: Vec<ManifestEntry>,
+    pub new_dirs: List<ManifestEntry>,
     /// Farm links to create.
-    pub links: Vec<RelPath>,
+    pub links: List<RelPath>,
+    /// Whether a directory or link it makes, not adopted, is one the
+    /// release replaced had: lost from the root, restored (`only_adds`).
+    #[serde(skip)]
+    pub restores: bool,
+    /// Of the paths the record lists (created directories, adopted files),
+    /// those the new release has: they stay (`finish`).
+    #[serde(skip)]
+    pub kept: HashSet<RelPath>,
     /// Host files to move aside (`--adopt`, identical files, or drift a
     /// repair replaces).
     pub adopt: Vec<RelPath>,
@@ -78,16 +91,26 @@ pub struct Plan {
 
 impl Plan {
     /// Adds `old`, an entry the new release does not have.
-    fn remove(&mut self, old: &ManifestEntry) {
-        self.removed.push(old.path.clone());
+    fn remove(&mut self, old: &ManifestEntry, changes: &mut Changes) -> Result<()> {
+        self.removed.push(&old.path)?;
+        changes.removed(&old.path);
         if old.kind != EntryType::Dir {
-            self.unlink.push(old.path.clone());
+            self.unlink.push(&old.path)?;
         }
+        Ok(())
     }
 }
 
-fn entry_paths<S: serde::Serializer>(entries: &[ManifestEntry], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(entries.iter().map(|e| &e.path))
+fn entry_paths<S: serde::Serializer>(
+    entries: &List<ManifestEntry>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error as _, SerializeSeq};
+    let mut seq = s.serialize_seq(Some(entries.len()))?;
+    for e in entries.iter() {
+        seq.serialize_element(&e.map_err(S::Error::custom)?.path)?;
+    }
+    seq.end()
 }
 
 pub struct ApplyOptions {
@@ -161,7 +184,6 @@ pub fn apply(
             verified.artifact().display()
         ))
     })?;
-    refuse_state_paths(m)?;
     if opts.dry_run {
         if !state.writable() {
             return Err(Error::io(&state.root, "checking write access")(
@@ -208,15 +230,8 @@ pub fn apply(
             history.drain(..keep);
         }
         let from = d.current.as_ref().map(|c| c.info.id.clone());
-        let journal = Journal::new(d.action, from, id.clone(), &d.plan, history, opts.now);
-        activate(
-            state,
-            &journal,
-            d.plan,
-            recovered,
-            verified.manifest(),
-            stage,
-        )
+        let journal = Journal::new(d.action, from, id.clone(), &d.plan, history, opts.now)?;
+        activate(state, &journal, d.plan, recovered, verified, stage)
     })();
     if result.is_err() {
         state.discard(created);
@@ -225,17 +240,19 @@ pub fn apply(
 }
 
 /// The release may not ship InfraKit's own state directory.
-fn refuse_state_paths(m: &Manifest) -> Result<()> {
-    let inside =
-        |p: &str| p == state::STATE_DIR || p.starts_with(&format!("{}/", state::STATE_DIR));
-    match m.entries.iter().find(|e| inside(e.path.as_str())) {
-        Some(e) => Err(Error::Refused(format!(
+fn refuse_state_path(e: &ManifestEntry) -> Result<()> {
+    let p = e.path.as_str();
+    let inside = p
+        .strip_prefix(state::STATE_DIR)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if inside {
+        return Err(Error::Refused(format!(
             "the release ships {}, inside InfraKit's own state directory {}; remove it from the profile",
             e.path,
             state::STATE_DIR
-        ))),
-        None => Ok(()),
+        )));
     }
+    Ok(())
 }
 
 /// Decides what applying `id` means for `state`'s root, reading only:
@@ -257,13 +274,13 @@ fn decide(
             if drift.is_empty() {
                 return Ok(None);
             }
-            (Action::Repair, repair_plan(state, id, m, drift)?)
+            (Action::Repair, repair_plan(state, id, verified, drift)?)
         }
         _ => {
             let old = current
                 .as_ref()
                 .map(|r| r.entries().map(|e| (&r.manifest, e)));
-            let mut plan = plan(state, id, old.transpose()?, m, opts.adopt)?;
+            let mut plan = plan(state, id, old.transpose()?, verified, opts.adopt)?;
             plan.stage = true;
             (Action::Apply, plan)
         }
@@ -322,13 +339,15 @@ fn admit(
 /// Compares two manifests and the live paths of `state`'s root. Host files
 /// identical to what the release puts there are adopted without `--adopt`;
 /// so are all others with it. A backup of an adopted path that already
-/// exists is never overwritten: that is a conflict.
-/// `old`: the manifest replaced, and its entries (which it need not hold).
+/// exists is never overwritten: that is a conflict. A release that ships
+/// InfraKit's own state directory is refused.
+/// `old`: the manifest replaced, and its entries (which it need not hold);
+/// `new`'s entries are read once, in order, as the plan is made.
 pub fn plan(
     state: &State,
     id: &ReleaseId,
     old: Option<(&Manifest, Entries<'_>)>,
-    new: &Manifest,
+    new: &dyn Listing,
     adopt: bool,
 ) -> Result<Plan> {
     let (old, olds) = match old {
@@ -342,41 +361,68 @@ pub fn plan(
         .map_while(|o| o.map_err(|e| failed = Some(e)).ok())
         .peekable();
     let mut plan = Plan::default();
+    let mut changes = Changes::default();
+    let record = state.record()?;
     let mut farm = state.farm();
-    // Directories the host lacks: nothing is below them (entries come in
-    // manifest order, a directory before what it holds).
-    let mut absent: HashSet<&RelPath> = HashSet::new();
-    for e in &new.entries {
-        while let Some(o) = olds.next_if(|o| o.path < e.path) {
-            plan.remove(&o);
+    // The directories the host lacks that hold the entry being planned,
+    // innermost last: nothing is below them (entries come in manifest
+    // order, a directory just before what it holds).
+    let mut absent: Vec<RelPath> = Vec::new();
+    for e in new.entries()? {
+        let e = e?;
+        let e: &ManifestEntry = &e;
+        refuse_state_path(e)?;
+        changes.entry(e);
+        if record.created_dirs.contains(&e.path) || record.adopted.contains_key(&e.path) {
+            plan.kept.insert(e.path.clone());
         }
-        match olds.next_if(|o| o.path == e.path) {
-            None => plan.added.push(e.path.clone()),
+        while let Some(o) = olds.next_if(|o| o.path < e.path) {
+            plan.remove(&o, &mut changes)?;
+        }
+        let replaced = olds.next_if(|o| o.path == e.path);
+        match &replaced {
+            None => {
+                plan.added.push(&e.path)?;
+                changes.added(e);
+            }
             // Two directories differ only in mode and owner (not in layer).
             Some(o) if o.kind == EntryType::Dir && e.kind == EntryType::Dir => {
                 if (o.mode, o.uid, o.gid) != (e.mode, e.uid, e.gid) {
-                    plan.changed.push(e.path.clone());
+                    plan.changed.push(&e.path)?;
+                    changes.changed(&e.path);
                 }
             }
-            Some(o) if *o != *e => plan.changed.push(e.path.clone()),
+            Some(o) if **o != *e => {
+                plan.changed.push(&e.path)?;
+                changes.changed(&e.path);
+            }
             Some(_) => {}
         }
+        while absent.last().is_some_and(|d| !e.path.is_under(d)) {
+            absent.pop();
+        }
         let host = match e.path.parent() {
-            Some(parent) if absent.contains(&parent) => None,
+            Some(parent) if absent.last() == Some(&parent) => None,
             _ => farm.meta(&e.path)?.map(|m| m.kind),
         };
         if e.kind == EntryType::Dir && host.is_none() {
-            absent.insert(&e.path);
+            absent.push(e.path.clone());
         }
         match (e.kind, host) {
-            (EntryType::Dir, None) => plan.new_dirs.push(e.clone()),
+            (EntryType::Dir, None) => {
+                plan.restores |= replaced.is_some();
+                plan.new_dirs.push(e)?;
+            }
             (EntryType::Dir, Some(Kind::Dir)) => {}
             (EntryType::Dir, Some(k)) => plan.conflicts.push(format!(
                 "{}: the host has a {} where the release has a directory (never adopted)",
                 e.path,
                 host_kind(k)
             )),
-            (_, None) => plan.links.push(e.path.clone()),
+            (_, None) => {
+                plan.restores |= replaced.is_some();
+                plan.links.push(&e.path)?;
+            }
             (_, Some(_)) if farm.is_link(&e.path) => {}
             (_, Some(Kind::Dir)) => plan.conflicts.push(format!(
                 "{}: the host has a directory where the release has a {} (never adopted)",
@@ -402,32 +448,43 @@ pub fn plan(
                         plan.identical.push(e.path.clone());
                     }
                     plan.adopt.push(e.path.clone());
-                    plan.links.push(e.path.clone());
+                    plan.links.push(&e.path)?;
                 }
             }
         }
     }
-    olds.for_each(|o| plan.remove(&o));
+    for o in olds {
+        plan.remove(&o, &mut changes)?;
+    }
     if let Some(e) = failed {
         return Err(e);
     }
-    plan.hooks = Hooks::plan(old, new, &plan.added, &plan.changed, &plan.removed);
+    plan.hooks = Hooks::of(old, new.head(), &changes);
     Ok(plan)
 }
 
-/// The plan that brings a drifted root back to its active release `id`:
-/// links and directories restored, whatever replaced a link moved aside
-/// (kept, never deleted), the release extracted afresh when its own files
-/// drifted, and the units whose files were repaired restarted.
-fn repair_plan(state: &State, id: &ReleaseId, m: &Manifest, drift: Vec<Drift>) -> Result<Plan> {
-    let mut plan = plan(state, id, Some((m, state::held(m))), m, true)?;
-    let repaired: Vec<RelPath> = m
-        .entries
-        .iter()
-        .filter(|e| drift.iter().any(|d| d.path == e.path.as_str()))
-        .map(|e| e.path.clone())
-        .collect();
-    plan.hooks = Hooks::plan(Some(m), m, &[], &repaired, &[]);
+/// The plan that brings a drifted root back to its active release `id`
+/// (`release`): links and directories restored, whatever replaced a link
+/// moved aside (kept, never deleted), the release extracted afresh when its
+/// own files drifted, and the units whose files were repaired restarted.
+fn repair_plan(
+    state: &State,
+    id: &ReleaseId,
+    release: &dyn Listing,
+    drift: Vec<Drift>,
+) -> Result<Plan> {
+    let m = release.head();
+    let mut plan = plan(state, id, Some((m, release.entries()?)), release, true)?;
+    let drifted: HashSet<&str> = drift.iter().map(|d| d.path.as_str()).collect();
+    let mut changes = Changes::default();
+    for e in release.entries()? {
+        let e = e?;
+        changes.entry(&e);
+        if drifted.contains(e.path.as_str()) {
+            changes.changed(&e.path);
+        }
+    }
+    plan.hooks = Hooks::of(Some(m), m, &changes);
     plan.stage = drift.iter().any(|d| d.in_release);
     plan.repairs = drift;
     Ok(plan)
@@ -531,7 +588,7 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
         )));
     }
     let old_entries = Some((&old.manifest, old.entries()?));
-    let plan = plan(state, &to, old_entries, &target.manifest, false)?;
+    let plan = plan(state, &to, old_entries, &target, false)?;
     refuse_conflicts(&plan)?;
     refuse_bad_units(&plan)?;
     if dry_run {
@@ -547,8 +604,8 @@ pub fn rollback(state: &State, keys: &[PublicKey], dry_run: bool, now: u64) -> R
         });
     }
     let history = record.history[..pos].to_vec();
-    let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now);
-    activate(state, &journal, plan, recovered, &target.manifest, None)
+    let journal = Journal::new(Action::Rollback, Some(from), to, &plan, history, now)?;
+    activate(state, &journal, plan, recovered, &target, None)
 }
 
 /// Checks that a retained release's manifest is still the signed one: the
@@ -585,17 +642,19 @@ impl Journal {
         plan: &Plan,
         history: Vec<ReleaseId>,
         applied_at: u64,
-    ) -> Journal {
-        Journal {
+    ) -> Result<Journal> {
+        Ok(Journal {
             action,
             from,
             to,
-            created_dirs: plan.new_dirs.iter().map(|e| e.path.clone()).collect(),
+            created_dirs: (plan.new_dirs.iter())
+                .map(|e| e.map(|e| e.path))
+                .collect::<Result<_>>()?,
             adopted: plan.adopt.clone(),
             history,
             applied_at,
             hooks: plan.hooks.clone(),
-        }
+        })
     }
 }
 
@@ -822,7 +881,7 @@ fn activate(
     journal: &Journal,
     plan: Plan,
     recovered: Option<String>,
-    new: &Manifest,
+    new: &dyn Listing,
     stage: Option<Stage<'_>>,
 ) -> Result<Outcome> {
     if let Err(e) = state.write_journal(journal) {
@@ -844,7 +903,12 @@ fn activate(
     }
     let signers_down = std::time::Instant::now();
     state.switch(&journal.to)?;
-    let starting = finish(state, journal, new, &plan.unlink)?;
+    // What the new release has of the record's paths: those `plan` found,
+    // and the directories this activation creates (the journal's, in
+    // manifest order).
+    let has = |p: &RelPath| plan.kept.contains(p) || journal.created_dirs.binary_search(p).is_ok();
+    let ours = (journal.created_dirs.clone(), journal.adopted.clone());
+    let starting = finish(state, journal, &has, ours, plan.unlink.iter())?;
     let signer_down_ms = (!journal.hooks.stop_before.is_empty())
         .then(|| (starting - signers_down).as_secs_f64() * 1000.0)
         .map(|ms| (ms * 10.0).round() / 10.0);
@@ -869,12 +933,15 @@ fn activate(
 fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_>>) -> Result<()> {
     let adopted: HashSet<&RelPath> = journal.adopted.iter().collect();
     let new_paths = || -> Result<()> {
-        for e in &plan.new_dirs {
-            state.create_live_dir(e)?;
+        for e in plan.new_dirs.iter() {
+            state.create_live_dir(&e?)?;
         }
         let mut farm = state.farm();
-        for p in plan.links.iter().filter(|p| !adopted.contains(p)) {
-            farm.link(p)?;
+        for p in plan.links.iter() {
+            let p = p?;
+            if !adopted.contains(&p) {
+                farm.link(&p)?;
+            }
         }
         Ok(())
     };
@@ -883,7 +950,7 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
         // Links that restore what the root lost (a repair, or drift of the
         // release being replaced) would outlive a failed verdict, which
         // reverts only what this release adds: they wait for the staging.
-        Some(stage) if !only_adds(journal.action, plan, &adopted) => {
+        Some(stage) if journal.action == Action::Repair || plan.restores => {
             stage.run(state, &journal.to)?;
             new_paths()?;
         }
@@ -910,46 +977,36 @@ fn prepare(state: &State, journal: &Journal, plan: &Plan, stage: Option<Stage<'_
     state.sync_fs()
 }
 
-/// Whether every directory and link `plan` makes outside adoption is a path
-/// the activated release adds (one its predecessor did not have): all that
-/// `revert` removes again.
-fn only_adds(action: Action, plan: &Plan, adopted: &HashSet<&RelPath>) -> bool {
-    if action == Action::Repair {
-        return false;
-    }
-    // `added` is in manifest order, sorted.
-    let added = |p: &RelPath| plan.added.binary_search(p).is_ok();
-    plan.new_dirs.iter().all(|e| added(&e.path))
-        && plan.links.iter().all(|p| adopted.contains(p) || added(p))
-}
-
 /// Step 6, after the switch: idempotent, so recovery can run it again.
-/// `new` is the manifest of `journal.to`; `unlink`, the files and symlinks
+/// `has` says whether `journal.to`, the release activated, has a path the
+/// record lists; `vouched`, the journal's created directories and adopted
+/// files that it vouches for (`vouched`); `unlink`, the files and symlinks
 /// of `journal.from` that it does not have (`Plan::unlink`). Returns when
 /// the signers' starts began (the end of their window): everything that
 /// can wait (pruning old releases) runs after them.
 fn finish(
     state: &State,
     journal: &Journal,
-    new: &Manifest,
-    unlink: &[RelPath],
+    has: &dyn Fn(&RelPath) -> bool,
+    (created, adopted): (Vec<RelPath>, Vec<RelPath>),
+    unlink: impl Iterator<Item = Result<RelPath>>,
 ) -> Result<std::time::Instant> {
     let mut farm = state.farm();
     for p in unlink {
-        if farm.is_link(p) {
-            farm.unlink(p)?;
+        let p = p?;
+        if farm.is_link(&p) {
+            farm.unlink(&p)?;
         }
     }
     state.sync_fs()?;
     let mut record = state.record()?;
-    let (created, adopted) = vouched(journal, new);
     record.created_dirs.extend(created);
-    remove_empty_dirs(state, &mut record.created_dirs, |p| new.has(p));
+    remove_empty_dirs(state, &mut record.created_dirs, has);
     // Host files adopted for paths no active release has any more go back.
     let gone: Vec<(RelPath, ReleaseId)> = record
         .adopted
         .iter()
-        .filter(|(p, _)| !new.has(p))
+        .filter(|(p, _)| !has(p))
         .map(|(p, id)| (p.clone(), id.clone()))
         .collect();
     for (p, id) in gone {
@@ -984,39 +1041,28 @@ fn finish(
 /// The journal's directories and adopted paths that `to` (the release the
 /// journal activates) vouches for: a journal read back from disk may name
 /// any path, and only a directory of `to` can have been created, only a
-/// file or symlink of `to` adopted.
-fn vouched(journal: &Journal, to: &Manifest) -> (Vec<RelPath>, Vec<RelPath>) {
-    let kind = |p: &RelPath| to.entry(p).map(|e| e.kind);
-    let created = journal
-        .created_dirs
-        .iter()
-        .filter(|p| kind(p) == Some(EntryType::Dir))
-        .cloned()
-        .collect();
-    let adopted = journal
-        .adopted
-        .iter()
-        .filter(|p| kind(p).is_some_and(|k| k != EntryType::Dir))
-        .cloned()
-        .collect();
-    (created, adopted)
-}
-
-/// Removes the farm links of `manifest`'s files and symlinks unless `keep`
-/// says otherwise (only InfraKit's own links: anything else stays).
-fn remove_links(
-    state: &State,
-    entries: Entries<'_>,
-    keep: impl Fn(&RelPath) -> bool,
-) -> Result<()> {
-    let mut farm = state.farm();
-    for e in entries {
+/// file or symlink of `to` adopted. One pass over `to`'s entries, each also
+/// handed to `each`.
+fn vouched(
+    journal: &Journal,
+    to: &dyn Listing,
+    mut each: impl FnMut(&ManifestEntry) -> Result<()>,
+) -> Result<(Vec<RelPath>, Vec<RelPath>)> {
+    let dirs: HashSet<&RelPath> = journal.created_dirs.iter().collect();
+    let files: HashSet<&RelPath> = journal.adopted.iter().collect();
+    let (mut created, mut adopted) = (Vec::new(), Vec::new());
+    for e in to.entries()? {
         let e = e?;
-        if e.kind != EntryType::Dir && !keep(&e.path) && farm.is_link(&e.path) {
-            farm.unlink(&e.path)?;
+        match e.kind {
+            EntryType::Dir if dirs.contains(&e.path) => created.push(e.path.clone()),
+            EntryType::File | EntryType::Symlink if files.contains(&e.path) => {
+                adopted.push(e.path.clone());
+            }
+            _ => {}
         }
+        each(&e)?;
     }
-    Ok(())
+    Ok((created, adopted))
 }
 
 /// Removes created directories that `keep` does not list and that are empty,
@@ -1086,7 +1132,9 @@ pub fn recover(state: &State) -> Result<Option<String>> {
             Ok(paths)
         };
         let unlink = (journal.from.as_ref()).and_then(|from| unlink(from).ok());
-        finish(state, &journal, &new, &unlink.unwrap_or_default())?;
+        let ours = vouched(&journal, &new, |_| Ok(()))?;
+        let unlink = unlink.unwrap_or_default().into_iter().map(Ok);
+        finish(state, &journal, &|p| new.has(p), ours, unlink)?;
         state.remove_partials()?;
         Ok(Some(format!(
             "completed the interrupted {} to {}",
@@ -1099,7 +1147,7 @@ pub fn recover(state: &State) -> Result<Option<String>> {
             .or_else(|_| state.staged_release(&journal.to))
             .ok()
             .map(|r| r.manifest);
-        revert(state, &journal, to.as_ref())?;
+        revert(state, &journal, to.as_ref().map(|m| m as &dyn Listing))?;
         Ok(Some(format!(
             "reverted the interrupted {} to {}; {} stays active",
             journal.action,
@@ -1112,24 +1160,47 @@ pub fn recover(state: &State) -> Result<Option<String>> {
     }
 }
 
-/// Undoes steps 3 and 4 (the switch did not happen). `to` is the manifest
-/// of the release the journal activates, if it can be read: without it, the
-/// journal vouches for no path.
-fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()> {
-    // Sorted, as the manifest's entries are.
-    let from_paths: Vec<RelPath> = match &journal.from {
-        Some(from) => {
-            let from = state.release_head(from)?;
-            let paths = from.entries()?.map(|e| e.map(|e| e.path.clone()));
-            paths.collect::<Result<_>>()?
-        }
-        None => Vec::new(),
-    };
-    let kept = |p: &RelPath| from_paths.binary_search(p).is_ok();
+/// Undoes steps 3 and 4 (the switch did not happen). `to` is the release
+/// the journal activates, if it can be read: without it, the journal
+/// vouches for no path. Its entries and those of the release that stays
+/// are read once, in order, side by side.
+fn revert(state: &State, journal: &Journal, to: Option<&dyn Listing>) -> Result<()> {
+    let from = (journal.from.as_ref())
+        .map(|from| state.release_head(from))
+        .transpose()?;
+    let mut olds = match &from {
+        Some(from) => from.entries()?,
+        None => Box::new(std::iter::empty()),
+    }
+    .peekable();
+    // Directories of `to` that the release that stays has too.
+    let mut kept_dirs: HashSet<RelPath> = HashSet::new();
     let (created, adopted) = match to {
         Some(to) => {
-            remove_links(state, state::held(to), kept)?;
-            vouched(journal, to)
+            let mut farm = state.farm();
+            vouched(journal, to, |e| {
+                let kept = loop {
+                    match olds.peek() {
+                        Some(Err(_)) => match olds.next() {
+                            Some(Err(err)) => return Err(err),
+                            _ => continue,
+                        },
+                        Some(Ok(o)) if o.path < e.path => {
+                            olds.next();
+                        }
+                        Some(Ok(o)) => break o.path == e.path,
+                        None => break false,
+                    }
+                };
+                if e.kind == EntryType::Dir {
+                    if kept {
+                        kept_dirs.insert(e.path.clone());
+                    }
+                } else if !kept && farm.is_link(&e.path) {
+                    farm.unlink(&e.path)?;
+                }
+                Ok(())
+            })?
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -1141,7 +1212,7 @@ fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()>
         state.restore(&journal.to, p)?;
     }
     let mut created: BTreeSet<RelPath> = created.into_iter().collect();
-    remove_empty_dirs(state, &mut created, kept);
+    remove_empty_dirs(state, &mut created, |p| kept_dirs.contains(p));
     let record = state.record()?;
     if !record.history.contains(&journal.to) {
         state.remove_release(journal.to.as_str())?;
@@ -1157,30 +1228,36 @@ fn revert(state: &State, journal: &Journal, to: Option<&Manifest>) -> Result<()>
     state.remove_journal()
 }
 
-/// One line per added, changed, removed, adopted and repaired path.
-pub fn describe(plan: &Plan, out: &mut impl Write) -> std::io::Result<()> {
+/// One line per added, changed, removed, adopted and repaired path. Output
+/// that cannot be written (a closed pipe) is dropped; a list that cannot be
+/// read back is the error.
+pub fn describe(plan: &Plan, out: &mut impl Write) -> Result<()> {
+    let mut put = |line: std::fmt::Arguments<'_>| {
+        let _ = writeln!(out, "  {line}");
+    };
     for d in &plan.repairs {
-        writeln!(out, "  repair  {}: {} ({})", d.path, d.kind, d.detail)?;
+        put(format_args!(
+            "repair  {}: {} ({})",
+            d.path, d.kind, d.detail
+        ));
     }
-    let adopted: Vec<RelPath> = plan
-        .adopt
-        .iter()
-        .filter(|p| !plan.identical.contains(p))
-        .cloned()
-        .collect();
     for (label, paths) in [
         ("add", &plan.added),
         ("change", &plan.changed),
         ("remove", &plan.removed),
-        (
-            "adopt (identical to the release; moved aside, restored when no release has it)",
-            &plan.identical,
-        ),
-        ("adopt (move the host's file aside)", &adopted),
     ] {
-        for p in paths {
-            writeln!(out, "  {label:<7} {p}")?;
+        for p in paths.iter() {
+            put(format_args!("{label:<7} {}", p?));
         }
+    }
+    let adopted = plan.adopt.iter().filter(|p| !plan.identical.contains(p));
+    let identical =
+        "adopt (identical to the release; moved aside, restored when no release has it)";
+    for p in &plan.identical {
+        put(format_args!("{identical} {p}"));
+    }
+    for p in adopted {
+        put(format_args!("adopt (move the host's file aside) {p}"));
     }
     Ok(())
 }

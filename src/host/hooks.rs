@@ -26,6 +26,12 @@ const CONFIG_OWNERS: [(&str, &str); 5] = [
     ("etc/systemd/resolved.conf", "systemd-resolved.service"),
 ];
 
+/// Prefixes of the paths whose change runs a command of their own.
+const SYSTEMD: &str = "etc/systemd/";
+const SYSUSERS: [&str; 2] = ["etc/sysusers.d/", "usr/lib/sysusers.d/"];
+const TMPFILES: [&str; 2] = ["etc/tmpfiles.d/", "usr/lib/tmpfiles.d/"];
+const SYSCTL: [&str; 2] = ["etc/sysctl.d/", "usr/lib/sysctl.d/"];
+
 /// Directories whose unit files systemd loads.
 const UNIT_DIRS: [&str; 2] = ["etc/systemd/system/", "usr/lib/systemd/system/"];
 const UNIT_SUFFIXES: [&str; 4] = [".service", ".socket", ".timer", ".path"];
@@ -97,6 +103,61 @@ fn unit_of(path: &RelPath) -> Option<String> {
         .then(|| unit.to_owned())
 }
 
+/// What of a plan the hooks depend on, gathered as the plan is made: the
+/// units the new release has files for, and those of its added, changed
+/// and removed paths that a hook looks at (`matters`), few whatever the
+/// release's size.
+#[derive(Debug, Default)]
+pub struct Changes {
+    units: BTreeSet<String>,
+    /// Added paths that matter, with the layer that put them there.
+    added: Vec<(RelPath, std::sync::Arc<str>)>,
+    /// Added, changed and removed paths that matter.
+    touched: Vec<RelPath>,
+}
+
+impl Changes {
+    /// `e`, an entry of the new release (each once).
+    pub fn entry(&mut self, e: &ManifestEntry) {
+        if let Some(unit) = unit_of(&e.path) {
+            self.units.insert(unit);
+        }
+    }
+
+    /// `e`, an entry the new release adds.
+    pub fn added(&mut self, e: &ManifestEntry) {
+        if matters(&e.path) {
+            self.added.push((e.path.clone(), e.layer.clone()));
+            self.touched.push(e.path.clone());
+        }
+    }
+
+    pub fn changed(&mut self, path: &RelPath) {
+        if matters(path) {
+            self.touched.push(path.clone());
+        }
+    }
+
+    pub fn removed(&mut self, path: &RelPath) {
+        self.changed(path);
+    }
+}
+
+/// Whether a hook looks at `path` when it is added, changed or removed:
+/// every prefix `Hooks::of` asks about, and the firewall's file.
+fn matters(path: &RelPath) -> bool {
+    let p = path.as_str();
+    let prefixed = [SYSTEMD]
+        .iter()
+        .chain(&SYSUSERS)
+        .chain(&TMPFILES)
+        .chain(&SYSCTL)
+        .chain(&UNIT_DIRS)
+        .chain(CONFIG_OWNERS.iter().map(|(prefix, _)| prefix))
+        .any(|x| p.starts_with(x));
+    prefixed || p == FIREWALL_PATH
+}
+
 impl Hooks {
     /// The hooks for moving from `old` to `new`, given which paths were
     /// added, changed and removed. `old` is the release active before: on a
@@ -107,6 +168,8 @@ impl Hooks {
     /// elsewhere, and its secrets may not be in place yet. On a repair of
     /// the active release (`old` is `new`) only signers whose files changed
     /// are stopped and started again.
+    /// `plan` of a manifest that holds its entries (`new`), given the
+    /// paths themselves.
     pub fn plan(
         old: Option<&Manifest>,
         new: &Manifest,
@@ -114,22 +177,36 @@ impl Hooks {
         changed: &[RelPath],
         removed: &[RelPath],
     ) -> Hooks {
-        let touched: Vec<&RelPath> = added.iter().chain(changed).chain(removed).collect();
+        let mut changes = Changes::default();
+        new.entries.iter().for_each(|e| changes.entry(e));
+        for p in added {
+            match new.entry(p) {
+                Some(e) => changes.added(e),
+                // Touched, but from no layer of `new`.
+                None => changes.changed(p),
+            }
+        }
+        changed.iter().for_each(|p| changes.changed(p));
+        removed.iter().for_each(|p| changes.removed(p));
+        Hooks::of(old, new, &changes)
+    }
+
+    /// The hooks for moving from `old` to `new` (whose entries need not be
+    /// held), given the `changes` gathered as the plan was made.
+    pub fn of(old: Option<&Manifest>, new: &Manifest, changes: &Changes) -> Hooks {
+        let touched = &changes.touched;
         let under = |prefix: &str| touched.iter().any(|p| p.as_str().starts_with(prefix));
-        let new_units: BTreeSet<String> = new
-            .entries
-            .iter()
-            .filter_map(|e: &ManifestEntry| unit_of(&e.path))
-            .collect();
-        let changed_units: BTreeSet<String> = touched.iter().filter_map(|p| unit_of(p)).collect();
+        let under_any = |prefixes: &[&str]| prefixes.iter().any(|x| under(x));
+        let new_units = &changes.units;
+        let changed_units: BTreeSet<String> = touched.iter().filter_map(unit_of).collect();
         let old_signers = old.map(signers).unwrap_or_default();
         let new_signers = signers(new);
         let repair = old.is_some_and(|o| o == new);
         let mut hooks = Hooks {
-            daemon_reload: !changed_units.is_empty() || under("etc/systemd/"),
-            sysusers: under("etc/sysusers.d/") || under("usr/lib/sysusers.d/"),
-            tmpfiles: under("etc/tmpfiles.d/") || under("usr/lib/tmpfiles.d/"),
-            sysctl: under("etc/sysctl.d/") || under("usr/lib/sysctl.d/"),
+            daemon_reload: !changed_units.is_empty() || under(SYSTEMD),
+            sysusers: under_any(&SYSUSERS),
+            tmpfiles: under_any(&TMPFILES),
+            sysctl: under_any(&SYSCTL),
             firewall: touched.iter().any(|p| p.as_str() == FIREWALL_PATH),
             ..Hooks::default()
         };
@@ -155,16 +232,9 @@ impl Hooks {
             .map(|s| s.layer.as_str())
             .chain(new.secrets.iter().map(|s| s.layer.as_str()))
             .collect();
-        let layer_of = |path: &RelPath| -> Option<&str> {
-            new.entries
-                .binary_search_by(|e| e.path.as_str().cmp(path.as_str()))
-                .ok()
-                .map(|i| &*new.entries[i].layer)
-        };
-        let enabled: BTreeSet<String> = added
-            .iter()
-            .filter(|p| layer_of(p).is_some_and(|l| !adapter_layers.contains(l)))
-            .filter_map(wanted_unit)
+        let enabled: BTreeSet<String> = (changes.added.iter())
+            .filter(|(_, layer)| !adapter_layers.contains(&**layer))
+            .filter_map(|(p, _)| wanted_unit(p))
             .filter(|u| !new_signers.contains(u) && !needs_secrets.contains(u.as_str()))
             .collect();
         hooks.start_enabled = enabled.iter().cloned().collect();

@@ -241,6 +241,44 @@ pub fn held(m: &Manifest) -> Entries<'_> {
     Box::new(m.entries.iter().map(|e| Ok(Cow::Borrowed(e))))
 }
 
+/// A release's manifest and its entries: held, or read again as they are
+/// needed (an apply does not hold a large release's entries).
+pub trait Listing {
+    /// The manifest, without its entries unless they are held.
+    fn head(&self) -> &Manifest;
+    fn entries(&self) -> Result<Entries<'_>>;
+}
+
+impl Listing for Manifest {
+    fn head(&self) -> &Manifest {
+        self
+    }
+
+    fn entries(&self) -> Result<Entries<'_>> {
+        Ok(held(self))
+    }
+}
+
+impl Listing for Release {
+    fn head(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn entries(&self) -> Result<Entries<'_>> {
+        Release::entries(self)
+    }
+}
+
+impl Listing for crate::trust::verify::Verified {
+    fn head(&self) -> &Manifest {
+        self.manifest()
+    }
+
+    fn entries(&self) -> Result<Entries<'_>> {
+        crate::trust::verify::Verified::entries(self)
+    }
+}
+
 impl Release {
     /// The manifest's entries: those held or, for a release read without
     /// them, read again from the file that was read and checked the same

@@ -215,6 +215,20 @@ impl Verified {
         Ok(())
     }
 
+    /// The manifest's entries: those held, or read again from the file
+    /// that was checked, hashed as they are read (they end in an error if
+    /// it changed since).
+    #[allow(clippy::type_complexity)]
+    pub fn entries(&self) -> Result<Box<dyn Iterator<Item = Result<Cow<'_, ManifestEntry>>> + '_>> {
+        if self.manifest.entries.len() as u64 == self.entries {
+            return Ok(Box::new(
+                self.manifest.entries.iter().map(|e| Ok(Cow::Borrowed(e))),
+            ));
+        }
+        let entries = self.signed_entries(self.manifest_sha256)?;
+        Ok(Box::new(entries.map(|e| e.map(Cow::Owned))))
+    }
+
     /// The manifest's entries, read again from the file that was checked,
     /// and hashed: they end in an error unless `want` is its digest.
     fn signed_entries(
@@ -445,7 +459,7 @@ pub struct Admitted {
 /// The trusted comment's signature first: the manifest it binds is
 /// authentic before it is parsed, and the members are compared with it.
 pub fn admit(opts: &VerifyOptions<'_>) -> Result<Admitted> {
-    admit_with(opts, Load::Entries)
+    admit_with(opts, Load::Head)
 }
 
 fn admit_with(opts: &VerifyOptions<'_>, load: Load) -> Result<Admitted> {

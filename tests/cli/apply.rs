@@ -41,13 +41,19 @@ fn noise(n: usize, seed: u32) -> Vec<u8> {
 
 const UNIT: &str = "[Unit]\nDescription=app\n\n[Service]\nUser=app\nExecStart=/usr/bin/app-tool\n";
 
+/// A repository, a release signing key, and a keyring trusting it.
+fn keyed_repo() -> (Repo, PathBuf, PathBuf) {
+    let repo = Repo::new();
+    let (secret, public) = keypair(repo.path(), "release");
+    let keyring = repo.path().join("keyring");
+    fs::create_dir_all(&keyring).unwrap();
+    fs::copy(&public, keyring.join("release.pub")).unwrap();
+    (repo, secret, keyring)
+}
+
 impl Fleet {
     fn new() -> Fleet {
-        let repo = Repo::new();
-        let (secret, public) = keypair(repo.path(), "release");
-        let keyring = repo.path().join("keyring");
-        fs::create_dir_all(&keyring).unwrap();
-        fs::copy(&public, keyring.join("release.pub")).unwrap();
+        let (repo, secret, keyring) = keyed_repo();
         // Release 1.
         repo.overlay(
             "app",
@@ -256,11 +262,7 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
 /// and the upgraded root has the second release's paths and no others.
 #[test]
 fn an_upgrades_plan_is_the_difference_of_the_two_manifests() {
-    let repo = Repo::new();
-    let (secret, public) = keypair(repo.path(), "release");
-    let keyring = repo.path().join("keyring");
-    fs::create_dir_all(&keyring).unwrap();
-    fs::copy(&public, keyring.join("release.pub")).unwrap();
+    let (repo, secret, keyring) = keyed_repo();
     repo.overlay("app", "");
     repo.profile(&["app"], "");
     let v1_files = [
@@ -366,6 +368,70 @@ fn an_upgrades_plan_is_the_difference_of_the_two_manifests() {
     let mut have = host_paths(&root);
     have.sort();
     assert_eq!(have, want);
+}
+
+/// A plan lists every path of a release; past 2 MiB its lists go to a
+/// file in `TMPDIR`. Here 2,600 files with 1,000-byte paths: an apply with no
+/// usable `TMPDIR` is refused naming it (exit 2) with the root untouched; with
+/// one, every path is laid down, the `--json` plan lists them all, and
+/// nothing is left in `TMPDIR`.
+#[test]
+fn a_release_whose_plan_spills_to_tmpdir_is_laid_down_whole() {
+    let (repo, secret, keyring) = keyed_repo();
+    repo.overlay("app", "");
+    let deep: Vec<String> = (0..4).map(|i| format!("{i}").repeat(200)).collect();
+    let deep = format!("opt/{}", deep.join("/"));
+    let files: Vec<String> = (0..2600).map(|i| format!("{deep}/f{i:04}")).collect();
+    for path in &files {
+        repo.root_file("app", path, path.len().to_string());
+    }
+    repo.profile(&["app"], "");
+    let v1 = Fleet::build(&repo, &secret, "d1", "1.0.0");
+    let f = Fleet {
+        v2: v1.clone(),
+        repo,
+        keyring,
+        secret,
+        v1,
+    };
+    let root = f.root("root");
+    let apply = |tmpdir: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "apply",
+            s(&f.v1),
+            "--root",
+            s(&root),
+            "--keyring",
+            s(&f.keyring),
+        ];
+        args.extend_from_slice(extra);
+        infrakit_env(f.dir(), &args, &[("TMPDIR", s(tmpdir))])
+    };
+
+    let before = snapshot(&root);
+    let missing = f.dir().join("no-such-tmp");
+    refused_spill(apply(&missing, &[]), &missing);
+    assert_eq!(snapshot(&root), before);
+
+    let tmp = tempdir();
+    let run = apply(tmp.path(), &["--dry-run", "--json"]).ok();
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let added = doc["plan"]["added"].as_array().unwrap();
+    // The files, their 5 directories and `opt`.
+    assert_eq!(added.len(), files.len() + 5, "{}", &run.stdout[..200]);
+    assert_eq!(added.last().unwrap(), files.last().unwrap().as_str());
+    assert_eq!(snapshot(&root), before);
+
+    apply(tmp.path(), &[]).ok();
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+    for path in &files {
+        assert_eq!(
+            fs::read_to_string(root.join(path)).unwrap(),
+            path.len().to_string()
+        );
+    }
+    let status = infrakit(f.dir(), &["status", "--root", s(&root)]).ok();
+    has(&status.stdout, &["p-1.0.0-"]);
 }
 
 #[test]

@@ -553,3 +553,14 @@ pub fn craft(
     tool(out, "minisign", &args).ok();
     crafted
 }
+
+/// `run` was refused (exit 2) for want of a spill file in `tmpdir`, named.
+pub fn refused_spill(run: Run, tmpdir: &Path) {
+    let run = run.expect_code(2);
+    assert!(
+        run.stderr
+            .contains(&format!("{}: creating a spill file", tmpdir.display())),
+        "{}",
+        run.stderr
+    );
+}
