@@ -279,6 +279,10 @@ pub enum Command {
         json: bool,
     },
     /// Verify an artifact against the keyring, then lay it down on a root and switch to it atomically.
+    ///
+    /// What the plan lists for every path stays in memory up to 1 MiB per
+    /// list; the rest goes to an unnamed temporary file in $TMPDIR (/tmp by
+    /// default), as sort(1) does.
     Apply {
         /// The artifact (a path or an http(s):// URL); its .minisig and manifest must lie beside it.
         artifact: PathBuf,

@@ -814,9 +814,23 @@ fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
     // Members come in manifest order: most share their directory with the
     // one before, which is then opened once for all of them.
     let mut parents = Parents::new(&rootfs);
-    let mut dir_modes: Vec<(RelPath, u32)> = Vec::new();
+    // The directories above the member, outermost first, with the modes
+    // they get once everything in them is written (a directory's members
+    // follow it at once, in manifest order): one per level, not one per
+    // directory of the release.
+    let mut open: Vec<(RelPath, u32)> = Vec::new();
+    let close = |open: &mut Vec<(RelPath, u32)>, next: Option<&RelPath>| -> Result<()> {
+        while let Some((dir, mode)) = open.pop_if(|(dir, _)| !next.is_some_and(|p| p.is_under(dir)))
+        {
+            rootfs
+                .set_mode(dir.as_str(), mode)
+                .map_err(Error::io(&rootfs.display(dir.as_str()), "setting mode"))?;
+        }
+        Ok(())
+    };
     let mut buf = vec![0u8; 256 * 1024];
     verified.stream(&mut |want, content| {
+        close(&mut open, Some(&want.path))?;
         let rel = Path::new(want.path.as_str());
         let io = |action| Error::io(&rootfs.display(rel), action);
         let (parent, name) = parents.of(rel).map_err(io("opening its directory"))?;
@@ -826,7 +840,7 @@ fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
                     .create_dir(name, 0o700)
                     .and_then(|()| parent.set_owner_mode(name, want.uid, want.gid, None))
                     .map_err(io("creating directory"))?;
-                dir_modes.push((want.path.clone(), want.mode));
+                open.push((want.path.clone(), want.mode));
             }
             EntryType::File => {
                 let mut file = parent
@@ -864,12 +878,7 @@ fn extract(verified: &Verified, dir: &Dir) -> Result<()> {
         }
         Ok(())
     })?;
-    for (rel, mode) in dir_modes.iter().rev() {
-        rootfs
-            .set_mode(rel.as_str(), *mode)
-            .map_err(Error::io(&rootfs.display(rel.as_str()), "setting mode"))?;
-    }
-    Ok(())
+    close(&mut open, None)
 }
 
 /// Steps 3 (its journal) to 6 of the module comment, then the hooks. A failure before the
