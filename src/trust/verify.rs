@@ -1422,6 +1422,41 @@ mod tests {
         assert_eq!(seen, ["bass", "base"]);
     }
 
+    /// `apply` admits an artifact without holding its entries and reads
+    /// them again for its plan: a manifest rewritten after the check (to
+    /// the same length, in what the archive does not show) ends them with
+    /// an error, so no plan is made from it.
+    #[test]
+    fn entries_read_again_after_admission_end_in_an_error_if_the_manifest_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (artifact, manifest_bytes, keys) = signed_release(dir.path());
+        let admitted = admit(&options(&artifact, &keys)).expect("admitted");
+        let verified = admitted.unconfirmed();
+        assert!(verified.manifest().entries.is_empty(), "the head alone");
+        let signed = Manifest::parse(&manifest_bytes).expect("manifest").entries;
+        let read = |v: &Verified| -> Vec<Result<ManifestEntry>> {
+            v.entries()
+                .expect("entries")
+                .map(|e| e.map(Cow::into_owned))
+                .collect()
+        };
+        let first: Vec<ManifestEntry> = read(verified)
+            .into_iter()
+            .map(|e| e.expect("entry"))
+            .collect();
+        assert_eq!(first, signed);
+        let text = String::from_utf8(manifest_bytes).expect("utf-8");
+        let rewritten = text.replacen("\"layer\":\"base\"", "\"layer\":\"bass\"", 1);
+        assert_ne!(rewritten, text);
+        std::fs::write(manifest_beside(&artifact), &rewritten).expect("rewrite");
+        let again = read(verified);
+        let err = match again.last() {
+            Some(Err(e)) => e.to_string(),
+            other => panic!("the rewritten entries ended with {other:?}"),
+        };
+        assert!(err.contains("changed after it was checked"), "{err}");
+    }
+
     /// The manifest an applied release keeps is copied from the file that
     /// was checked, not held in memory: rewritten in place after the check,
     /// it is refused rather than copied.
