@@ -953,7 +953,8 @@ pub fn apply(
     })()
     .map_err(|e| op.own(e))?;
     ui.put("key_id", &key_id);
-    report(ui, &outcome, root, &format!("signed by key {key_id}"))
+    report(ui, &outcome, root, &format!("signed by key {key_id}"));
+    Ok(())
 }
 
 /// The file-signature check running beside `apply`: joined once, its
@@ -1058,12 +1059,13 @@ pub fn rollback(ui: &Ui, root: &Path, trusted: &Trusted, dry_run: bool) -> Resul
     let keyring = Keyring::load(trusted)?;
     let state = crate::host::state::State::open(root)?;
     let outcome = crate::host::apply::rollback(&state, keyring.keys(), dry_run, now())?;
-    report(ui, &outcome, root, "rollback")
+    report(ui, &outcome, root, "rollback");
+    Ok(())
 }
 
 /// What an apply or rollback did (or would do), with how it was vouched
 /// for. A dry run's plan is what was asked for: `-q` does not hide it.
-fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str) -> Result<()> {
+fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str) {
     use crate::host::apply::Outcome;
     use crate::host::state::Action;
     match outcome {
@@ -1099,9 +1101,17 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             ui.put("activation", action);
             ui.put("release", id);
             ui.put("from", from);
+            // Made only when it is printed (it lists every path). The
+            // activation is done: a list that cannot be read back from
+            // its spill file is a warning, not a failure.
             if ui.json() {
-                // Made only when it is printed: it lists every path.
-                ui.put("plan", plan_json(plan)?);
+                match plan_json(plan) {
+                    Ok(json) => ui.put("plan", json),
+                    Err(e) => {
+                        ui.put("plan", Value::Null);
+                        unlisted(&e);
+                    }
+                }
             }
             ui.put("hooks_run", hooks_run);
             ui.put("recovered", recovered);
@@ -1130,12 +1140,18 @@ fn report(ui: &Ui, outcome: &crate::host::apply::Outcome, root: &Path, how: &str
             ));
             if !ui.json() && (*dry_run || !ui.quiet) {
                 let mut out = std::io::stdout().lock();
-                crate::host::apply::describe(plan, &mut out)?;
+                if let Err(e) = crate::host::apply::describe(plan, &mut out) {
+                    unlisted(&e);
+                }
             }
             print_hooks(ui, &plan.hooks, *hooks_run, root, *dry_run);
         }
     }
-    Ok(())
+}
+
+/// A plan's list that could not be read back for the report.
+fn unlisted(e: &Error) {
+    eprintln!("infrakit: warning: the plan's paths cannot be listed: {e}");
 }
 
 /// The report is what `status` is run to show: `-q` does not hide it.

@@ -1171,12 +1171,18 @@ pub fn recover(state: &State) -> Result<Option<String>> {
 
 /// Undoes steps 3 and 4 (the switch did not happen). `to` is the release
 /// the journal activates, if it can be read: without it, the journal
-/// vouches for no path. Its entries and those of the release that stays
-/// are read once, in order, side by side.
+/// vouches for no path. Both releases' entries are read through once
+/// before anything is changed (one that cannot be read, or whose file
+/// changed, stops the revert untouched, as when they were held), then
+/// side by side, in order.
 fn revert(state: &State, journal: &Journal, to: Option<&dyn Listing>) -> Result<()> {
     let from = (journal.from.as_ref())
         .map(|from| state.release_head(from))
         .transpose()?;
+    let listings = [from.as_ref().map(|f| f as &dyn Listing), to];
+    for listing in listings.into_iter().flatten() {
+        listing.entries()?.try_for_each(|e| e.map(drop))?;
+    }
     let mut olds = match &from {
         Some(from) => from.entries()?,
         None => Box::new(std::iter::empty()),
@@ -1213,6 +1219,8 @@ fn revert(state: &State, journal: &Journal, to: Option<&dyn Listing>) -> Result<
         }
         None => (Vec::new(), Vec::new()),
     };
+    // The rest of the release that stays: its end checks its digest.
+    olds.try_for_each(|e| e.map(drop))?;
     for p in &adopted {
         // The new link stands where the host's file was: it goes first.
         if state.has_backup(&journal.to, p)? && state.is_farm_link(p) {

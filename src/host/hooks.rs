@@ -442,6 +442,17 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
+    /// The layer of an added path is found in component order (`/` below
+    /// every other byte): `system.conf` sorts after `system/…`, which a
+    /// bisection by plain string order (before `Changes`) missed.
+    #[test]
+    fn an_added_wanted_unit_is_found_whatever_sorts_beside_it() {
+        let wants = "etc/systemd/system/multi-user.target.wants/app.service";
+        let m = manifest_with(&[wants, "etc/systemd/system.conf", "etc/z"]);
+        let h = Hooks::plan(None, &m, &[p(wants)], &[], &[]);
+        assert_eq!(h.start_enabled, ["app.service"]);
+    }
+
     fn manifest_with(paths: &[&str]) -> Manifest {
         let entries: Vec<ManifestEntry> = paths
             .iter()
